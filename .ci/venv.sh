@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build (once per machine and requirements) the Python 3.12 virtual environment and link it as ./.venv.
+# The venv lives outside the clone, keyed by a hash of requirements.txt, so a fresh clone or a CI run
+# on the same machine reuses it and only a change of requirements pays the (multi-GB) install again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python312() {
+  if python3.12 -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+    command -v python3.12; return
+  fi
+  local candidate
+  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do
+    if [ -x "$candidate" ]; then echo "$candidate"; return; fi
+  done
+  echo "error: Python 3.12 not found (looked for python3.12 on PATH and under pyenv)" >&2
+  exit 1
+}
+
+PY=$(find_python312)
+key=$( (cat requirements.txt; "$PY" --version) | sha256sum | cut -c1-16)
+cache="${LLAMA_JAX_CACHE:-$HOME/.cache/llama_jax}"
+venv="$cache/venv-$key"
+if [ ! -f "$venv/.complete" ]; then
+  echo "Creating $venv with $("$PY" --version) ..." >&2
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  "$PY" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r requirements.txt
+  touch "$venv/.complete"
+fi
+ln -sfn "$venv" .venv

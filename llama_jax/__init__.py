@@ -1,0 +1,1 @@
+"""llama_jax: LLaMA in JAX/Flax NNX — training, checkpoint conversion and evaluation."""

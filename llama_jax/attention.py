@@ -1,0 +1,99 @@
+"""Causal self-attention behind one function, with the implementation chosen by name.
+
+Every implementation takes the same arguments and returns the same result, so the model, training and
+evaluation never know which one ran:
+
+    q:           [batch, q_len, n_heads, head_dim]
+    k, v:        [batch, kv_len, n_kv_heads, head_dim]    (n_kv_heads divides n_heads: grouped-query)
+    segment_ids: [batch, kv_len] int32 or None. Positive ids mark documents; a query attends only to keys
+                 of its own document. Id 0 marks padding: a padding query attends to nothing (its output
+                 is zero) and a padding key is seen by nobody.
+    q_offset:    index of the first query inside the key sequence (0 in training; the cache position when
+                 decoding; may be traced). Only the `xla` reference supports q_len != kv_len, which
+                 KV-cache decoding needs; the other implementations require q_len == kv_len, q_offset 0.
+
+The mask is causal: query i (key index q_offset + i) sees keys j <= q_offset + i. The query-side segment
+ids are segment_ids[:, q_offset : q_offset + q_len].
+
+`xla` is the reference and the oracle for the kernels: scores and softmax in fp32, explicit mask, one
+[batch, heads, q_len, kv_len] array. The Pallas kernels (`pallas_gpu`, `pallas_tpu`) never build that
+array; they register themselves in `ATTENTION_IMPLS` from `llama_jax.kernels`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPL_NAMES = ("auto", "xla", "pallas_gpu", "pallas_tpu", "cudnn")
+
+
+def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None, q_offset: int = 0) -> jax.Array:
+    """Boolean [batch or 1, 1, q_len, kv_len] mask: causal, same document, no padding."""
+    q_pos = q_offset + jnp.arange(q_len)[:, None]
+    k_pos = jnp.arange(kv_len)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if segment_ids is not None:
+        kv_seg = segment_ids
+        q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, q_len, axis=1)
+        same_doc = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+        mask = mask & same_doc[:, None]
+    return mask
+
+
+def xla_attention(q, k, v, segment_ids=None, *, q_offset: int = 0):
+    """Reference attention: fp32 scores and softmax, fully masked rows give zeros (never NaN)."""
+    batch, q_len, n_heads, head_dim = q.shape
+    kv_len, n_kv_heads = k.shape[1], k.shape[2]
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    group = n_heads // n_kv_heads
+    # Group the query heads by the kv head they share: K/V are never repeated in memory.
+    qg = q.reshape(batch, q_len, n_kv_heads, group, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / head_dim ** 0.5)
+    mask = attention_mask(q_len, kv_len, segment_ids, q_offset)[:, :, None]  # [b, 1, 1, q, s]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(scores - row_max)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights / jnp.where(denom == 0.0, 1.0, denom)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, n_heads, head_dim).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, segment_ids=None):
+    """cuDNN's fused attention through `jax.nn.dot_product_attention`, for comparison on GPUs."""
+    if q.shape[1] != k.shape[1]:
+        raise ValueError("cudnn attention supports only q_len == kv_len (training / prefill)")
+    mask = None
+    if segment_ids is not None:
+        mask = attention_mask(q.shape[1], k.shape[1], segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=segment_ids is None,
+                                        implementation="cudnn")
+
+
+ATTENTION_IMPLS: dict[str, Callable] = {"xla": xla_attention, "cudnn": cudnn_attention}
+
+
+def resolve_impl(name: str) -> str:
+    """Map `auto` to the backend's best implementation: a Pallas kernel on GPU/TPU, `xla` on CPU."""
+    if name not in ATTENTION_IMPL_NAMES:
+        raise ValueError(f"attention_impl={name!r}; expected one of {ATTENTION_IMPL_NAMES}")
+    if name != "auto":
+        return name
+    platform = jax.default_backend()
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+
+
+def attention(q, k, v, segment_ids=None, *, impl: str = "xla", q_offset: int = 0):
+    """Causal (grouped-query) attention by the named implementation; see the module docstring."""
+    name = resolve_impl(impl)
+    if name not in ATTENTION_IMPLS and name.startswith("pallas"):
+        from llama_jax import kernels  # noqa: F401  (registers the Pallas implementations)
+    if q.shape[1] != k.shape[1]:
+        # Decoding with a KV cache: only the reference handles q_len != kv_len.
+        return xla_attention(q, k, v, segment_ids, q_offset=q_offset)
+    return ATTENTION_IMPLS[name](q, k, v, segment_ids)

@@ -1,0 +1,139 @@
+"""The model's configuration: one dataclass, validated once, with presets for every published shape.
+
+Presets are YAML files in `configs/models/` (data, not code); `load_model_config("llama1-7b",
+["n_layers=2"])` reads one and applies overrides. Derived sizes (head_dim, the SwiGLU hidden size by
+Meta's `multiple_of` rule) are properties, so a config never holds two values that can disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from llama_jax.attention import ATTENTION_IMPL_NAMES
+from llama_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MODEL_PRESET_DIR = CONFIG_DIR / "models"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA 3.1's frequency-dependent stretching of the rotary wavelengths (long context)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.factor <= 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"low_freq_factor ({self.low_freq_factor})")
+        if self.original_max_position_embeddings <= 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a LLaMA decoder. Defaults are LLaMA 1 7B's."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (LLaMA 1); fewer: grouped-query
+    ffn_hidden_dim: int | None = None  # None: Meta's rule from dim, ffn_dim_multiplier, multiple_of
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"  # compute dtype of matmuls; norms, softmax and the loss are always fp32
+    attention_impl: str = "auto"
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def __post_init__(self):
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} (dim/n_heads) must be even for rotary embeddings")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
+            raise ConfigError(f"ffn_hidden_dim must be > 0, got {self.ffn_hidden_dim}")
+        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+            raise ConfigError(f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
+            raise ConfigError("norm_eps, rope_theta and init_std must be > 0")
+        for key in ("param_dtype", "dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ConfigError(f"{key}={getattr(self, key)!r}; expected one of {sorted(DTYPES)}")
+        if self.attention_impl not in ATTENTION_IMPL_NAMES:
+            raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPL_NAMES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width: 2/3 of 4·dim (so the three matrices cost what a 4·dim MLP would), scaled, rounded up."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def model_preset_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
+
+
+def model_config_dict(name_or_path: str) -> dict:
+    """The raw mapping of a preset name (`configs/models/NAME.yaml`) or of a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = MODEL_PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown model preset {name_or_path!r}; presets: {', '.join(model_preset_names())}")
+    return load_yaml(path)
+
+
+def load_model_config(name_or_path: str, overrides: list[str] = ()) -> ModelConfig:
+    """A preset or YAML file plus `key=value` overrides, validated."""
+    return from_dict(ModelConfig, apply_overrides(model_config_dict(name_or_path), list(overrides)))

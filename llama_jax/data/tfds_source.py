@@ -1,0 +1,57 @@
+"""TensorFlow Datasets sources, read through `tfds.data_source` (array_record): no TensorFlow needed.
+
+`tensorflow_datasets` is imported only here, and only when a tfds source is configured, so the model,
+kernels and benchmarks run without it. `data_dir` lets an offline or pre-downloaded catalog work:
+nothing is ever downloaded; a dataset must already be prepared there (in array_record format).
+"""
+from __future__ import annotations
+
+from llama_jax.data.config import SourceConfig
+
+
+def _prepared_builder(src: SourceConfig):
+    """The dataset's builder, after checking it exists, is prepared in data_dir and has the split and field."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(f"source {src.describe()} needs the tensorflow-datasets package") from e
+
+    where = f"data_dir={src.data_dir!r}" if src.data_dir else "TFDS's default data_dir"
+    try:
+        builder = tfds.builder(src.name, data_dir=src.data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"TFDS dataset {src.name!r} is not in the catalog and not found prepared in "
+                         f"{where}") from e
+    if not builder.is_prepared():
+        raise ValueError(f"TFDS dataset {src.name!r} is not prepared in {where}: prepare it there first "
+                         f"(download_and_prepare with file_format='array_record'); nothing is downloaded")
+    if src.split not in builder.info.splits:
+        raise ValueError(f"TFDS dataset {src.name!r} has no split {src.split!r} "
+                         f"(splits: {sorted(builder.info.splits)})")
+    if src.text_field not in builder.info.features:
+        raise ValueError(f"TFDS dataset {src.name!r} has no feature {src.text_field!r} "
+                         f"(features: {sorted(builder.info.features)})")
+    return builder
+
+
+def read_tfds_documents(src: SourceConfig) -> list[str]:
+    """The split's texts in record order, decoded from UTF-8 (TFDS returns text features as bytes)."""
+    builder = _prepared_builder(src)
+    try:
+        records = builder.as_data_source(split=src.split)
+    except NotImplementedError as e:  # prepared as tfrecord: only TensorFlow could read it
+        raise ValueError(f"TFDS dataset {src.name!r} in {builder.data_dir} is not in array_record "
+                         f"format ({e})") from e
+    field = src.text_field
+    docs = []
+    for start in range(0, len(records), 1024):
+        for record in records.__getitems__(range(start, min(start + 1024, len(records)))):
+            value = record[field]
+            docs.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+    return docs
+
+
+def tfds_fingerprint(src: SourceConfig) -> str:
+    """Identity of the prepared split: where it lives, its version and its record count."""
+    builder = _prepared_builder(src)
+    return f"{builder.data_dir}\t{builder.info.version}\t{builder.info.splits[src.split].num_examples}"

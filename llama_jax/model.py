@@ -1,0 +1,262 @@
+"""The LLaMA decoder (Touvron et al., 2023) in Flax NNX, readable top to bottom.
+
+    tokens → tok_embeddings → n_layers × [x + Attention(RMSNorm(x)); x + FeedForward(RMSNorm(x))]
+           → RMSNorm → output (or the tied embedding) → logits
+
+No biases anywhere. Parameter names follow Meta's reference (`attention.wq`, `feed_forward.w1`,
+`attention_norm`, ...) so the checkpoint mappings in `llama_jax.params` read like a table. The rotary
+embedding uses the half-split layout (first half of each head's features paired with the second half,
+as in Hugging Face); Meta's checkpoints pair adjacent features and are permuted on import.
+
+The layers are one `Block` whose parameters carry a leading `layers` axis. `scan_layers=True` runs them
+with `jax.lax.scan` (compile time independent of depth); `False` unrolls a Python loop over the same
+stacked parameters, so both modes share checkpoints and produce identical outputs.
+
+Projections multiply 2-D activations, `(batch·length, features) @ W`: on XLA:CPU the rank-3 form misses
+the fast matmul in the backward pass (see shared/JAX_STACK.md).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.struct
+from jax.ad_checkpoint import checkpoint_name
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.attention import attention
+from llama_jax.config import ModelConfig
+from llama_jax.logical import constrain
+
+MATMUL_CHECKPOINT_NAME = "linear_out"
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, stack: tuple[int, ...], init) -> nnx.Param:
+    """A parameter of shape `stack + shape` whose logical axis names ride along as metadata."""
+    full_shape = tuple(stack) + tuple(shape)
+    value = init(rngs.params(), full_shape, cfg.weight_dtype) if rngs is not None else jnp.ones(full_shape, cfg.weight_dtype)
+    return nnx.Param(value, axes=("layers",) * len(stack) + tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ W with W [in, out], computed in the config's compute dtype on 2-D activations."""
+
+    def __init__(self, in_dim: int, out_dim: int, axes: tuple[str, str], cfg: ModelConfig, *, stack=(), rngs):
+        self.kernel = _param(rngs, (in_dim, out_dim), axes, cfg, stack, nnx.initializers.normal(cfg.init_std))
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = checkpoint_name(y, MATMUL_CHECKPOINT_NAME)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) · scale, computed in fp32 whatever the compute dtype."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, *, stack=()):
+        self.scale = _param(None, (dim,), ("norm",), cfg, stack, None)
+        self.eps = cfg.norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse wavelengths θ^(-2i/head_dim), with LLaMA 3.1's long-context scaling when configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Long wavelengths are stretched by `factor`, short ones kept, the band between interpolated.
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    interpolated = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, interpolated, scaled)
+
+
+def rope_angles(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [batch, length, head_dim/2] of position·frequency, in fp32."""
+    angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate each (x[i], x[i + head_dim/2]) pair of every head by its position's angle."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_len` slots, filled left to right.
+
+    `segment_ids` marks filled slots (0: empty or padding), which the attention mask uses, so batched
+    prompts of different lengths can be left-padded. `index` is the number of slots written so far.
+    """
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array
+    segment_ids: jax.Array  # [batch, max_len] int32
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.compute_dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention: n_kv_heads key/value heads each serve a group of query heads."""
+
+    def __init__(self, cfg: ModelConfig, *, stack=(), rngs):
+        d, h, kv = cfg.head_dim, cfg.n_heads, cfg.kv_heads
+        self.wq = Linear(cfg.dim, h * d, ("embed", "heads"), cfg, stack=stack, rngs=rngs)
+        self.wk = Linear(cfg.dim, kv * d, ("embed", "kv_heads"), cfg, stack=stack, rngs=rngs)
+        self.wv = Linear(cfg.dim, kv * d, ("embed", "kv_heads"), cfg, stack=stack, rngs=rngs)
+        self.wo = Linear(h * d, cfg.dim, ("heads", "embed"), cfg, stack=stack, rngs=rngs)
+        self.n_heads, self.n_kv_heads, self.head_dim = h, kv, d
+        self.impl = cfg.attention_impl
+
+    def __call__(self, x, rope, segment_ids, cache=None, cache_index=None):
+        batch, length, _ = x.shape
+        q = self.wq(x).reshape(batch, length, self.n_heads, self.head_dim)
+        k = self.wk(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        q_offset = 0
+        if cache is not None:  # write this call's keys/values into their slots, attend over all slots
+            k_cache, v_cache = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            cache, q_offset = (k, v), cache_index
+        out = attention(q, k, v, segment_ids, impl=self.impl, q_offset=q_offset)
+        return self.wo(out.reshape(batch, length, self.n_heads * self.head_dim)), cache
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, cfg: ModelConfig, *, stack=(), rngs):
+        self.w1 = Linear(cfg.dim, cfg.hidden_dim, ("embed", "mlp"), cfg, stack=stack, rngs=rngs)
+        self.w3 = Linear(cfg.dim, cfg.hidden_dim, ("embed", "mlp"), cfg, stack=stack, rngs=rngs)
+        self.w2 = Linear(cfg.hidden_dim, cfg.dim, ("mlp", "embed"), cfg, stack=stack, rngs=rngs)
+
+    def __call__(self, x):
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer (parameters stacked over `stack`, applied one layer at a time)."""
+
+    def __init__(self, cfg: ModelConfig, *, stack=(), rngs):
+        self.attention_norm = RMSNorm(cfg.dim, cfg, stack=stack)
+        self.attention = Attention(cfg, stack=stack, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg, stack=stack)
+        self.feed_forward = FeedForward(cfg, stack=stack, rngs=rngs)
+
+    def __call__(self, x, rope, segment_ids, cache=None, cache_index=None):
+        attn_out, cache = self.attention(self.attention_norm(x), rope, segment_ids, cache, cache_index)
+        x = x + attn_out
+        x = x + self.feed_forward(self.ffn_norm(x))
+        return constrain(x, BATCH_LENGTH_EMBED), cache
+
+
+def _remat(fn, policy: str):
+    """Wrap a layer function by the named rematerialisation policy (gradients are identical under all)."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    # save_matmuls: keep the linear layers' outputs, recompute norms, rotary, softmax and SwiGLU gating.
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(MATMUL_CHECKPOINT_NAME))
+
+
+class Transformer(nnx.Module):
+    """LLaMA: `model(tokens) -> (logits [batch, length, vocab] fp32, cache)`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        embed_init = nnx.initializers.normal(cfg.init_std)
+        self.tok_embeddings = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg, (), embed_init)
+        self.layers = Block(cfg, stack=(cfg.n_layers,), rngs=rngs)
+        self.norm = RMSNorm(cfg.dim, cfg)
+        self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+        """tokens [batch, length] int. positions default to 0.. (or the cache's next slots).
+
+        segment_ids [batch, length]: document ids for packed sequences, 0 for padding (see
+        `llama_jax.attention`). With a `cache`, this call's tokens fill the next slots and attend to
+        everything cached before them; the updated cache is returned.
+        """
+        cfg = self.cfg
+        batch, length = tokens.shape
+        start = 0 if cache is None else cache.index
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if cache is not None:
+            new_segments = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
+            segment_ids = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, new_segments.astype(jnp.int32), start, axis=1)
+        rope = rope_angles(cfg, positions)
+
+        x = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, BATCH_LENGTH_EMBED)
+
+        block_def, block_params = nnx.split(self.layers)
+
+        def layer(x, params_and_cache):
+            params, layer_cache = params_and_cache
+            return nnx.merge(block_def, params)(x, rope, segment_ids, layer_cache, start)
+
+        layer = _remat(layer, cfg.remat)
+        kv = None if cache is None else (cache.k, cache.v)
+        if cfg.scan_layers:
+            x, kv = jax.lax.scan(layer, x, (block_params, kv))
+        else:
+            outputs = []
+            for i in range(cfg.n_layers):
+                x, layer_kv = layer(x, jax.tree.map(lambda a: a[i], (block_params, kv)))
+                outputs.append(layer_kv)
+            kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+
+        x = self.norm(x)
+        x2d = x.reshape(batch * length, cfg.dim)
+        if self.output is None:
+            logits = jnp.dot(x2d, self.tok_embeddings[...].astype(cfg.compute_dtype).T)
+        else:
+            logits = self.output(x2d)
+        logits = logits.astype(jnp.float32).reshape(batch, length, cfg.vocab_size)
+        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        if cache is not None:
+            cache = KVCache(kv[0], kv[1], segment_ids, start + length)
+        return logits, cache
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model (normal(0, init_std) matrices, unit norm scales)."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with shapes and dtypes only: no weights are allocated."""
+    return nnx.eval_shape(lambda: create_model(cfg))
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact number of parameters, computed without allocating any."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

@@ -1,0 +1,221 @@
+"""How our parameters correspond to Meta's and Hugging Face's tensors: one table, per-tensor transforms.
+
+Ours: `nnx.to_pure_dict(nnx.state(model, nnx.Param))`, matrices stored [in, out], per-layer tensors
+stacked on a leading `layers` axis, rotary features in the half-split layout.
+Meta (`consolidated.*.pth`): torch Linear layout [out, in], one tensor per layer, q/k rows in the
+interleaved rotary layout (features 2i and 2i+1 of a head form a pair).
+Hugging Face (`LlamaForCausalLM`): torch layout, q/k rows permuted to the half-split layout (feature i
+pairs with i + head_dim/2), which is ours, so HF needs only transposes.
+
+Every transform works on one tensor at a time, so converters can stream checkpoints of any size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from llama_jax.config import ModelConfig, RopeScaling
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """One parameter: its path in our tree and its names and layout in the PyTorch formats."""
+
+    ours: tuple[str, ...]
+    hf: str  # `{i}` stands for the layer index
+    meta: str
+    transposed: bool  # ours is [in, out]; torch Linear is [out, in]
+    rotary: str | None = None  # "q" or "k": rows need the rotary permutation between Meta and ours
+    meta_split_dim: int | None = None  # axis along which Meta's model-parallel shards split it (torch layout)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.ours[0] == "layers"
+
+
+def tensor_maps(cfg: ModelConfig, *, meta_embedding_split_dim: int = 1) -> list[TensorMap]:
+    """The full table for `cfg`. Meta splits the embedding by columns in LLaMA 1/2, by rows in LLaMA 3."""
+    maps = [
+        TensorMap(("tok_embeddings",), "model.embed_tokens.weight", "tok_embeddings.weight", False,
+                  meta_split_dim=meta_embedding_split_dim),
+        TensorMap(("layers", "attention", "wq", "kernel"), "model.layers.{i}.self_attn.q_proj.weight",
+                  "layers.{i}.attention.wq.weight", True, rotary="q", meta_split_dim=0),
+        TensorMap(("layers", "attention", "wk", "kernel"), "model.layers.{i}.self_attn.k_proj.weight",
+                  "layers.{i}.attention.wk.weight", True, rotary="k", meta_split_dim=0),
+        TensorMap(("layers", "attention", "wv", "kernel"), "model.layers.{i}.self_attn.v_proj.weight",
+                  "layers.{i}.attention.wv.weight", True, meta_split_dim=0),
+        TensorMap(("layers", "attention", "wo", "kernel"), "model.layers.{i}.self_attn.o_proj.weight",
+                  "layers.{i}.attention.wo.weight", True, meta_split_dim=1),
+        TensorMap(("layers", "feed_forward", "w1", "kernel"), "model.layers.{i}.mlp.gate_proj.weight",
+                  "layers.{i}.feed_forward.w1.weight", True, meta_split_dim=0),
+        TensorMap(("layers", "feed_forward", "w3", "kernel"), "model.layers.{i}.mlp.up_proj.weight",
+                  "layers.{i}.feed_forward.w3.weight", True, meta_split_dim=0),
+        TensorMap(("layers", "feed_forward", "w2", "kernel"), "model.layers.{i}.mlp.down_proj.weight",
+                  "layers.{i}.feed_forward.w2.weight", True, meta_split_dim=1),
+        TensorMap(("layers", "attention_norm", "scale"), "model.layers.{i}.input_layernorm.weight",
+                  "layers.{i}.attention_norm.weight", False),
+        TensorMap(("layers", "ffn_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight",
+                  "layers.{i}.ffn_norm.weight", False),
+        TensorMap(("norm", "scale"), "model.norm.weight", "norm.weight", False),
+    ]
+    if not cfg.tie_embeddings:
+        maps.append(TensorMap(("output", "kernel"), "lm_head.weight", "output.weight", True, meta_split_dim=0))
+    return maps
+
+
+def _rotary_heads(tmap: TensorMap, cfg: ModelConfig) -> int:
+    return cfg.n_heads if tmap.rotary == "q" else cfg.kv_heads
+
+
+def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Permute rows [n_heads·head_dim, in] from Meta's pair-adjacent rotary layout to the half-split one."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def half_split_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `interleaved_to_half_split`."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def to_torch_layout(ours: np.ndarray, tmap: TensorMap, cfg: ModelConfig, fmt: str) -> np.ndarray:
+    """One (per-layer) tensor of ours in `fmt` ("hf" or "meta") layout."""
+    w = ours.T if tmap.transposed else ours
+    if fmt == "meta" and tmap.rotary:
+        w = half_split_to_interleaved(w, _rotary_heads(tmap, cfg))
+    return w
+
+
+def from_torch_layout(w: np.ndarray, tmap: TensorMap, cfg: ModelConfig, fmt: str) -> np.ndarray:
+    """One (per-layer) tensor in `fmt` ("hf" or "meta") layout as ours."""
+    if fmt == "meta" and tmap.rotary:
+        w = interleaved_to_half_split(w, _rotary_heads(tmap, cfg))
+    return w.T if tmap.transposed else w
+
+
+def torch_name(tmap: TensorMap, fmt: str, layer: int | None = None) -> str:
+    template = tmap.hf if fmt == "hf" else tmap.meta
+    return template.format(i=layer) if tmap.per_layer else template
+
+
+def iter_torch_tensors(params: Mapping, cfg: ModelConfig, fmt: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Our pure-dict params as (name, tensor) pairs in `fmt` layout, one tensor at a time."""
+    for tmap in tensor_maps(cfg):
+        value = _get(params, tmap.ours)
+        if tmap.per_layer:
+            for i in range(cfg.n_layers):
+                yield torch_name(tmap, fmt, i), to_torch_layout(np.asarray(value[i]), tmap, cfg, fmt)
+        else:
+            yield torch_name(tmap, fmt), to_torch_layout(np.asarray(value), tmap, cfg, fmt)
+
+
+def params_from_torch(get: Callable[[str], np.ndarray], cfg: ModelConfig, fmt: str) -> dict:
+    """Our pure-dict params from a tensor getter by name in `fmt` layout (raises KeyError on a missing name)."""
+    params: dict = {}
+    for tmap in tensor_maps(cfg):
+        if tmap.per_layer:
+            value = np.stack([from_torch_layout(np.asarray(get(torch_name(tmap, fmt, i))), tmap, cfg, fmt)
+                              for i in range(cfg.n_layers)])
+        else:
+            value = from_torch_layout(np.asarray(get(torch_name(tmap, fmt))), tmap, cfg, fmt)
+        _set(params, tmap.ours, value)
+    return params
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """Hugging Face `config.json` contents for `cfg` (LlamaForCausalLM)."""
+    rope_scaling = None
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope_scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                        "high_freq_factor": s.high_freq_factor,
+                        "original_max_position_embeddings": s.original_max_position_embeddings}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "initializer_range": cfg.init_std, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+
+
+def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
+    """Our ModelConfig from a Hugging Face LLaMA `config.json` mapping (plus field overrides)."""
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json: model_type={hf.get('model_type')!r}, expected 'llama'")
+    rope = hf.get("rope_scaling") or (hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else None)
+    rope_theta = hf.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+    scaling = None
+    if rope and rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                              high_freq_factor=float(rope["high_freq_factor"]),
+                              original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    elif rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        raise ValueError(f"config.json: rope scaling type {rope.get('rope_type')!r} is not supported")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        raise ValueError(f"config.json: head_dim={head_dim} × heads != hidden_size={hf['hidden_size']}")
+    fields = dict(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        ffn_hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta), rope_scaling=scaling,
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def flatten(params: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    """Nested pure-dict params as {path: array}."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix + (str(key),)))
+        else:
+            flat[prefix + (str(key),)] = value
+    return flat
+
+
+def assign_params(model, params: Mapping, *, source: str = "params") -> None:
+    """Load pure-dict `params` into `model`, first checking every name, shape and that nothing is missing.
+
+    The error names the parameter and both shapes, so a checkpoint for another config fails clearly.
+    """
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    expected = {path: leaf.shape for path, leaf in flatten(nnx.to_pure_dict(state)).items()}
+    given = flatten(params)
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing:
+        raise ValueError(f"{source}: parameter {'.'.join(missing[0])} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"{source}: unexpected parameter {'.'.join(unexpected[0])} ({len(unexpected)} in all)")
+    for path, shape in expected.items():
+        if tuple(given[path].shape) != tuple(shape):
+            raise ValueError(f"{source}: parameter {'.'.join(path)} has shape {tuple(given[path].shape)}, "
+                             f"the config expects {tuple(shape)}")
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)

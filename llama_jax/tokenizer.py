@@ -1,0 +1,318 @@
+"""Tokenizers behind one interface: SentencePiece `tokenizer.model` files and Hugging Face `tokenizer.json`.
+
+LLaMA 1 and 2 ship a SentencePiece BPE model (BOS=1, EOS=2, UNK=0, no pad piece, byte fallback, a dummy
+leading space); LLaMA 3 and many LLaMA-architecture checkpoints ship a `tokenizer.json` for the Rust
+`tokenizers` library. Training, the data pipeline and evaluation only need what `Tokenizer` offers, so
+they never care which file a checkpoint came with.
+
+Encoding goes straight to each library (sentencepiece's own leading-space and byte-fallback handling, the
+`tokenizers` pipeline stored in the JSON file); BOS/EOS are added here, never by the library, so both
+kinds behave the same way.
+
+New tokenizers are trained with LLaMA's SentencePiece settings (`train_sentencepiece`, and the command
+line `python train.py tokenizer --data ... --vocab_size N --output PREFIX`). The built-in demo corpus
+has its tokenizer trained once per vocabulary size and cached (`builtin_tokenizer`).
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+# LLaMA's tokenizer.model trainer settings (read from its ModelProto), minus what only depends on the
+# corpus size (input_sentence_size, num_threads). `normalization_rule_name="identity"` leaves text
+# untouched; `remove_extra_whitespaces=False` keeps runs of spaces (indentation) as text.
+LLAMA_SENTENCEPIECE_OPTIONS = dict(
+    model_type="bpe",
+    character_coverage=0.99995,
+    split_digits=True,
+    split_by_unicode_script=True,
+    split_by_number=True,
+    split_by_whitespace=True,
+    byte_fallback=True,
+    allow_whitespace_only_pieces=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=True,
+    max_sentence_length=4192,
+    max_sentencepiece_length=16,
+    num_sub_iterations=2,
+    shrinking_factor=0.75,
+    seed_sentencepiece_size=1_000_000,
+    vocabulary_output_piece_score=True,
+    hard_vocab_limit=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+)
+
+# BOS/EOS names to look for in a tokenizer.json that comes without a tokenizer_config.json.
+_KNOWN_SPECIAL_PAIRS = (("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>"))
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids, with the special ids the pipeline and the model need.
+
+    `pad_id` is always a valid id: the file's pad piece where it has one, otherwise `eos_id` (LLaMA's
+    SentencePiece model has pad_id = -1). Padding is excluded from the loss and from attention, so which
+    real id fills it never matters; a valid one keeps embedding lookups in range.
+    """
+
+    def __init__(self, path: str, *, bos_id: int, eos_id: int, pad_id: int | None, vocab_size: int):
+        self.path = path
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None or pad_id < 0 else pad_id
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text`, with BOS in front and EOS at the end when asked."""
+        (ids,) = self.encode_batch([text])
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def fingerprint(self) -> str:
+        """Content hash of the tokenizer file: caches of token ids are keyed by it."""
+        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS/EOS; the library's own multi-threaded batch encoding."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; BOS, EOS and pad ids decode to nothing."""
+
+    @abc.abstractmethod
+    def _token_end_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Token ids of `text` (no BOS/EOS) and, for each, the UTF-8 byte offset in `text` where its span ends."""
+
+    def encode_with_byte_counts(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Token ids of `text` (no BOS/EOS) and how many bytes of `text` each token accounts for.
+
+        Every byte of `text` is credited to the first token whose span reaches past it, so the counts
+        sum to exactly `len(text.encode())` (bits-per-byte needs that exactness): a character split over
+        several byte-fallback tokens counts for the token that completes it, the dummy leading space
+        SentencePiece inserts counts for nothing, and any trailing bytes the tokenizer dropped are
+        credited to the last token.
+        """
+        ids, ends = self._token_end_offsets(text)
+        reach = np.maximum.accumulate(ends) if len(ends) else ends
+        counts = np.diff(reach, prepend=0).astype(np.int32)
+        if len(counts):
+            counts[-1] += len(text.encode("utf-8")) - int(reach[-1])
+        return ids, counts
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece `.model` file (LLaMA 1/2's own, or one made by `train_sentencepiece`)."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a SentencePiece model ({e})") from e
+        super().__init__(path, bos_id=self._sp.bos_id(), eos_id=self._sp.eos_id(), pad_id=self._sp.pad_id(),
+                         vocab_size=self._sp.vocab_size())
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{path}: the SentencePiece model has no BOS or EOS piece "
+                             f"(bos_id={self.bos_id}, eos_id={self.eos_id})")
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), num_threads=os.cpu_count())
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def _token_end_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        return [p.id for p in pieces], np.array([p.end for p in pieces], dtype=np.int64)
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, read by the `tokenizers` library.
+
+    BOS/EOS/pad come from the `tokenizer_config.json` beside it (`bos_token`, `eos_token`, `pad_token`),
+    or, without one, from the well-known LLaMA names (`<s>`/`</s>`, `<|begin_of_text|>`/`<|end_of_text|>`).
+    """
+
+    def __init__(self, path: str):
+        import tokenizers
+
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust library raises a bare Exception for unreadable files
+            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from e
+        bos, eos, pad = self._special_tokens(path)
+        super().__init__(path, bos_id=self._token_id(path, bos, "bos_token"),
+                         eos_id=self._token_id(path, eos, "eos_token"),
+                         pad_id=None if pad is None else self._token_id(path, pad, "pad_token"),
+                         vocab_size=self._tok.get_vocab_size(with_added_tokens=True))
+
+    def _special_tokens(self, path: str) -> tuple[str, str, str | None]:
+        config_path = Path(path).with_name("tokenizer_config.json")
+        if config_path.exists():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+
+            def content(key):
+                value = config.get(key)
+                return value.get("content") if isinstance(value, dict) else value
+
+            if content("bos_token") and content("eos_token"):
+                return content("bos_token"), content("eos_token"), content("pad_token")
+        for bos, eos in _KNOWN_SPECIAL_PAIRS:
+            if self._tok.token_to_id(bos) is not None and self._tok.token_to_id(eos) is not None:
+                return bos, eos, None
+        raise ValueError(f"{path}: cannot tell its BOS/EOS tokens: put a tokenizer_config.json with "
+                         f"bos_token and eos_token next to it")
+
+    def _token_id(self, path: str, token: str, key: str) -> int:
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{path}: {key} {token!r} is not in the vocabulary")
+        return token_id
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def _token_end_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        # `tokenizers` reports offsets in characters; turn them into UTF-8 byte offsets.
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        char_bytes = 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
+        byte_at_char = np.concatenate([[0], np.cumsum(char_bytes)])
+        char_ends = np.array([end for _, end in encoding.offsets], dtype=np.int64)
+        return encoding.ids, byte_at_char[char_ends]
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a `.model` (SentencePiece) or `.json` (Hugging Face) file, or a directory holding one.
+
+    A directory with both (Hugging Face LLaMA 2 repositories) gives the original `tokenizer.model`.
+    """
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / "tokenizer.model", p / "tokenizer.json"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{p}: directory has neither tokenizer.model nor tokenizer.json")
+        p = found
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer file {p} does not exist")
+    if p.suffix == ".json":
+        return HuggingFaceTokenizer(str(p))
+    return SentencePieceTokenizer(str(p))
+
+
+def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Refuse a tokenizer whose ids do not match the model's embedding table, before anything compiles."""
+    if tokenizer.vocab_size != model_vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has vocab_size {tokenizer.vocab_size} but the model's "
+                         f"vocab_size is {model_vocab_size}: use the checkpoint's own tokenizer or set the "
+                         f"model's vocab_size to {tokenizer.vocab_size}")
+
+
+def _lines(files: Sequence[str]) -> Iterator[str]:
+    """SentencePiece trains on sentences; like its own file reader, we feed one line at a time."""
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            try:
+                for line in fh:
+                    yield line.rstrip("\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{f}: not UTF-8 text ({e})") from e
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write via a temporary file and a rename, so a concurrent reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def train_sentencepiece(files: Sequence[str], vocab_size: int, output_prefix: str, *,
+                        input_sentence_size: int = 0, num_threads: int | None = None) -> str:
+    """Train a SentencePiece BPE model with LLaMA's settings; returns the path of `output_prefix.model`.
+
+    Deterministic: the same files give the same model bytes (no absolute paths are stored in it, and
+    with input_sentence_size=0 every line is used, so no sampling). A `.vocab` text file is written
+    beside the model for inspection. Both files appear atomically.
+    """
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    if vocab_size < 260:
+        raise ValueError(f"vocab_size must be at least 260 (3 specials + 256 byte-fallback pieces + 1), "
+                         f"got {vocab_size}")
+    missing = [f for f in files if not Path(f).is_file()]
+    if not files or missing:
+        raise FileNotFoundError(f"tokenizer training data: no such file {missing[0]}" if missing
+                                else "tokenizer training data: no files given")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=_lines(files), model_writer=model,
+                                       vocab_size=vocab_size, input_sentence_size=input_sentence_size,
+                                       num_threads=num_threads or os.cpu_count(), minloglevel=2,
+                                       **LLAMA_SENTENCEPIECE_OPTIONS)
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece training on {len(files)} file(s) failed: {e}") from e
+    out = Path(f"{output_prefix}.model")
+    _write_atomically(out, model.getvalue())
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
+    vocab_lines = "".join(f"{p.piece}\t{p.score:g}\n" for p in proto.pieces)
+    _write_atomically(Path(f"{output_prefix}.vocab"), vocab_lines.encode("utf-8"))
+    return str(out)
+
+
+def builtin_tokenizer(vocab_size: int, cache_dir: str) -> Tokenizer:
+    """The tokenizer of the built-in demo corpus (see `llama_jax.data.corpus`), trained once and cached.
+
+    The file name holds the vocabulary size and a fingerprint of the corpus (Python version, file names
+    and sizes), so another interpreter or vocabulary gets its own file. Two processes racing to train it
+    both write the same bytes through a rename, so neither reads a partial file.
+    """
+    from llama_jax.data import corpus
+
+    path = Path(cache_dir) / f"builtin-{corpus.fingerprint('train')[:16]}-v{vocab_size}.model"
+    if not path.is_file():
+        files = [str(f) for f in corpus.builtin_files("train")]
+        train_sentencepiece(files, vocab_size, str(path.with_suffix("")))
+    return load_tokenizer(path)
+
+
+def tokenizer_cli(argv: list[str]) -> int:
+    """`python train.py tokenizer --data PATH_OR_GLOB [--data ...] --vocab_size N --output PREFIX`."""
+    from llama_jax.data.sources import resolve_paths
+
+    parser = argparse.ArgumentParser(
+        prog="train.py tokenizer",
+        description="Train a SentencePiece BPE tokenizer with LLaMA's settings on plain-text files.")
+    parser.add_argument("--data", action="append", required=True,
+                        help="text file, directory (all files under it) or glob; repeat for more")
+    parser.add_argument("--vocab_size", type=int, required=True)
+    parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    args = parser.parse_args(argv)
+    try:
+        files = [f for pattern in args.data for f in resolve_paths(pattern, key="--data")]
+        path = train_sentencepiece(files, args.vocab_size, args.output)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

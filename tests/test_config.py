@@ -1,0 +1,63 @@
+"""Configs: presets with exact parameter counts, validation errors that name the key."""
+import pytest
+
+from llama_jax.config import ModelConfig, load_model_config, model_preset_names
+from llama_jax.config_io import ConfigError, apply_overrides, from_dict
+from llama_jax.model import param_count
+
+PUBLISHED_PARAM_COUNTS = {
+    "llama1-7b": 6_738_415_616, "llama1-13b": 13_015_864_320, "llama1-33b": 32_528_943_616,
+    "llama1-65b": 65_285_660_672, "llama2-70b": 68_976_648_192, "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496, "llama3.2-1b": 1_235_814_400, "llama3.2-3b": 3_212_749_824,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAM_COUNTS))
+def test_published_parameter_counts(preset):
+    assert param_count(load_model_config(preset)) == PUBLISHED_PARAM_COUNTS[preset]
+
+
+def test_published_ffn_sizes():
+    assert load_model_config("llama2-70b").hidden_dim == 28672
+    assert load_model_config("llama3-8b").hidden_dim == 14336
+    assert load_model_config("llama1-65b").hidden_dim == 22016
+
+
+def test_every_preset_loads():
+    names = model_preset_names()
+    assert {"tiny", "llama1-7b", "llama2-7b", "llama2-13b", "llama3.1-8b"} <= set(names)
+    for name in names:
+        load_model_config(name)
+
+
+def test_overrides_apply_with_yaml_types():
+    cfg = load_model_config("tiny", ["n_layers=2", "dtype=float32", "rope_theta=500000", "tie_embeddings=true"])
+    assert (cfg.n_layers, cfg.dtype, cfg.rope_theta, cfg.tie_embeddings) == (2, "float32", 500000.0, True)
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["n_layer=2"], "unknown key n_layer"),
+    (["n_layers=two"], "n_layers: expected int"),
+    (["dim=250"], "dim=250 is not divisible by n_heads=4"),
+    (["n_kv_heads=3"], "n_heads=4 is not divisible by n_kv_heads=3"),
+    (["dtype=float8"], "dtype='float8'"),
+    (["remat=some"], "remat='some'"),
+    (["attention_impl=flash"], "attention_impl='flash'"),
+    (["rope_scaling.factor=-1"], "rope_scaling.factor must be > 0"),
+    (["rope_scaling.bogus=1"], "unknown key rope_scaling.bogus"),
+    (["tie_embeddings=3"], "tie_embeddings: expected bool"),
+])
+def test_bad_configs_are_rejected_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_model_config("tiny", overrides)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="unknown model preset 'llama9'.*tiny"):
+        load_model_config("llama9")
+
+
+def test_from_dict_requires_mapping_for_nested():
+    with pytest.raises(ConfigError, match="rope_scaling: expected a mapping"):
+        from_dict(ModelConfig, {"rope_scaling": 3})

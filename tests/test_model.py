@@ -1,0 +1,140 @@
+"""The model against Hugging Face's LlamaForCausalLM, and its own modes against each other."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.model import KVCache, create_model
+from oracle import hf_logits, hf_model, ours_from_hf
+
+BASE = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=96, dtype="float32",
+            attention_impl="xla", norm_eps=1e-5, max_seq_len=64)
+CONFIGS = {
+    "mha": ModelConfig(**BASE),
+    "gqa": ModelConfig(**{**BASE, "n_heads": 8, "n_kv_heads": 2, "rope_theta": 500000.0}),
+    "tied": ModelConfig(**{**BASE, "tie_embeddings": True, "n_kv_heads": 2}),
+    "rope_scaling": ModelConfig(**{**BASE, "n_kv_heads": 2, "rope_theta": 500000.0, "max_seq_len": 256,
+                                   "rope_scaling": RopeScaling(factor=8.0, original_max_position_embeddings=16)}),
+    "rule_ffn": ModelConfig(**{**BASE, "ffn_hidden_dim": None, "multiple_of": 32, "ffn_dim_multiplier": 1.3,
+                               "scan_layers": False}),
+}
+
+
+def random_tokens(cfg, batch, length, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_logits_match_transformers(name, length):
+    cfg = CONFIGS[name]
+    hf = hf_model(cfg, seed=1)
+    ours = ours_from_hf(hf, cfg)
+    tokens = random_tokens(cfg, 2, length if name != "rope_scaling" else length * 6)
+    expected = hf_logits(hf, tokens)
+    got, _ = ours(jnp.asarray(tokens))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+def test_rule_ffn_size_is_rounded_up_to_multiple_of():
+    # int(2·4·64/3) = 170; ×1.3 → 221; rounded up to a multiple of 32 → 224.
+    assert CONFIGS["rule_ffn"].hidden_dim == 224
+    assert ModelConfig(dim=4096, multiple_of=256).hidden_dim == 11008
+
+
+def test_scan_and_unrolled_layers_agree():
+    cfg = CONFIGS["gqa"]
+    scanned = create_model(cfg, seed=3)
+    unrolled = create_model(cfg.replace(scan_layers=False), seed=3)
+    tokens = jnp.asarray(random_tokens(cfg, 2, 19))
+    a, _ = scanned(tokens)
+    b, _ = unrolled(tokens)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def _grads(cfg, tokens):
+    model = create_model(cfg, seed=5)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        logits, _ = nnx.merge(graphdef, params)(tokens)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_policies_give_identical_gradients(scan):
+    tokens = jnp.asarray(random_tokens(CONFIGS["gqa"], 2, 16))
+    ref_loss, ref_grads = _grads(CONFIGS["gqa"].replace(remat="none", scan_layers=scan), tokens)
+    for policy in ("full", "save_matmuls"):
+        loss, grads = _grads(CONFIGS["gqa"].replace(remat=policy, scan_layers=scan), tokens)
+        assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            scale = float(jnp.max(jnp.abs(r)))
+            assert float(jnp.max(jnp.abs(g - r))) <= 1e-6 * scale, policy
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "rope_scaling"])
+def test_kv_cache_decoding_matches_full_forward(name):
+    cfg = CONFIGS[name].replace(scan_layers=name != "mha")
+    model = create_model(cfg, seed=7)
+    tokens = jnp.asarray(random_tokens(cfg, 2, 12))
+    full, _ = model(tokens)
+    cache = KVCache.create(cfg, batch=2, max_len=16)
+    prefill, cache = model(tokens[:, :5], cache=cache)
+    steps = [prefill]
+    for t in range(5, 12):
+        logits, cache = model(tokens[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    assert int(cache.index) == 12
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5, rtol=0)
+
+
+def test_left_padded_batch_decodes_like_each_prompt_alone():
+    """Prompts of different lengths, left-padded (segment id 0), decode as if each ran alone."""
+    cfg = CONFIGS["gqa"]
+    model = create_model(cfg, seed=8)
+    long, short = random_tokens(cfg, 1, 9, seed=1)[0], random_tokens(cfg, 1, 4, seed=2)[0]
+    pad = len(long) - len(short)
+    tokens = jnp.asarray(np.stack([long, np.concatenate([np.zeros(pad, int), short])]))
+    segments = jnp.asarray(np.stack([np.ones(9, int), np.r_[np.zeros(pad, int), np.ones(4, int)]]))
+    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+    cache = KVCache.create(cfg, batch=2, max_len=12)
+    logits, cache = model(tokens, positions=positions, segment_ids=segments, cache=cache)
+    next_tok = jnp.asarray([[3], [5]])
+    step, cache = model(next_tok, positions=positions[:, -1:] + 1, segment_ids=jnp.ones((2, 1), jnp.int32), cache=cache)
+    alone, _ = model(jnp.asarray(np.r_[short, 5])[None])
+    np.testing.assert_allclose(np.asarray(logits[1, pad:]), np.asarray(alone[0, :4]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(step[1, 0]), np.asarray(alone[0, 4]), atol=1e-5, rtol=0)
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    cfg = CONFIGS["gqa"]
+    model = create_model(cfg, seed=9)
+    doc_a, doc_b = random_tokens(cfg, 1, 6, seed=3)[0], random_tokens(cfg, 1, 5, seed=4)[0]
+    packed = jnp.asarray(np.r_[doc_a, doc_b, [0, 0]])[None]
+    segments = jnp.asarray([[1] * 6 + [2] * 5 + [0, 0]])
+    positions = jnp.asarray([list(range(6)) + list(range(5)) + [0, 0]])
+    logits, _ = model(packed, positions=positions, segment_ids=segments)
+    alone_b, _ = model(jnp.asarray(doc_b)[None])
+    alone_a, _ = model(jnp.asarray(doc_a)[None])
+    np.testing.assert_allclose(np.asarray(logits[0, 6:11]), np.asarray(alone_b[0]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits[0, :6]), np.asarray(alone_a[0]), atol=1e-5, rtol=0)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_bf16_compute_keeps_fp32_params_and_stays_close():
+    cfg = CONFIGS["gqa"]
+    tokens = jnp.asarray(random_tokens(cfg, 2, 16))
+    ref, _ = create_model(cfg, seed=2)(tokens)
+    model = create_model(cfg.replace(dtype="bfloat16"), seed=2)
+    got, _ = model(tokens)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert got.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    assert rel < 2e-2, rel
