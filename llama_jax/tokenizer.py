@@ -22,11 +22,12 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from llama_jax.data.atomic import write_atomically
 
 # LLaMA's tokenizer.model trainer settings (read from its ModelProto), minus what only depends on the
 # corpus size (input_sentence_size, num_threads). `normalization_rule_name="identity"` leaves text
@@ -99,11 +100,11 @@ class Tokenizer(abc.ABC):
     def encode_with_byte_counts(self, text: str) -> tuple[list[int], np.ndarray]:
         """Token ids of `text` (no BOS/EOS) and how many bytes of `text` each token accounts for.
 
-        Every byte of `text` is credited to the first token whose span reaches past it, so the counts
-        sum to exactly `len(text.encode())` (bits-per-byte needs that exactness): a character split over
-        several byte-fallback tokens counts for the token that completes it, the dummy leading space
-        SentencePiece inserts counts for nothing, and any trailing bytes the tokenizer dropped are
-        credited to the last token.
+        Every byte of `text` is credited to the first token whose reported span reaches past it, so the
+        counts sum to exactly `len(text.encode())` (bits-per-byte needs that exactness): a character
+        split over several byte-fallback tokens counts once, for one of them; the dummy leading space
+        SentencePiece inserts is not text and counts for nothing; trailing bytes a tokenizer dropped
+        are credited to the last token.
         """
         ids, ends = self._token_end_offsets(text)
         reach = np.maximum.accumulate(ends) if len(ends) else ends
@@ -187,7 +188,8 @@ class HuggingFaceTokenizer(Tokenizer):
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return self._tok.decode([int(i) for i in ids if int(i) not in special], skip_special_tokens=True)
 
     def _token_end_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
         encoding = self._tok.encode(text, add_special_tokens=False)
@@ -237,15 +239,6 @@ def _lines(files: Sequence[str]) -> Iterator[str]:
                 raise ValueError(f"{f}: not UTF-8 text ({e})") from e
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write via a temporary file and a rename, so a concurrent reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def train_sentencepiece(files: Sequence[str], vocab_size: int, output_prefix: str, *,
                         input_sentence_size: int = 0, num_threads: int | None = None) -> str:
     """Train a SentencePiece BPE model with LLaMA's settings; returns the path of `output_prefix.model`.
@@ -273,10 +266,10 @@ def train_sentencepiece(files: Sequence[str], vocab_size: int, output_prefix: st
     except RuntimeError as e:
         raise ValueError(f"SentencePiece training on {len(files)} file(s) failed: {e}") from e
     out = Path(f"{output_prefix}.model")
-    _write_atomically(out, model.getvalue())
+    write_atomically(out, model.getvalue())
     proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
     vocab_lines = "".join(f"{p.piece}\t{p.score:g}\n" for p in proto.pieces)
-    _write_atomically(Path(f"{output_prefix}.vocab"), vocab_lines.encode("utf-8"))
+    write_atomically(Path(f"{output_prefix}.vocab"), vocab_lines.encode("utf-8"))
     return str(out)
 
 

@@ -87,10 +87,10 @@ BLOCK_NAMES = ("block_q", "block_k", "block_q_dkdv", "block_k_dkdv", "block_q_dq
 def fit_block(requested: int, seq_len: int, align: int) -> int:
     """Shrink a block to the sequence rounded up to `align`, so short sequences do not pay a full block.
 
-    With power-of-two `requested` and `align`, the result is a power of two as well (Triton needs that).
+    Halving keeps the block a multiple of `align`, and a power of two stays a power of two (Triton).
     """
     fitted = requested
-    while fitted > align and fitted // 2 >= seq_len:
+    while fitted % (2 * align) == 0 and fitted // 2 >= seq_len:
         fitted //= 2
     return fitted
 
