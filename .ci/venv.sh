@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build (once per machine and requirements) the Python 3.12 virtual environment and link it as ./.venv.
-# The venv lives outside the clone, keyed by a hash of requirements.txt, so a fresh clone or a CI run
+# Every transitive version is pinned by .ci/constraints.txt. The venv lives outside the clone, keyed by a hash of requirements.txt, so a fresh clone or a CI run
 # on the same machine reuses it and only a change of requirements pays the (multi-GB) install again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ find_python312() {
 }
 
 PY=$(find_python312)
-key=$( (cat requirements.txt; "$PY" --version) | sha256sum | cut -c1-16)
+key=$( (cat requirements.txt .ci/constraints.txt; "$PY" --version) | sha256sum | cut -c1-16)
 cache="${LLAMA_JAX_CACHE:-$HOME/.cache/llama_jax}"
 venv="$cache/venv-$key"
 if [ ! -f "$venv/.complete" ]; then
@@ -27,7 +27,7 @@ if [ ! -f "$venv/.complete" ]; then
   mkdir -p "$cache"
   "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -r requirements.txt
+  "$venv/bin/python" -m pip install -q -r requirements.txt -c .ci/constraints.txt
   touch "$venv/.complete"
 fi
 ln -sfn "$venv" .venv

@@ -82,6 +82,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{prefix or cls.__name__ + ': '}{e}") from None
+    except ConfigError as e:  # a cross-field check failed: say where the section sits in the whole config
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix[:-1]}: {e}") from None
+        raise
 
 
 def to_dict(cfg: Any) -> dict:

@@ -29,9 +29,10 @@ import numpy as np
 
 from llama_jax.data.atomic import write_atomically
 
-# LLaMA's tokenizer.model trainer settings (read from its ModelProto), minus what only depends on the
-# corpus size (input_sentence_size, num_threads). `normalization_rule_name="identity"` leaves text
-# untouched; `remove_extra_whitespaces=False` keeps runs of spaces (indentation) as text.
+# The trainer settings stored in LLaMA's tokenizer.model (its ModelProto's trainer_spec and
+# normalizer_spec), minus what only depends on the corpus size (input_sentence_size, num_threads).
+# "identity" normalisation leaves text untouched; remove_extra_whitespaces=False keeps runs of spaces
+# (indentation) as text; byte_fallback spells characters outside the vocabulary as UTF-8 bytes.
 LLAMA_SENTENCEPIECE_OPTIONS = dict(
     model_type="bpe",
     character_coverage=0.99995,
@@ -46,11 +47,6 @@ LLAMA_SENTENCEPIECE_OPTIONS = dict(
     add_dummy_prefix=True,
     max_sentence_length=4192,
     max_sentencepiece_length=16,
-    num_sub_iterations=2,
-    shrinking_factor=0.75,
-    seed_sentencepiece_size=1_000_000,
-    vocabulary_output_piece_score=True,
-    hard_vocab_limit=True,
     unk_id=0,
     bos_id=1,
     eos_id=2,

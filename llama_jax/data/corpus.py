@@ -17,6 +17,7 @@ version, and files added by a newer Python do not move the others.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import sysconfig
@@ -36,18 +37,22 @@ def _in_validation(relative_path: str) -> bool:
     return int(digest[:8], 16) < VALIDATION_FRACTION * 16**8
 
 
+@functools.lru_cache(maxsize=None)
+def _corpus_files() -> tuple[Path, ...]:
+    """Every corpus file, both splits, sorted by relative path (walked once per process)."""
+    root = stdlib_root()
+    files = (p for p in root.rglob("*.py")
+             if p.is_file() and not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]))
+    return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
+
+
 def builtin_files(split: str) -> list[Path]:
     """The corpus files of `split` ("train" or "validation"), sorted by relative path."""
     if split not in ("train", "validation"):
         raise ValueError(f"builtin corpus split must be 'train' or 'validation', got {split!r}")
     root = stdlib_root()
-    files = []
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        relative = path.relative_to(root)
-        if EXCLUDED_DIRS.intersection(relative.parts[:-1]) or not path.is_file():
-            continue
-        if _in_validation(relative.as_posix()) == (split == "validation"):
-            files.append(path)
+    files = [p for p in _corpus_files()
+             if _in_validation(p.relative_to(root).as_posix()) == (split == "validation")]
     if not files:
         raise FileNotFoundError(f"builtin corpus: no {split} .py files under {root}")
     return files

@@ -50,23 +50,25 @@ class EpochLayout:
         k = int(np.searchsorted(self.starts, row_start, side="right")) - 1
         segment = 0
         while k < len(self.order) and self.starts[k] < row_end:
-            doc_start, doc_end = int(self.starts[k]), int(self.starts[k + 1])
-            lo, hi = max(row_start, doc_start), min(row_end, doc_end)
+            # The part of document k in this row: in-document indices [q_lo, q_hi), where index 0 is
+            # BOS, 1..n the n content tokens and n + 1 the EOS; it starts at row index `at`.
+            doc_start, doc_len = int(self.starts[k]), int(self.starts[k + 1] - self.starts[k])
+            q_lo, q_hi = max(row_start, doc_start) - doc_start, min(row_end, doc_start + doc_len) - doc_start
+            at = doc_start + q_lo - row_start
             segment += 1
-            segments[lo - row_start:hi - row_start] = segment
-            positions[lo - row_start:hi - row_start] = np.arange(hi - lo)
-            # In-document index q: 0 is BOS, 1..len are content tokens, len + 1 is EOS.
-            q_lo, q_hi = lo - doc_start, hi - doc_start
-            c_lo, c_hi = max(q_lo, 1), min(q_hi, doc_end - doc_start - 1)
-            first = int(self.docs.offsets[self.order[k]]) - 1
-            out = slice(lo - row_start + c_lo - q_lo, lo - row_start + c_lo - q_lo + max(c_hi - c_lo, 0))
-            tokens[out] = self.docs.ids[first + c_lo:first + c_hi]
+            segments[at:at + q_hi - q_lo] = segment
+            positions[at:at + q_hi - q_lo] = np.arange(q_hi - q_lo)
+            c_lo, c_hi = max(q_lo, 1), min(q_hi, doc_len - 1)  # the content indices in the part
+            first = int(self.docs.offsets[self.order[k]]) - 1  # ids index of in-document index 0
+            src = slice(first + c_lo, first + c_hi)
+            dst = slice(at + c_lo - q_lo, at + c_hi - q_lo)
+            tokens[dst] = self.docs.ids[src]
             if byte_counts is not None:
-                byte_counts[out] = self.docs.byte_counts[first + c_lo:first + c_hi]
+                byte_counts[dst] = self.docs.byte_counts[src]
             if q_lo == 0:
-                tokens[lo - row_start] = self.bos_id
-            if q_hi == doc_end - doc_start:
-                tokens[hi - row_start - 1] = self.eos_id
+                tokens[at] = self.bos_id
+            if q_hi == doc_len:
+                tokens[at + q_hi - q_lo - 1] = self.eos_id
             k += 1
         loss_mask = (segments[:-1] != 0) & (segments[1:] == segments[:-1])
         example = {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": segments[:-1],

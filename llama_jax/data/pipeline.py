@@ -9,6 +9,8 @@ Process p of P builds only rows [p*n, (p+1)*n) of each global batch (n = global_
 same rows a single process would put there, so the hosts' slices are disjoint and together make up the
 global batch. The whole state is the batch counter plus how many rows each source has given: a tiny
 JSON-serialisable dict; restoring it in a fresh iterator reproduces exactly the batches that follow.
+Plain numpy, not grain: any row of any epoch is computed directly from (source, epoch, row), so the
+state stays a few integers, a host builds only its own rows, and nothing beyond numpy is imported.
 
 Evaluation. The validation sources' documents, in order and unshuffled, are packed the same way into one
 finite pass; the last batch is filled with empty rows. Each row also carries `num_bytes`: the UTF-8
