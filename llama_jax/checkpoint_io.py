@@ -1,0 +1,204 @@
+"""Our checkpoints on disk: a params-only directory, or the params of a training run's latest step.
+
+Params-only directory (written by `convert --to orbax`, read by `init_from=` and evaluation):
+    DIR/model.yaml                  the ModelConfig mapping
+    DIR/params/                     orbax StandardCheckpointer of the pure-dict params
+    DIR/tokenizer.model|.json       optional
+Run directory (written by the trainer): RUN/config.yaml (its `model:` key is the ModelConfig mapping),
+RUN/checkpoints/<step>/params (an orbax CheckpointManager item), RUN/tokenizer.model|.json.
+
+Every load checks the stored names and shapes against the config before reading any array, so a
+checkpoint of another model fails with the parameter's name and both shapes instead of deep in orbax.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import yaml
+
+from llama_jax.config import ModelConfig
+from llama_jax.config_io import from_dict, load_yaml, to_dict
+from llama_jax.params import flatten
+
+MODEL_CONFIG_FILE = "model.yaml"
+PARAMS_DIR = "params"
+RUN_CONFIG_FILE = "config.yaml"
+RUN_CHECKPOINT_DIR = "checkpoints"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def is_params_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_CONFIG_FILE).is_file() and (Path(path) / PARAMS_DIR).is_dir()
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / RUN_CONFIG_FILE).is_file() and (Path(path) / RUN_CHECKPOINT_DIR).is_dir()
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig stored with a params directory (`model.yaml`) or a run directory (`config.yaml: model`)."""
+    path = Path(path)
+    if is_params_dir(path):
+        return from_dict(ModelConfig, load_yaml(path / MODEL_CONFIG_FILE))
+    if is_run_dir(path):
+        run_cfg = load_yaml(path / RUN_CONFIG_FILE)
+        if not isinstance(run_cfg.get("model"), dict):
+            raise ValueError(f"{path / RUN_CONFIG_FILE}: no `model:` mapping (the run's ModelConfig)")
+        return from_dict(ModelConfig, run_cfg["model"], prefix="model.")
+    raise FileNotFoundError(f"{path}: neither a params directory ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) "
+                            f"nor a run directory ({RUN_CONFIG_FILE} + {RUN_CHECKPOINT_DIR}/)")
+
+
+def find_tokenizer(path: str | os.PathLike) -> str | None:
+    """The tokenizer file that travels with a checkpoint directory, if any."""
+    for name in TOKENIZER_FILES:
+        if (Path(path) / name).is_file():
+            return str(Path(path) / name)
+    return None
+
+
+def params_item_path(path: str | os.PathLike) -> Path:
+    """The orbax directory holding the params: DIR/params, or RUN/checkpoints/<latest complete step>/params."""
+    path = Path(path)
+    if is_params_dir(path):
+        return path / PARAMS_DIR
+    if is_run_dir(path):
+        import orbax.checkpoint as ocp
+
+        manager = ocp.CheckpointManager(path / RUN_CHECKPOINT_DIR,
+                                        options=ocp.CheckpointManagerOptions(read_only=True))
+        step = manager.latest_step()
+        manager.close()
+        if step is None:
+            raise FileNotFoundError(f"{path / RUN_CHECKPOINT_DIR}: no complete checkpoint step")
+        item = path / RUN_CHECKPOINT_DIR / str(step) / PARAMS_DIR
+        if not item.is_dir():
+            raise FileNotFoundError(f"{item}: step {step} has no `{PARAMS_DIR}` item")
+        return item
+    raise FileNotFoundError(f"{path}: neither a params directory nor a run directory")
+
+
+def expected_param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{parameter path: shape} of the model `cfg` describes (computed without allocating weights)."""
+    from flax import nnx
+
+    from llama_jax.model import abstract_model
+
+    state = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    return {path: tuple(leaf.shape) for path, leaf in flatten(state).items()}
+
+
+def check_param_shapes(given: Mapping[tuple[str, ...], tuple[int, ...]], cfg: ModelConfig, source: str) -> None:
+    """Raise ValueError naming `source` and the first parameter that is missing, unexpected or misshapen."""
+    expected = expected_param_shapes(cfg)
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing:
+        raise ValueError(f"{source}: parameter {'.'.join(missing[0])} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"{source}: unexpected parameter {'.'.join(unexpected[0])} ({len(unexpected)} in all)")
+    for path, shape in expected.items():
+        if tuple(given[path]) != shape:
+            raise ValueError(f"{source}: parameter {'.'.join(path)} has shape {tuple(given[path])}, "
+                             f"the config expects {shape}")
+
+
+def stored_param_metadata(item: Path) -> dict[tuple[str, ...], object]:
+    """{path: orbax ArrayMetadata (shape, dtype)} of a params item, read without loading any array."""
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().metadata(item).item_metadata.tree
+    return flatten(tree)
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def restore_numpy(item: Path, paths: Iterable[tuple[str, ...]]) -> dict:
+    """The named parameters of a params item as numpy arrays in their stored dtype (others not read)."""
+    import orbax.checkpoint as ocp
+
+    paths = list(paths)
+    args = ocp.args.PyTreeRestore(item=_unflatten({p: 0 for p in paths}), partial_restore=True,
+                                  restore_args=_unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray)
+                                                           for p in paths}))
+    return ocp.PyTreeCheckpointer().restore(item, args=args)
+
+
+def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None) -> dict:
+    """The params of a params dir or run dir as a pure dict, checked against `model_cfg` first.
+
+    Without `shardings` the arrays come back as numpy in `model_cfg.param_dtype`; with a pure-dict tree
+    of `jax.sharding.Sharding` they come back as jax arrays laid out that way (each host reads its part).
+    """
+    item = params_item_path(path)
+    stored = stored_param_metadata(item)
+    check_param_shapes({p: m.shape for p, m in stored.items()}, model_cfg, str(item))
+    dtype = model_cfg.weight_dtype
+    if shardings is None:
+        flat = flatten(restore_numpy(item, stored))
+        return _unflatten({p: np.asarray(v).astype(dtype, copy=False) for p, v in flat.items()})
+    import jax
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, dtype, sharding=sharding),
+                          _unflatten(stored), shardings)
+    return ocp.StandardCheckpointer().restore(item, target)
+
+
+def save_params(path: str | os.PathLike, params: Mapping, model_cfg: ModelConfig,
+                tokenizer_path: str | os.PathLike | None = None) -> None:
+    """Write a params-only checkpoint at `path` atomically (a temporary sibling renamed at the end).
+
+    Refuses to overwrite; checks names and shapes against `model_cfg` and that every array is stored in
+    `model_cfg.param_dtype`, so that `load_params(path, read_model_config(path))` always succeeds.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    flat = flatten(params)
+    check_param_shapes({p: tuple(np.shape(v)) for p, v in flat.items()}, model_cfg, "params to save")
+    for p, v in flat.items():
+        if np.dtype(v.dtype) != np.dtype(model_cfg.weight_dtype):
+            raise ValueError(f"params to save: parameter {'.'.join(p)} is {np.dtype(v.dtype)}, "
+                             f"the config's param_dtype is {model_cfg.param_dtype}")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_params_dir(tmp, params, model_cfg, tokenizer_path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model_config(directory: Path, model_cfg: ModelConfig) -> None:
+    (directory / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
+
+
+def write_params_dir(directory: Path, params: Mapping, model_cfg: ModelConfig,
+                     tokenizer_path: str | os.PathLike | None) -> None:
+    """The files of a params-only checkpoint inside an existing (temporary) directory."""
+    import orbax.checkpoint as ocp
+
+    write_model_config(directory, model_cfg)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / PARAMS_DIR, dict(params))
+    checkpointer.wait_until_finished()
+    if tokenizer_path is not None:
+        name = Path(tokenizer_path).name
+        if name not in TOKENIZER_FILES:
+            raise ValueError(f"tokenizer {tokenizer_path}: expected a file named one of {TOKENIZER_FILES}")
+        shutil.copyfile(tokenizer_path, directory / name)

@@ -1,0 +1,297 @@
+"""Meta's release format: `params.json` and model-parallel shards `consolidated.NN.pth`.
+
+Each shard holds every tensor; the ones Meta splits for model parallelism are cut along the dimension
+`llama_jax.params.TensorMap.meta_split_dim` gives (q/k/v, w1/w3 and output by rows, wo and w2 by
+columns, the embedding by columns in LLaMA 1/2 and by rows in LLaMA 3), norms are replicated.
+Reading memory-maps every shard (`torch.load(mmap=True, weights_only=True)`, which also refuses to
+unpickle anything but tensors) and concatenates one tensor at a time; the maps are reopened after every
+`RELEASE_BYTES` read so the resident set does not grow to the size of the checkpoint.
+Writing streams each piece into its shard file as it arrives (`torch_stream`), holding one tensor.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.convert.common import ConvertError, contiguous, tensor_items, torch_shape, torch_to_numpy
+from llama_jax.convert.torch_stream import StreamingTorchSave
+from llama_jax.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name
+
+PARAMS_FILE = "params.json"
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth$")
+NON_PARAMETERS = ("rope.freqs",)  # precomputed rotary table some releases include
+LLAMA3_VOCAB_SIZE = 128256  # LLaMA 3's tokenizer; its releases split the embedding by rows
+RELEASE_BYTES = 64 * 2**20
+# params.json keys that set the model, and runtime-only keys Meta's loaders accept and we ignore.
+PARAMS_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_seq_len")
+RUNTIME_KEYS = ("max_batch_size",)
+# Meta's `use_scaled_rope` applies LLaMA 3.1's fixed constants; only the factor can be given.
+META_ROPE_SCALING = RopeScaling()
+
+
+def is_meta_dir(path: Path) -> bool:
+    return (path / PARAMS_FILE).is_file() and any(SHARD_PATTERN.match(p.name) for p in path.iterdir())
+
+
+def shard_name(index: int) -> str:
+    return f"consolidated.{index:02d}.pth"
+
+
+def list_shards(path: Path) -> list[Path]:
+    """The shard files in order, checking none is missing from 00 to the highest index."""
+    found = {int(m.group(1)): p for p in path.iterdir() if (m := SHARD_PATTERN.match(p.name))}
+    if not found:
+        raise ConvertError(f"{path}: no consolidated.NN.pth shard")
+    for i in range(max(found) + 1):
+        if i not in found:
+            raise ConvertError(f"{path / shard_name(i)}: shard {i} of {max(found) + 1} is missing")
+    return [found[i] for i in range(len(found))]
+
+
+def config_fields_from_params(params: dict, source: Path) -> dict:
+    """ModelConfig fields from a params.json mapping (vocab_size may be -1: filled in by the caller)."""
+    unknown = sorted(set(params) - set(PARAMS_KEYS) - set(RUNTIME_KEYS))
+    if unknown:
+        raise ConvertError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(PARAMS_KEYS)})")
+    for key in ("dim", "n_layers", "n_heads", "vocab_size"):
+        if key not in params:
+            raise ConvertError(f"{source}: missing key {key!r}")
+    fields = {key: params[key] for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of",
+                                           "ffn_dim_multiplier", "norm_eps", "max_seq_len") if key in params}
+    fields["ffn_hidden_dim"] = None  # Meta's size is always the multiple_of / ffn_dim_multiplier rule
+    fields["n_kv_heads"] = params.get("n_kv_heads")
+    fields["rope_theta"] = float(params.get("rope_theta", 10000.0))
+    for key in ("norm_eps", "ffn_dim_multiplier"):
+        if fields.get(key) is not None:
+            fields[key] = float(fields[key])
+    if params.get("use_scaled_rope"):
+        fields["rope_scaling"] = RopeScaling(factor=float(params.get("rope_scaling_factor", META_ROPE_SCALING.factor)))
+    fields["tie_embeddings"] = False
+    return fields
+
+
+def _ffn_rule(cfg: ModelConfig) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) for which Meta's rule yields cfg.hidden_dim exactly."""
+    hidden = cfg.hidden_dim
+    base = int(2 * 4 * cfg.dim / 3)
+    candidates = [(cfg.multiple_of, cfg.ffn_dim_multiplier), (cfg.multiple_of, hidden / base),
+                  (hidden, None if hidden >= base else hidden / base)]
+    for multiple_of, multiplier in candidates:
+        rule = ModelConfig(dim=cfg.dim, n_heads=cfg.n_heads, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
+        if rule.hidden_dim == hidden:
+            return multiple_of, multiplier
+    raise ConvertError(f"params.json cannot express ffn size {hidden} for dim={cfg.dim} with Meta's "
+                       f"multiple_of/ffn_dim_multiplier rule")
+
+
+def params_from_config(cfg: ModelConfig) -> dict:
+    """params.json contents for `cfg`; raises if Meta's format cannot express the config."""
+    multiple_of, multiplier = _ffn_rule(cfg)
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size,
+              "multiple_of": multiple_of, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta}
+    if cfg.kv_heads != cfg.n_heads:
+        params["n_kv_heads"] = cfg.kv_heads
+    if multiplier is not None:
+        params["ffn_dim_multiplier"] = multiplier
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        if (s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings) != (
+                META_ROPE_SCALING.low_freq_factor, META_ROPE_SCALING.high_freq_factor,
+                META_ROPE_SCALING.original_max_position_embeddings):
+            raise ConvertError(f"params.json cannot express rope_scaling={s}: Meta's use_scaled_rope fixes "
+                               f"low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192")
+        params["use_scaled_rope"] = True
+        if s.factor != META_ROPE_SCALING.factor:
+            params["rope_scaling_factor"] = s.factor
+    return params
+
+
+class _Shards:
+    """Memory-mapped shards, loaded on first use and released after every RELEASE_BYTES read."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self._loaded: list[dict | None] = [None] * len(paths)
+        self._read = 0
+
+    def state(self, index: int) -> dict:
+        if self._loaded[index] is None:
+            self._loaded[index] = load_shard(self.paths[index])
+        return self._loaded[index]
+
+    def tensor(self, index: int, name: str):
+        tensor = self.state(index)[name]
+        self._read += tensor.nbytes
+        return tensor
+
+    def release_if_due(self) -> None:
+        if self._read >= RELEASE_BYTES:
+            self._loaded = [None] * len(self.paths)
+            self._read = 0
+
+
+def load_shard(path: Path) -> dict:
+    """torch.load a shard memory-mapped, allowing nothing but tensors and plain containers."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise ConvertError(f"{path}: refusing to unpickle it: it holds objects other than tensors "
+                           f"(torch.load weights_only=True: {str(e).splitlines()[0]})") from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ConvertError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConvertError(f"{path}: expected a dict of tensors")
+    return state
+
+
+def _check_torch_dtype(tensor, where: str) -> None:
+    import torch
+
+    if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConvertError(f"{where}: unsupported dtype {tensor.dtype}; expected float32, bfloat16 or float16")
+
+
+class MetaReader:
+    """A Meta checkpoint directory, validated (keys, shapes, dtypes in every shard) when opened."""
+
+    fmt = "meta"
+
+    def __init__(self, path: Path, base: ModelConfig):
+        self.path = path
+        params_path = path / PARAMS_FILE
+        if not params_path.is_file():
+            raise ConvertError(f"{params_path}: missing (not a Meta checkpoint directory)")
+        try:
+            params = json.loads(params_path.read_text())
+        except ValueError as e:
+            raise ConvertError(f"{params_path}: invalid JSON ({e})") from None
+        self.shards = _Shards(list_shards(path))
+        first = self.shards.state(0)
+        fields = config_fields_from_params(params, params_path)
+        n = len(self.shards.paths)
+        if "tok_embeddings.weight" not in first:
+            raise ConvertError(f"{self.shards.paths[0]}: missing key 'tok_embeddings.weight'")
+        emb_shape = tuple(first["tok_embeddings.weight"].shape)
+        self.embedding_split_dim = 1 if n > 1 and emb_shape[1] * n == fields["dim"] else 0
+        if fields["vocab_size"] == -1:
+            fields["vocab_size"] = emb_shape[0] * (n if self.embedding_split_dim == 0 else 1)
+        try:
+            self.cfg = base.replace(**fields)
+        except (ValueError, TypeError) as e:
+            raise ConvertError(f"{params_path}: {e}") from None
+        self.maps = {m.ours: m for m in tensor_maps(self.cfg, meta_embedding_split_dim=self.embedding_split_dim)}
+        self._validate()
+        self.dtype = torch_to_numpy(first["tok_embeddings.weight"][:0]).dtype
+        self.tokenizer_files = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+
+    def _validate(self) -> None:
+        n = len(self.shards.paths)
+        expected = {}
+        for tmap in self.maps.values():
+            shape = list(torch_shape(tmap, self.cfg))
+            if tmap.meta_split_dim is not None:
+                if shape[tmap.meta_split_dim] % n:
+                    raise ConvertError(f"{self.path}: {n} shards cannot split {tmap.meta.format(i=0)} of shape "
+                                       f"{tuple(shape)} along dim {tmap.meta_split_dim}")
+                shape[tmap.meta_split_dim] //= n
+            for layer in (range(self.cfg.n_layers) if tmap.per_layer else (None,)):
+                expected[torch_name(tmap, "meta", layer)] = tuple(shape)
+        for index, path in enumerate(self.shards.paths):
+            state = self.shards.state(index)
+            names = set(state) - set(NON_PARAMETERS)
+            if missing := sorted(set(expected) - names):
+                raise ConvertError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+            if unexpected := sorted(names - set(expected)):
+                raise ConvertError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
+            for name, shape in expected.items():
+                got = tuple(state[name].shape)
+                if got != shape:
+                    raise ConvertError(f"{path}: {name} has shape {got}; params.json with {n} shard(s) "
+                                       f"implies {shape}")
+                _check_torch_dtype(state[name], f"{path}: {name}")
+
+    def tensor(self, tmap: TensorMap, layer: int | None) -> np.ndarray:
+        tmap = self.maps[tmap.ours]
+        name = torch_name(tmap, "meta", layer)
+        pieces = [torch_to_numpy(self.shards.tensor(i, name)) for i in range(len(self.shards.paths))]
+        if tmap.meta_split_dim is None:
+            for i, piece in enumerate(pieces[1:], 1):
+                if not np.array_equal(piece.view(np.uint8), pieces[0].view(np.uint8)):
+                    raise ConvertError(f"{self.shards.paths[i]}: replicated tensor {name} differs from "
+                                       f"{self.shards.paths[0].name}'s")
+            whole = pieces[0]
+        elif len(pieces) == 1:
+            whole = pieces[0]  # a view of the map: the writer copies what it needs
+        else:
+            whole = np.concatenate(pieces, axis=tmap.meta_split_dim)
+        del pieces
+        self.shards.release_if_due()
+        return from_torch_layout(whole, tmap, self.cfg, "meta")
+
+    def close(self) -> None:
+        self.shards = None
+
+
+def embedding_split_dim_for(cfg: ModelConfig) -> int:
+    """Meta's embedding split: by rows (dim 0) for LLaMA 3's vocabulary, by columns (dim 1) before."""
+    return 0 if cfg.vocab_size == LLAMA3_VOCAB_SIZE else 1
+
+
+class MetaWriter:
+    """Writes params.json and `model_parallel` shards, streaming every piece straight into its shard file.
+
+    Splits that do not divide evenly are refused before anything is written. A tied model gets an
+    explicit `output.weight` (a copy of the embedding, written last), because Meta's loaders always
+    expect one; reading it back gives an untied model with identical weights.
+    """
+
+    def __init__(self, directory: Path, cfg: ModelConfig, dtype: np.dtype, model_parallel: int = 1,
+                 embedding_split_dim: int | None = None):
+        if model_parallel < 1:
+            raise ConvertError(f"--model-parallel must be >= 1, got {model_parallel}")
+        self.directory, self.cfg, self.dtype, self.n = directory, cfg, np.dtype(dtype), model_parallel
+        split = embedding_split_dim_for(cfg) if embedding_split_dim is None else embedding_split_dim
+        untied = cfg.replace(tie_embeddings=False)
+        self.maps = {m.ours: m for m in tensor_maps(untied, meta_embedding_split_dim=split)}
+        self.params = params_from_config(cfg)
+        self.plan = []
+        for tmap, layer in tensor_items(untied):
+            tmap = self.maps[tmap.ours]
+            shape = list(torch_shape(tmap, cfg))
+            if tmap.meta_split_dim is not None:
+                if shape[tmap.meta_split_dim] % model_parallel:
+                    raise ConvertError(f"--model-parallel {model_parallel} does not divide {torch_name(tmap, 'meta', layer)}: "
+                                       f"size {shape[tmap.meta_split_dim]} along dim {tmap.meta_split_dim}")
+                shape[tmap.meta_split_dim] //= model_parallel
+            self.plan.append((torch_name(tmap, "meta", layer), tuple(shape)))
+        self._files: list[StreamingTorchSave] = []
+        self._tied_output: np.ndarray | None = None
+
+    def add(self, tmap: TensorMap, layer: int | None, value: np.ndarray) -> None:
+        if not self._files:
+            self._files = [StreamingTorchSave(self.directory / shard_name(i), self.plan, self.dtype)
+                           for i in range(self.n)]
+        tmap = self.maps[tmap.ours]
+        w = to_torch_layout(value, tmap, self.cfg, "meta")
+        pieces = [w] * self.n if tmap.meta_split_dim is None else np.split(w, self.n, axis=tmap.meta_split_dim)
+        for file, piece in zip(self._files, pieces):
+            file.add(torch_name(tmap, "meta", layer), contiguous(piece, self.dtype))
+        if self.cfg.tie_embeddings and tmap.ours == ("tok_embeddings",):
+            self._tied_output = np.array(value.T)
+
+    def finish(self) -> None:
+        if self._tied_output is not None:
+            self.add(self.maps[("output", "kernel")], None, self._tied_output)
+            self._tied_output = None
+        for file in self._files:
+            file.close()
+        (self.directory / PARAMS_FILE).write_text(json.dumps(self.params, indent=2) + "\n")

@@ -1,0 +1,137 @@
+"""Our orbax checkpoints as a conversion source and target (layout: `llama_jax.checkpoint_io`).
+
+Reading restores one stacked parameter at a time (orbax partial restore), so a stacked [n_layers, ...]
+group is the largest unit held. Writing saves each complete parameter as soon as its last layer
+arrives (orbax partial saving), so again a stacked group is the most held.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax import checkpoint_io
+from llama_jax.config import ModelConfig
+from llama_jax.convert.common import CONFIG_DTYPE_NAMES, ConvertError, check_dtype, copy_into, our_shape
+from llama_jax.params import TensorMap, flatten
+
+
+def is_orbax_dir(path: Path) -> bool:
+    return checkpoint_io.is_params_dir(path) or checkpoint_io.is_run_dir(path)
+
+
+class OrbaxReader:
+    """A params directory or a run directory's latest step, checked against its stored config."""
+
+    fmt = "orbax"
+
+    def __init__(self, path: Path, base: ModelConfig | None = None):
+        del base  # our checkpoints record the whole config; --preset is only checked against it
+        self.path = path
+        try:
+            self.cfg = checkpoint_io.read_model_config(path)
+            self.item = checkpoint_io.params_item_path(path)
+            stored = checkpoint_io.stored_param_metadata(self.item)
+            checkpoint_io.check_param_shapes({p: m.shape for p, m in stored.items()}, self.cfg, str(self.item))
+        except (ValueError, FileNotFoundError) as e:
+            raise ConvertError(str(e)) from None
+        for p, meta in stored.items():
+            check_dtype(meta.dtype, f"{self.item}: {'.'.join(p)}")
+        self.dtype = np.dtype(stored[("tok_embeddings",)].dtype)
+        self.tokenizer_files = [p for p in (path / n for n in checkpoint_io.TOKENIZER_FILES) if p.is_file()]
+        self._current: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    def tensor(self, tmap: TensorMap, layer: int | None) -> np.ndarray:
+        if self._current is None or self._current[0] != tmap.ours:
+            self._current = None  # drop the previous group before reading the next
+            (value,) = flatten(checkpoint_io.restore_numpy(self.item, [tmap.ours])).values()
+            self._current = (tmap.ours, value)
+        value = self._current[1]
+        return value if layer is None else value[layer]
+
+    def close(self) -> None:
+        self._current = None
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose buffer starts on an `alignment`-byte boundary.
+
+    XLA's CPU client adopts such a buffer without copying (`jax.device_put(..., may_alias=True)`);
+    numpy's own allocations are only 16-byte aligned, which forces a copy.
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _nest(path: tuple[str, ...], value) -> dict:
+    tree = value
+    for key in reversed(path):
+        tree = {key: tree}
+    return tree
+
+
+class ParamTreeBuilder:
+    """Our pure-dict params (numpy, one dtype) assembled from per-layer tensors in conversion order.
+
+    A stacked parameter is filled layer by layer and handed to `finished` once complete.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: np.dtype):
+        self.dtype = np.dtype(dtype)
+        self.cfg = cfg.replace(param_dtype=CONFIG_DTYPE_NAMES[self.dtype])
+        self.params: dict = {}
+        self._filling: dict[tuple[str, ...], np.ndarray] = {}
+
+    def add(self, tmap: TensorMap, layer: int | None, value: np.ndarray) -> None:
+        if tmap.ours not in self._filling:
+            self._filling[tmap.ours] = aligned_empty(our_shape(tmap, self.cfg), self.dtype)
+        target = self._filling[tmap.ours]
+        copy_into(target if layer is None else target[layer], value)
+        if layer is None or layer == self.cfg.n_layers - 1:
+            self.finished(tmap.ours, self._filling.pop(tmap.ours))
+
+    def finished(self, path: tuple[str, ...], value: np.ndarray) -> None:
+        node = self.params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
+
+class OrbaxWriter(ParamTreeBuilder):
+    """Writes a params dir (model.yaml with param_dtype = the target dtype), one parameter at a time.
+
+    Each complete parameter is saved at once with orbax's partial saving and dropped, so a stacked
+    [n_layers, ...] group is the most held; orbax then merges the partial saves into one pytree, which
+    becomes `params/` (restored like any StandardCheckpointer save). Parameters go to orbax as host-CPU
+    jax arrays over the same buffer (no copy), which it writes without the staging copy it makes of
+    numpy leaves.
+    """
+
+    PARTIAL_DIR = "partial_params"  # orbax's finalize skips pending saves of a dot-named directory
+    PARTIAL_ITEM = "state"  # where orbax's partial saving puts the pytree inside its checkpoint
+
+    def __init__(self, directory: Path, cfg: ModelConfig, dtype: np.dtype):
+        super().__init__(cfg, dtype)
+        self.directory = directory
+
+    def finished(self, path: tuple[str, ...], value: np.ndarray) -> None:
+        import jax
+        from orbax.checkpoint.experimental.v1 import partial
+
+        array = jax.device_put(value, jax.devices("cpu")[0], may_alias=True)
+        partial.save(self.directory / self.PARTIAL_DIR, _nest(path, array))
+
+    def finish(self) -> None:
+        from orbax.checkpoint.experimental.v1 import partial
+
+        partial.finalize(self.directory / self.PARTIAL_DIR)
+        item = self.directory / self.PARTIAL_DIR / self.PARTIAL_ITEM
+        if not item.is_dir():
+            raise RuntimeError(f"{item}: orbax's partial save left no pytree there")
+        os.rename(item, self.directory / checkpoint_io.PARAMS_DIR)
+        shutil.rmtree(self.directory / self.PARTIAL_DIR)
+        checkpoint_io.write_model_config(self.directory, self.cfg)

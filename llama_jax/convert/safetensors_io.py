@@ -1,0 +1,104 @@
+"""The safetensors file format, read and written one tensor at a time with plain file I/O.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+shape and byte range, then the raw little-endian bytes. Handling it directly (rather than through the
+`safetensors` package) keeps bfloat16 lossless without torch (numpy gets `ml_dtypes.bfloat16`), reads
+with `seek` + `readinto` instead of a memory map (pages of a map stay in the resident set until it is
+closed, so a streamed conversion would grow to the file's size), and writes without first assembling
+the whole file in memory: the header is planned from the model config, then tensors are appended.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from llama_jax.convert.common import ConvertError
+
+DTYPE_CODES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
+CODE_OF = {v: k for k, v in DTYPE_CODES.items()}
+MAX_HEADER_BYTES = 100_000_000
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file, offsets made absolute."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ConvertError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > MAX_HEADER_BYTES:
+            raise ConvertError(f"{path}: not a safetensors file (header length {size})")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as e:
+            raise ConvertError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    for entry in header.values():
+        begin, end = entry["data_offsets"]
+        entry["data_offsets"] = (8 + size + begin, 8 + size + end)
+    return header
+
+
+def tensor_dtype(path: Path, name: str, entry: dict) -> np.dtype:
+    if entry["dtype"] not in DTYPE_CODES:
+        raise ConvertError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}; "
+                           f"expected one of {sorted(DTYPE_CODES)}")
+    return DTYPE_CODES[entry["dtype"]]
+
+
+def read_tensor(path: Path, name: str, entry: dict) -> np.ndarray:
+    """One tensor of a file whose header entry is `entry` (from `read_header`)."""
+    dtype = tensor_dtype(path, name, entry)
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if end - begin != dtype.itemsize * int(np.prod(shape)):
+        raise ConvertError(f"{path}: tensor {name} spans {end - begin} bytes, its shape {shape} needs "
+                           f"{dtype.itemsize * int(np.prod(shape))}")
+    out = np.empty(shape, dtype)
+    with open(path, "rb") as f:
+        f.seek(begin)
+        if f.readinto(out.view(np.uint8).reshape(-1)) != end - begin:
+            raise ConvertError(f"{path}: tensor {name} is truncated")
+    return out
+
+
+class StreamingWriter:
+    """Writes one safetensors file whose tensors (names, shapes, dtype) are known before their values.
+
+    Tensors must then be added in exactly the planned order; `close` checks that all of them were.
+    """
+
+    def __init__(self, path: Path, plan: Sequence[tuple[str, tuple[int, ...]]], dtype: np.dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in plan:
+            nbytes = self.dtype.itemsize * int(np.prod(shape))
+            header[name] = {"dtype": CODE_OF[self.dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+        self._expected = list(plan)
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(text)) + text)
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if not self._expected or self._expected[0][0] != name:
+            raise RuntimeError(f"{self.path}: got tensor {name}, planned {self._expected[:1]}")
+        expected_name, shape = self._expected.pop(0)
+        if tuple(array.shape) != tuple(shape) or array.dtype != self.dtype:
+            raise RuntimeError(f"{self.path}: tensor {name} is {array.dtype}{array.shape}, planned {self.dtype}{shape}")
+        self._file.write(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
+
+    @property
+    def complete(self) -> bool:
+        return not self._expected
+
+    def close(self) -> None:
+        self._file.close()
+        if self._expected:
+            raise RuntimeError(f"{self.path}: closed with {len(self._expected)} planned tensors unwritten")

@@ -1,0 +1,85 @@
+"""Params-only checkpoints and run directories: exact round trips, checks against the config, atomic writes."""
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import yaml
+
+from llama_jax.checkpoint_io import find_tokenizer, load_params, read_model_config, save_params
+from llama_jax.config_io import to_dict
+from llama_jax.params import flatten
+from test_convert import CONFIGS, assert_bit_equal, random_params
+
+
+@pytest.mark.parametrize("dtype,name", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_params_dir_round_trip_is_exact(tmp_path, dtype, name):
+    cfg = CONFIGS["gqa"].replace(param_dtype=name)
+    params = random_params(cfg, dtype)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    save_params(tmp_path / "ckpt", params, cfg, tokenizer_path=tmp_path / "tokenizer.json")
+    assert read_model_config(tmp_path / "ckpt") == cfg
+    assert find_tokenizer(tmp_path / "ckpt") == str(tmp_path / "ckpt" / "tokenizer.json")
+    assert_bit_equal(load_params(tmp_path / "ckpt", cfg), params)
+
+
+def test_load_checks_names_and_shapes_against_the_config(tmp_path):
+    cfg = CONFIGS["mha"]
+    save_params(tmp_path / "ckpt", random_params(cfg), cfg)
+    with pytest.raises(ValueError, match=r"layers.feed_forward.w1.kernel has shape \(2, 64, 96\), "
+                                         r"the config expects \(2, 64, 128\)"):
+        load_params(tmp_path / "ckpt", cfg.replace(ffn_hidden_dim=128))
+    with pytest.raises(ValueError, match="parameter output.kernel"):
+        load_params(tmp_path / "ckpt", cfg.replace(tie_embeddings=True))
+
+
+def test_save_refuses_bad_params_and_existing_dirs_leaving_nothing(tmp_path):
+    cfg = CONFIGS["mha"]
+    params = random_params(cfg)
+    bad_shape = {**params, "norm": {"scale": np.ones(63, np.float32)}}
+    with pytest.raises(ValueError, match=r"norm.scale has shape \(63,\), the config expects \(64,\)"):
+        save_params(tmp_path / "a", bad_shape, cfg)
+    with pytest.raises(ValueError, match="norm.scale is bfloat16, the config's param_dtype is float32"):
+        save_params(tmp_path / "a", {**params, "norm": {"scale": np.ones(64, ml_dtypes.bfloat16)}}, cfg)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileExistsError):
+        save_params(tmp_path / "a", params, cfg)
+    assert list((tmp_path / "a").iterdir()) == []
+
+
+def _write_run(run, cfg, steps):
+    """A run directory laid out as the trainer writes it (CONTRACTS.md): config.yaml + CheckpointManager."""
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg), "seed": 0}))
+    (run / "tokenizer.model").write_bytes(b"spm")
+    manager = ocp.CheckpointManager(run / "checkpoints", item_names=("params", "opt_state", "meta"))
+    for step, params in steps.items():
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                   opt_state=ocp.args.StandardSave({"mu": np.zeros(3)}),
+                                                   meta=ocp.args.JsonSave({"step": step})))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_run_dir_loads_the_latest_complete_step(tmp_path):
+    cfg = CONFIGS["mha"]
+    latest = random_params(cfg, seed=2)
+    _write_run(tmp_path / "run", cfg, {1: random_params(cfg, seed=1), 2: latest})
+    (tmp_path / "run" / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir()  # an interrupted save
+    assert read_model_config(tmp_path / "run") == cfg
+    assert find_tokenizer(tmp_path / "run") == str(tmp_path / "run" / "tokenizer.model")
+    assert_bit_equal(load_params(tmp_path / "run", cfg), latest)
+
+
+def test_load_with_shardings_returns_placed_arrays_in_the_config_dtype(tmp_path):
+    cfg = CONFIGS["mha"]
+    params = random_params(cfg)
+    save_params(tmp_path / "ckpt", params, cfg)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, params)
+    loaded = load_params(tmp_path / "ckpt", cfg.replace(param_dtype="bfloat16"), shardings=shardings)
+    for path, value in flatten(loaded).items():
+        assert isinstance(value, jax.Array) and value.sharding == device
+        expected = flatten(params)[path].astype(ml_dtypes.bfloat16)
+        assert np.array_equal(np.asarray(value).view(np.uint16), expected.view(np.uint16)), path
