@@ -1,0 +1,128 @@
+"""Mesh configuration, rules tables and derived shardings, checked on abstract shapes (one device).
+
+The expected placements are the issue's: FSDP splits `embed`; tensor parallelism splits q/k/v/w1/w3 by
+output, wo/w2 by input and the vocabulary of the embedding and output; norms stay replicated.
+"""
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from llama_jax.config import ModelConfig
+from llama_jax.config_io import ConfigError
+from llama_jax.logical import active_rules, set_rules
+from llama_jax.sharding import (MeshConfig, activate, check_rules_use_mesh, create_train_state, device_grid,
+                                make_global_batch, make_mesh, opt_state_specs, param_specs,
+                                process_rows, rules_for, train_state_specs)
+from llama_jax.train_step import OptimizerConfig, init_params, make_optimizer
+
+CFG = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=64, dtype="float32",
+                  attention_impl="xla", max_seq_len=32)
+MESH_8 = {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_mesh_config_resolves_minus_one_and_rejects_bad_sizes():
+    assert MeshConfig().shape(8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert MeshConfig(data=2, fsdp=-1, tensor=2, strategy="fsdp+tp").shape(16) == {"data": 2, "fsdp": 4, "tensor": 2}
+    assert MeshConfig(data=-1, fsdp=2).shape(8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ConfigError, match="mesh.fsdp=0"):
+        MeshConfig(fsdp=0)
+    with pytest.raises(ConfigError, match="at most one axis may be -1"):
+        MeshConfig(data=-1, fsdp=-1)
+    with pytest.raises(ConfigError, match="mesh.strategy='zero'"):
+        MeshConfig(strategy="zero")
+    with pytest.raises(ConfigError, match="do not divide"):
+        MeshConfig(data=3).shape(8)
+    with pytest.raises(ConfigError, match="uses 4 devices, but there are 8"):
+        MeshConfig(data=2, fsdp=2).shape(8)
+
+
+def test_one_device_mesh_and_idle_axis_error():
+    mesh = make_mesh(MeshConfig())
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.size == 1
+    with pytest.raises(ConfigError, match=r"mesh axes \['tensor'\] have size > 1"):
+        check_rules_use_mesh(rules_for("fsdp"), MESH_8)
+    with pytest.raises(ConfigError, match="uses 2 devices, but there are 1"):
+        make_mesh(MeshConfig(fsdp=1, tensor=2, strategy="fsdp+tp"))
+
+
+def test_fsdp_plus_tp_places_parameters_megatron_style():
+    specs = param_specs(CFG, rules_for("fsdp+tp"), MESH_8)
+    attn, ffn = specs["layers"]["attention"], specs["layers"]["feed_forward"]
+    by_output, by_input = P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp")
+    assert [attn[k]["kernel"] for k in ("wq", "wk", "wv", "wo")] == [by_output] * 3 + [by_input]
+    assert [ffn[k]["kernel"] for k in ("w1", "w3", "w2")] == [by_output] * 2 + [by_input]
+    assert specs["tok_embeddings"] == P("tensor", "fsdp") and specs["output"]["kernel"] == P("fsdp", "tensor")
+    assert specs["norm"]["scale"] == P(None) and specs["layers"]["ffn_norm"]["scale"] == P(None, None)
+
+
+def test_presets_dp_and_fsdp():
+    dp = jax.tree.leaves(param_specs(CFG, rules_for("dp"), MESH_8), is_leaf=lambda x: isinstance(x, P))
+    assert all(all(a is None for a in spec) for spec in dp)
+    fsdp = param_specs(CFG, rules_for("fsdp"), {"data": 1, "fsdp": 8, "tensor": 1})
+    assert fsdp["layers"]["attention"]["wo"]["kernel"] == P(None, None, "fsdp")
+    assert fsdp["tok_embeddings"] == P(None, "fsdp")
+
+
+def test_uneven_split_names_the_parameter():
+    with pytest.raises(ConfigError, match=r"layers.attention.wk.kernel of shape \(2, 32, 16\): dimension 1 "
+                                          r"\(embed, size 32\) is not divisible by mesh axes fsdp of total size 3"):
+        param_specs(CFG, rules_for("fsdp"), {"data": 1, "fsdp": 3, "tensor": 1})
+
+
+def test_optimizer_state_specs_mirror_params():
+    optimizer = make_optimizer(OptimizerConfig(), 10)
+    specs = train_state_specs(CFG, optimizer, rules_for("fsdp+tp"), MESH_8)
+    adam = specs.opt_state[1][0]
+    assert adam.mu == specs.params and adam.nu == specs.params
+    assert adam.count == P() and specs.step == P()
+    assert opt_state_specs(specs.params, optimizer, CFG) == specs.opt_state
+
+
+def test_one_device_init_equals_plain_init_and_restores_rules():
+    """With one device the sharded initialiser is the plain one; the rules are only active inside calls."""
+    mesh, rules = make_mesh(MeshConfig()), rules_for("fsdp+tp")
+    set_rules(())
+    state = create_train_state(CFG, make_optimizer(OptimizerConfig(), 10), mesh, rules, seed=4)
+    assert active_rules() == ()
+    ref_params = jax.jit(lambda: init_params(CFG, seed=4))()
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert process_rows(mesh, 2) == slice(0, 2)
+    batch = make_global_batch({"inputs": np.zeros((2, 8), np.int32)}, mesh, rules)
+    assert batch["inputs"].shape == (2, 8) and batch["inputs"].sharding.mesh == mesh
+    with activate(mesh, rules):
+        assert active_rules() == rules
+    assert active_rules() == ()
+
+
+def test_global_batch_rejects_scalars():
+    with pytest.raises(ValueError, match=r"batch\['inputs'\] of local shape \(\)"):
+        make_global_batch({"inputs": np.int32(3)}, make_mesh(MeshConfig()))
+
+
+@dataclass(frozen=True)
+class FakeDevice:
+    """Stands in for a device of a multi-host job: only the attributes the mesh layout reads."""
+
+    id: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+def hosts_of(grid) -> np.ndarray:
+    return np.vectorize(lambda d: d.process_index)(grid)
+
+
+def test_multi_host_layout_keeps_tensor_in_a_host_and_data_across_hosts():
+    devices = [FakeDevice(i, i // 8) for i in range(32)]  # 4 hosts × 8 devices
+    hosts = hosts_of(device_grid((4, 4, 2), devices))
+    assert (hosts == np.arange(4)[:, None, None]).all()  # data index = host; fsdp and tensor inside it
+    hosts = hosts_of(device_grid((2, 16, 1), devices))  # 2 data groups of 2 hosts each
+    assert (hosts[:, :, 0] == np.repeat(np.arange(4), 8).reshape(2, 16)).all()
+    assert sorted(d.id for d in device_grid((2, 16, 1), devices).flat) == list(range(32))
+    with pytest.raises(ConfigError, match=r"mesh.tensor=16 must fit inside one host \(8 devices per host\)"):
+        device_grid((1, 2, 16), devices)
