@@ -148,19 +148,21 @@ def cost_estimate(batch: int, heads: int, seq_len: int, head_dim: int, block_q: 
 # ------------------------------------------------------------------------------ per-block math
 
 
-def block_mask(q_start, k_start, block_q: int, block_k: int, q_seg, k_seg, causal: bool):
-    """[bq, bk] visibility of one block: causal (if the block straddles the diagonal) and same document.
+def block_mask(row_start, col_start, n_rows: int, n_cols: int, row_seg, col_seg, causal: bool,
+               rows_are_keys: bool = False):
+    """[rows, cols] visibility of one block: causal (if it straddles the diagonal) and same document.
 
-    q_seg / k_seg are the block's segment ids shaped [bq, 1] / [1, bk] (or None without segments);
-    id 0 (padding) sees nothing. Returns None when nothing in the block is masked.
+    Rows are queries and columns keys, or the reverse with `rows_are_keys` (the dK/dV kernel works on
+    transposed scores). row_seg / col_seg are the block's segment ids shaped [rows, 1] / [1, cols], or
+    None without segments; id 0 (padding) sees nothing. Returns None when nothing needs masking.
     """
     mask = None
     if causal:
-        rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-        cols = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-        mask = cols <= rows
-    if q_seg is not None:
-        same = (q_seg == k_seg) & (q_seg != 0)
+        rows = row_start + lax.broadcasted_iota(jnp.int32, (n_rows, n_cols), 0)
+        cols = col_start + lax.broadcasted_iota(jnp.int32, (n_rows, n_cols), 1)
+        mask = (rows <= cols) if rows_are_keys else (cols <= rows)
+    if row_seg is not None:
+        same = (row_seg == col_seg) & (row_seg != 0)
         mask = same if mask is None else mask & same
     return mask
 
@@ -176,8 +178,13 @@ def _dot(a, b, contract_a: int, contract_b: int):
 
 
 def _col(stat):
-    """Row statistics are [rows] on GPU and [rows, 1] on TPU; both broadcast against [rows, cols]."""
+    """A per-query statistic as a column: [rows] (GPU) or [rows, 1] (TPU) against [rows, cols]."""
     return stat[:, None] if stat.ndim == 1 else stat
+
+
+def _row(stat):
+    """A per-query statistic as a row: [cols] (GPU) or [1, cols] (TPU) against transposed [rows, cols]."""
+    return stat[None, :] if stat.ndim == 1 else stat
 
 
 def log2_scores(q, k, mask, qk_scale: float):
@@ -205,25 +212,39 @@ def finish_softmax(acc, m, l):
     return out, lse
 
 
-def probs_and_dscores(q, k, v, do, lse, delta, mask, qk_scale: float):
-    """Recompute P from the saved lse and form dS = P * (dO V^T - delta), both [bq, bk] fp32."""
-    p = jnp.exp2(log2_scores(q, k, mask, qk_scale) - _col(lse))
-    dp = _dot(do, v, 1, 1)
-    return p, p * (dp - _col(delta))
+def dkdv_step(dk, dv, q, k, v, do, lse, delta, mask_t, qk_scale: float):
+    """Accumulate one query block into a key block's dK (unscaled) and dV.
 
-
-def dkdv_step(dk, dv, q, k, v, do, lse, delta, mask, qk_scale: float):
-    """Accumulate one query block into a key block's dK (unscaled) and dV."""
-    p, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, qk_scale)
-    dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
-    dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+    Works on transposed scores S^T = K Q^T [bk, bq] (mask_t in that orientation, lse/delta as rows),
+    so every product is A @ B or A @ B^T and no probability tile is ever transposed.
+    """
+    s_t = _dot(k, q, 1, 1) * qk_scale
+    if mask_t is not None:
+        s_t = jnp.where(mask_t, s_t, -jnp.inf)
+    p_t = jnp.exp2(s_t - _row(lse))
+    dv = dv + _dot(p_t.astype(do.dtype), do, 1, 0)
+    ds_t = p_t * (_dot(v, do, 1, 1) - _row(delta))
+    dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
     return dk, dv
 
 
 def dq_step(dq, q, k, v, do, lse, delta, mask, qk_scale: float):
-    """Accumulate one key block into a query block's dQ (unscaled)."""
-    _, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, qk_scale)
+    """Accumulate one key block into a query block's dQ (unscaled): P from the saved lse, dS = P (dP - delta)."""
+    p = jnp.exp2(log2_scores(q, k, mask, qk_scale) - _col(lse))
+    ds = p * (_dot(do, v, 1, 1) - _col(delta))
     return dq + _dot(ds.astype(k.dtype), k, 1, 0)
+
+
+def split_refs(refs, n_seg: int, has_seg: bool, n_in: int, n_out: int, count: bool):
+    """Kernel refs in pallas_call order, [segments] inputs outputs [count] scratch, with None for absent ones.
+
+    Returns (segment refs (n_seg of them), input refs, output refs, count ref, scratch refs).
+    """
+    refs = list(refs)
+    segs = tuple(refs.pop(0) for _ in range(n_seg)) if has_seg else (None,) * n_seg
+    ins, outs, rest = refs[:n_in], refs[n_in:n_in + n_out], refs[n_in + n_out:]
+    count_ref = rest.pop(0) if count else None
+    return segs, ins, outs, count_ref, rest
 
 
 # ------------------------------------------------------------------------------ custom_vjp wiring
@@ -238,7 +259,6 @@ class Backend:
     `counts` are None unless cfg.count_visits (a test-only mode that counts visited block pairs).
     """
 
-    name: str
     forward: Callable
     backward: Callable
     align: int
@@ -249,7 +269,7 @@ class KernelConfig:
     """Static settings of one call (hashable: it is a `custom_vjp` non-differentiable argument)."""
 
     blocks: Blocks
-    interpret: Any
+    interpret: bool
     compiler: Any = None  # backend-specific compiler parameters (e.g. Triton num_warps/num_stages)
     count_visits: bool = False
 

@@ -8,7 +8,8 @@ the fully visible blocks without a mask and the few diagonal blocks with one.
 - forward: grid (query block, batch, head), heaviest query blocks launched first; loops over key
   blocks [0, n_needed); writes the output and the per-row log-sum-exp.
 - dK/dV:   grid (key block, batch, kv head); for each of the group's query heads, loops over query
-  blocks [first, n_q): the group sum of dK/dV happens in registers, K/V are never repeated.
+  blocks [first, n_q): the group sum of dK/dV happens in registers, K/V are never repeated. It works
+  on transposed scores K Q^T, so no probability tile is transposed between tensor-core products.
 - dQ:      grid (query block, batch, head); loops over key blocks like the forward.
 
 On a machine without a GPU the kernels run in Pallas' interpret mode (`interpret=None` picks it).
@@ -33,10 +34,14 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _compiler_params(cfg: KernelConfig, head_dim: int):
+def _compiler_params(cfg: KernelConfig, head_dim: int, backward: bool):
+    """num_warps / num_stages, each None = default: 4 warps up to head_dim 64, else 8; 3 pipeline stages
+    forward, 2 backward (its loop body holds twice the tiles, so deeper pipelining costs occupancy)."""
     num_warps, num_stages = cfg.compiler
     if num_warps is None:
         num_warps = 4 if head_dim <= 64 else 8
+    if num_stages is None:
+        num_stages = 2 if backward else 3
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -59,19 +64,12 @@ def _store_count(count_ref, visits):
         count_ref[...] = jnp.full(count_ref.shape, visits, jnp.int32)
 
 
-def _split_refs(refs, has_seg: bool, n_in: int, n_out: int, count: bool):
-    """Kernel refs are [seg?] inputs outputs [count?]; return them with None for the absent ones."""
-    refs = list(refs)
-    seg = refs.pop(0) if has_seg else None
-    count_ref = refs.pop() if count else None
-    return seg, refs[:n_in], refs[n_in:n_in + n_out], count_ref
-
-
 # ------------------------------------------------------------------------------------------ forward
 
 
 def _forward_kernel(*refs, blocks: Blocks, n_q: int, qk_scale: float, has_seg: bool, count: bool):
-    seg_ref, (q_ref, k_ref, v_ref), (o_ref, lse_ref), count_ref = _split_refs(refs, has_seg, 3, 2, count)
+    (seg_ref,), ins, (o_ref, lse_ref), count_ref, _ = common.split_refs(refs, 1, has_seg, 3, 2, count)
+    q_ref, k_ref, v_ref = ins
     bq, bk = blocks.q, blocks.k
     i = n_q - 1 - pl.program_id(0)
     q_start = pl.multiple_of(i * bq, bq)
@@ -129,7 +127,7 @@ def forward(q, k, v, segment_ids, cfg: KernelConfig):
         args = (segment_ids,) + args
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n_q, batch, heads), in_specs=in_specs, out_specs=out_specs,
-        compiler_params=_compiler_params(cfg, head_dim), interpret=cfg.interpret, name="flash_fwd_gpu",
+        compiler_params=_compiler_params(cfg, head_dim, backward=False), interpret=cfg.interpret, name="flash_fwd_gpu",
         cost_estimate=common.cost_estimate(batch, heads, seq, head_dim, bq, bk, q.dtype.itemsize, 2),
     )(*args)
     return outs[0], outs[1], (outs[2] if cfg.count_visits else None)
@@ -140,25 +138,25 @@ def forward(q, k, v, segment_ids, cfg: KernelConfig):
 
 def _dkdv_kernel(*refs, blocks: Blocks, n_q: int, group: int, qk_scale: float, scale: float, has_seg: bool,
                  count: bool):
-    seg_ref, ins, (dk_ref, dv_ref), count_ref = _split_refs(refs, has_seg, 6, 2, count)
+    (seg_ref,), ins, (dk_ref, dv_ref), count_ref, _ = common.split_refs(refs, 1, has_seg, 6, 2, count)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     bq, bk = blocks.q_dkdv, blocks.k_dkdv
     j = pl.program_id(0)
     k_start = pl.multiple_of(j * bk, bk)
     k, v = k_ref[...], v_ref[...]
     k_seg = _segments(seg_ref, k_start, bk)
-    k_seg = None if k_seg is None else k_seg[None, :]
+    k_seg = None if k_seg is None else k_seg[:, None]
     first, first_full = common.query_blocks_for_key_block(j, bq, bk, n_q)
 
     def per_head(g, state):
         def body(i, carry, masked):
             q_start = pl.multiple_of(i * bq, bq)
             q_seg = _segments(seg_ref, q_start, bq)
-            mask = common.block_mask(q_start, k_start, bq, bk, None if q_seg is None else q_seg[:, None], k_seg,
-                                     causal=masked)
+            mask_t = common.block_mask(k_start, q_start, bk, bq, k_seg, None if q_seg is None else q_seg[None, :],
+                                       causal=masked, rows_are_keys=True)
             rows = pl.ds(q_start, bq)
             return common.dkdv_step(*carry, q_ref[rows, g, :], k, v, do_ref[rows, g, :], lse_ref[g, rows],
-                                    delta_ref[g, rows], mask, qk_scale)
+                                    delta_ref[g, rows], mask_t, qk_scale)
 
         return _causal_loop(((first, first_full, True), (first_full, n_q, False)), body, *state)
 
@@ -170,7 +168,7 @@ def _dkdv_kernel(*refs, blocks: Blocks, n_q: int, group: int, qk_scale: float, s
 
 
 def _dq_kernel(*refs, blocks: Blocks, n_q: int, qk_scale: float, scale: float, has_seg: bool, count: bool):
-    seg_ref, ins, (dq_ref,), count_ref = _split_refs(refs, has_seg, 6, 1, count)
+    (seg_ref,), ins, (dq_ref,), count_ref, _ = common.split_refs(refs, 1, has_seg, 6, 1, count)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     bq, bk = blocks.q_dq, blocks.k_dq
     i = n_q - 1 - pl.program_id(0)
@@ -203,7 +201,7 @@ def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
     count = cfg.count_visits
     scale = 1.0 / head_dim ** 0.5
     qk_scale = common.log2_scale(head_dim)
-    params = _compiler_params(cfg, head_dim)
+    params = _compiler_params(cfg, head_dim, backward=True)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
     seg_args = (segment_ids,) if has_seg else ()
     seg_spec = [pl.BlockSpec((None, seq), lambda *g: (g[1], 0))] if has_seg else []
@@ -253,23 +251,29 @@ def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
     return (dq[0], dkdv[0], dkdv[1], dkdv[2] if count else None, dq[1] if count else None)
 
 
-BACKEND = common.Backend(name="pallas_gpu", forward=forward, backward=backward, align=ALIGN)
+BACKEND = common.Backend(forward=forward, backward=backward, align=ALIGN)
 
 
 def flash_attention_gpu(q, k, v, segment_ids=None, *, block_q: int = 128, block_k: int = 64,
-                        block_q_dkdv: int | None = 64, block_k_dkdv: int | None = 128,
-                        block_q_dq: int | None = 128, block_k_dq: int | None = 64,
-                        num_warps: int | None = None, num_stages: int = 2, interpret: bool | None = None):
+                        block_q_dkdv: int | None = 32, block_k_dkdv: int | None = 128,
+                        block_q_dq: int | None = 128, block_k_dq: int | None = 32,
+                        num_warps: int | None = None, num_stages: int | None = None,
+                        interpret: bool | None = None):
     """Causal grouped-query flash attention on a GPU (Pallas/Triton); interpret mode where no GPU is.
 
     q [B, T, H, D], k/v [B, T, KV, D] (KV divides H), segment_ids [B, T] int or None (0 = padding).
     Returns [B, T, H, D] in q's dtype; differentiable. Block sizes are powers of two >= 16; backward
-    blocks left None take the forward's. num_warps None: 4 for head_dim <= 64, else 8.
+    blocks left None take the forward's. Each backward kernel holds a wide block (128 rows, the one it
+    accumulates into) and streams narrow ones (32 rows). num_warps / num_stages None: see
+    `_compiler_params`.
     """
     requested = common.requested_blocks(block_q, block_k, block_q_dkdv, block_k_dkdv, block_q_dq, block_k_dq)
     for name, value in zip(common.BLOCK_NAMES, requested):
         if isinstance(value, int) and value & (value - 1):
             raise ValueError(f"flash_attention_gpu: {name}={value}; Triton needs a power of two")
+    head_dim = q.shape[-1]
+    if head_dim < ALIGN or head_dim & (head_dim - 1):
+        raise ValueError(f"flash_attention_gpu: head_dim={head_dim}; Triton needs a power of two >= {ALIGN}")
     if interpret is None:
         interpret = default_interpret()
     return common.flash_attention(q, k, v, segment_ids, BACKEND, requested, interpret,

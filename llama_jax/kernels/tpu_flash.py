@@ -2,8 +2,9 @@
 
 Interpret mode only, so far: no TPU was available to this project, so these kernels have only ever run
 in Pallas' TPU interpret mode (`pltpu.InterpretParams`, which simulates HBM/VMEM and the DMA pipeline
-on the CPU). They are written to Mosaic's rules (blocks [.., 8k, 128k or full]; [rows, 1] statistics;
-VMEM scratch accumulators; scalar-prefetched grid tables) but have not been compiled by Mosaic.
+on the CPU). They are written to Mosaic's rules (blocks [.., 8k, 128k or full]; per-row statistics
+as [rows, 1] columns, or [1, cols] rows where the dK/dV kernel needs them along lanes; VMEM scratch
+accumulators; scalar-prefetched grid tables) but have not been compiled by Mosaic.
 
 Layout: heads-major [batch, heads, seq, head_dim], so a block's last two dims are (rows, head_dim).
 Causal skipping is in the grid itself: instead of a square (query block, key block) grid whose upper
@@ -15,7 +16,7 @@ step for one: the grid has T_blocks(T_blocks+1)/2 steps, not T_blocks^2.
   its key blocks stream, accumulators live in VMEM scratch.
 - dK/dV:        grid (batch, kv head, pair, group member) with pairs key-major; the key block stays
   resident while the query blocks of every query head in the group stream, so dK/dV are summed over
-  the group in the accumulator and K/V are never repeated.
+  the group in the accumulator and K/V are never repeated. It works on transposed scores K Q^T.
 """
 from __future__ import annotations
 
@@ -55,19 +56,12 @@ def key_major_pairs(n_k: int, n_q: int, block_q: int, block_k: int) -> tuple[np.
     return tuple(np.array(col, np.int32) for col in zip(*pairs))
 
 
-def _split_refs(refs, has_seg: bool, n_in: int, n_out: int, count: bool):
-    """Kernel refs are [q_seg, k_seg]? inputs outputs [count]? scratch."""
-    refs = list(refs)
-    segs = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
-    ins, outs, rest = refs[:n_in], refs[n_in:n_in + n_out], refs[n_in + n_out:]
-    count_ref = rest.pop(0) if count else None
-    return segs, ins, outs, count_ref, rest
-
-
-def _block_mask(seg_refs, i, j, bq, bk, masked: bool):
-    q_seg, k_seg = seg_refs
-    return common.block_mask(i * bq, j * bk, bq, bk, None if q_seg is None else q_seg[...],
-                             None if k_seg is None else k_seg[...], causal=masked)
+def _block_mask(seg_refs, row_block, col_block, n_rows: int, n_cols: int, masked: bool, rows_are_keys=False):
+    """Mask of a [n_rows, n_cols] score block from the row-side [rows, 1] and column-side [1, cols] ids."""
+    row_seg, col_seg = seg_refs
+    return common.block_mask(row_block * n_rows, col_block * n_cols, n_rows, n_cols,
+                             None if row_seg is None else row_seg[...], None if col_seg is None else col_seg[...],
+                             causal=masked, rows_are_keys=rows_are_keys)
 
 
 def _masked_or_not(needs_mask, step):
@@ -85,12 +79,15 @@ def _count_step(count_ref, first):
         count_ref[...] += 1
 
 
-def _seg_specs(has_seg: bool, bq: int, bk: int, q_row, k_row):
-    """Segment ids as [B, T, 1] (query side, rows) and [B, 1, T] (key side, lanes)."""
+def _seg_specs(has_seg: bool, n_rows: int, n_cols: int, row_block, col_block):
+    """Segment ids of the score block's rows as [B, T, 1] (sublanes) and of its columns as [B, 1, T] (lanes).
+
+    row_block / col_block map the grid indices (and prefetched tables) to the block index on each side.
+    """
     if not has_seg:
         return []
-    return [pl.BlockSpec((None, bq, 1), lambda *a: (a[0], q_row(*a), 0)),
-            pl.BlockSpec((None, 1, bk), lambda *a: (a[0], 0, k_row(*a)))]
+    return [pl.BlockSpec((None, n_rows, 1), lambda *a: (a[0], row_block(*a), 0)),
+            pl.BlockSpec((None, 1, n_cols), lambda *a: (a[0], 0, col_block(*a)))]
 
 
 def _seg_args(segment_ids):
@@ -107,7 +104,7 @@ def _count_out(count: bool, shape, index_map):
 
 def _forward_kernel(q_tab, k_tab, *refs, blocks: Blocks, qk_scale: float, has_seg: bool, count: bool):
     segs, (q_ref, k_ref, v_ref), (o_ref, lse_ref), count_ref, (acc_ref, m_ref, l_ref) = \
-        _split_refs(refs, has_seg, 3, 2, count)
+        common.split_refs(refs, 2, has_seg, 3, 2, count)
     bq, bk = blocks.q, blocks.k
     p = pl.program_id(2)
     i, j = q_tab[p], k_tab[p]
@@ -175,7 +172,7 @@ def forward(q, k, v, segment_ids, cfg: KernelConfig):
 
 def _dkdv_kernel(q_tab, k_tab, *refs, blocks: Blocks, n_q: int, group: int, qk_scale: float, scale: float,
                  has_seg: bool, count: bool):
-    segs, ins, (dk_ref, dv_ref), count_ref, (dk_acc, dv_acc) = _split_refs(refs, has_seg, 6, 2, count)
+    segs, ins, (dk_ref, dv_ref), count_ref, (dk_acc, dv_acc) = common.split_refs(refs, 2, has_seg, 6, 2, count)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     bq, bk = blocks.q_dkdv, blocks.k_dkdv
     p, g = pl.program_id(2), pl.program_id(3)
@@ -191,7 +188,7 @@ def _dkdv_kernel(q_tab, k_tab, *refs, blocks: Blocks, n_q: int, group: int, qk_s
     def step(masked):
         dk_acc[...], dv_acc[...] = common.dkdv_step(
             dk_acc[...], dv_acc[...], q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
-            delta_ref[...], _block_mask(segs, i, j, bq, bk, masked), qk_scale)
+            delta_ref[...], _block_mask(segs, j, i, bk, bq, masked, rows_are_keys=True), qk_scale)
 
     _masked_or_not(i < first_full, step)
     _count_step(count_ref, start)
@@ -203,7 +200,7 @@ def _dkdv_kernel(q_tab, k_tab, *refs, blocks: Blocks, n_q: int, group: int, qk_s
 
 
 def _dq_kernel(q_tab, k_tab, *refs, blocks: Blocks, qk_scale: float, scale: float, has_seg: bool, count: bool):
-    segs, ins, (dq_ref,), count_ref, (dq_acc,) = _split_refs(refs, has_seg, 6, 1, count)
+    segs, ins, (dq_ref,), count_ref, (dq_acc,) = common.split_refs(refs, 2, has_seg, 6, 1, count)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     bq, bk = blocks.q_dq, blocks.k_dq
     p = pl.program_id(2)
@@ -246,17 +243,18 @@ def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
     n_q, n_k = seq // bq, seq // bk
     q_tab, k_tab = key_major_pairs(n_k, n_q, bq, bk)
     query = lambda b, h, p, g, qs, ks: (b, h * group + g, qs[p], 0)  # noqa: E731
+    query_lanes = lambda b, h, p, g, qs, ks: (b, h * group + g, 0, qs[p])  # noqa: E731
     key = lambda b, h, p, g, qs, ks: (b, h, ks[p], 0)  # noqa: E731
     q_spec, k_spec = pl.BlockSpec((None, None, bq, head_dim), query), pl.BlockSpec((None, None, bk, head_dim), key)
-    stat_spec = pl.BlockSpec((None, None, bq, 1), query)
+    stat_spec = pl.BlockSpec((None, None, 1, bq), query_lanes)  # lse / delta as rows: [B, H, 1, T]
     count_shape, count_spec = _count_out(count, (batch, kv_heads, n_k, 1), key)
     dkdv = pl.pallas_call(
         functools.partial(_dkdv_kernel, blocks=cfg.blocks, n_q=n_q, group=group, qk_scale=qk_scale, scale=scale,
                           has_seg=has_seg, count=count),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(batch, kv_heads, len(q_tab), group),
-            in_specs=_seg_specs(has_seg, bq, bk, lambda b, h, p, g, qs, ks: qs[p],
-                                lambda b, h, p, g, qs, ks: ks[p])
+            in_specs=_seg_specs(has_seg, bk, bq, lambda b, h, p, g, qs, ks: ks[p],
+                                lambda b, h, p, g, qs, ks: qs[p])
             + [q_spec, k_spec, k_spec, q_spec, stat_spec, stat_spec],
             out_specs=[k_spec, k_spec] + count_spec,
             scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)]),
@@ -264,7 +262,8 @@ def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
         compiler_params=pltpu.CompilerParams(dimension_semantics=dims + ("arbitrary",)),
         interpret=interpret, name="flash_dkdv_tpu",
         cost_estimate=common.cost_estimate(batch, heads, seq, head_dim, bq, bk, q.dtype.itemsize, 4),
-    )(jnp.asarray(q_tab), jnp.asarray(k_tab), *seg_args, qt, kt, vt, dot, lse, delta)
+    )(jnp.asarray(q_tab), jnp.asarray(k_tab), *seg_args, qt, kt, vt, dot, lse.reshape(batch, heads, 1, seq),
+      delta.reshape(batch, heads, 1, seq))
 
     # dQ: grid (batch, head, query-major pair), like the forward.
     bq, bk = cfg.blocks.q_dq, cfg.blocks.k_dq
@@ -294,7 +293,7 @@ def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
             dq[1][..., 0] if count else None)
 
 
-BACKEND = common.Backend(name="pallas_tpu", forward=forward, backward=backward, align=ALIGN)
+BACKEND = common.Backend(forward=forward, backward=backward, align=ALIGN)
 
 
 def flash_attention_tpu(q, k, v, segment_ids=None, *, block_q: int = 512, block_k: int = 512,

@@ -1,0 +1,179 @@
+"""Causal attention benchmark: our Pallas GPU kernel vs the `xla` reference vs cuDNN.
+
+On a GPU: forward and forward+backward time (median of --iters after --warmup, each call waited for
+with `jax.block_until_ready`), achieved TFLOP/s and peak memory, at T = 1k..16k, head_dim 128, bf16,
+batch x heads filling the chip (batch = --tokens / T, so every row of the table does the same number of
+token-heads). Then one `ratio` line per comparison; the issue's goals at T = 4096 are fwd+bwd >= 0.9x
+cuDNN and >= 2x xla.
+
+FLOPs are the causal ones: forward = half of 4*B*H*T^2*D; forward+backward = 3.5x forward (the backward's
+5 products against the forward's 2, not counting the recomputation a flash backward does).
+Peak memory is XLA's own account of the compiled fwd+bwd program (arguments + outputs + temporaries),
+so it is per implementation, not a process-wide high-water mark. With batch * T fixed, memory that grows
+linearly in T per sequence stays flat down the table; the reference's T x T scores grow with T.
+
+On a CPU (no GPU): correctness only, small shapes in interpret mode, both Pallas kernels vs `xla`.
+
+    python bench/attention.py [--seq-lens 1024,2048,4096,8192,16384] [--markdown bench/RESULTS.md]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llama_jax.attention import cudnn_attention, xla_attention  # noqa: E402
+from llama_jax.kernels import flash_attention_gpu, flash_attention_tpu  # noqa: E402
+
+IMPLS = {"pallas_gpu": flash_attention_gpu, "xla": xla_attention, "cudnn": cudnn_attention}
+GOALS = (("cudnn", 0.9), ("xla", 2.0))  # fwd+bwd throughput of pallas_gpu vs each, at T = 4096
+
+
+def inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim), dtype)
+    d_out = jax.random.normal(keys[3], q.shape, dtype)
+    return q, k, v, d_out
+
+
+def programs(fn):
+    """Jitted forward and forward+backward (vjp with a given cotangent) of one implementation."""
+    forward = jax.jit(lambda q, k, v, d_out: fn(q, k, v))
+
+    @jax.jit
+    def forward_backward(q, k, v, d_out):
+        _, vjp = jax.vjp(fn, q, k, v)
+        return vjp(d_out)
+
+    return forward, forward_backward
+
+
+def median_seconds(program, args, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(program(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(program(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_bytes(program, args) -> int:
+    stats = program.lower(*args).compile().memory_analysis()
+    return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes \
+        - stats.alias_size_in_bytes
+
+
+def benchmark(args) -> list[dict]:
+    rows = []
+    for seq in args.seq_lens:
+        batch = max(1, args.tokens // seq)
+        data = inputs(batch, seq, args.heads, args.kv_heads, args.head_dim, jnp.bfloat16)
+        fwd_flops = 2 * batch * args.heads * seq * seq * args.head_dim  # half of 4*B*H*T^2*D
+        for name, fn in IMPLS.items():
+            row = {"impl": name, "seq": seq, "batch": batch}
+            try:
+                forward, forward_backward = programs(fn)
+                row["fwd_ms"] = 1e3 * median_seconds(forward, data, args.warmup, args.iters)
+                row["fwdbwd_ms"] = 1e3 * median_seconds(forward_backward, data, args.warmup, args.iters)
+                row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+                row["fwdbwd_tflops"] = 3.5 * fwd_flops / row["fwdbwd_ms"] / 1e9
+                row["peak_gib"] = peak_bytes(forward_backward, data) / 2 ** 30
+            except Exception as e:  # noqa: BLE001  (an OOM or unsupported case is a table entry, not a crash)
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row) -> str:
+    if "error" in row:
+        return f"| {row['impl']} | {row['seq']} | {row['batch']} | failed: {row['error']} | | | | |"
+    return (f"| {row['impl']} | {row['seq']} | {row['batch']} | {row['fwd_ms']:.3f} | {row['fwd_tflops']:.1f} | "
+            f"{row['fwdbwd_ms']:.3f} | {row['fwdbwd_tflops']:.1f} | {row['peak_gib']:.2f} |")
+
+
+HEADER = ("| impl | T | batch | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB (fwd+bwd) |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def ratio_lines(rows) -> list[str]:
+    """Throughput of pallas_gpu over each other implementation, per T; the goal is stated at T = 4096."""
+    by_key = {(r["impl"], r["seq"]): r for r in rows if "error" not in r}
+    lines = []
+    for seq in sorted({r["seq"] for r in rows}):
+        ours = by_key.get(("pallas_gpu", seq))
+        for other, goal in GOALS:
+            theirs = by_key.get((other, seq))
+            if ours is None or theirs is None:
+                lines.append(f"ratio pallas_gpu/{other} T={seq}: n/a (one side failed)")
+                continue
+            fwd = theirs["fwd_ms"] / ours["fwd_ms"]
+            both = theirs["fwdbwd_ms"] / ours["fwdbwd_ms"]
+            verdict = f" goal >= {goal}x: {'met' if both >= goal else 'NOT met'}" if seq == 4096 else ""
+            lines.append(f"ratio pallas_gpu/{other} T={seq}: fwd {fwd:.2f}x fwd+bwd {both:.2f}x{verdict}")
+    return lines
+
+
+def cpu_check() -> int:
+    """No GPU: both Pallas kernels (interpret mode) against the reference on small shapes."""
+    q, k, v, d_out = inputs(2, 200, 8, 2, 64, jnp.float32)
+    seg = jnp.asarray(np.repeat([[1] * 120 + [2] * 60 + [0] * 20], 2, axis=0), jnp.int32)
+    failures = 0
+    def results(fn):
+        forward, forward_backward = programs(fn)
+        return (forward(q, k, v, d_out),) + forward_backward(q, k, v, d_out)
+
+    for name, fn in (("pallas_gpu", flash_attention_gpu), ("pallas_tpu", flash_attention_tpu)):
+        for segments in (None, seg):
+            got = results(lambda q, k, v: fn(q, k, v, segments, block_q=64, block_k=64))
+            want = results(lambda q, k, v: xla_attention(q, k, v, segments))
+            err = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want))
+            ok = err <= 2e-5
+            failures += not ok
+            print(f"check {name} segments={segments is not None}: max abs error (out, dq, dk, dv) {err:.2e} "
+                  f"{'ok' if ok else 'FAILED (> 2e-5)'}")
+    print("no GPU here: timings, TFLOP/s and memory are open until this runs on one")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", default="1024,2048,4096,8192,16384",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--tokens", type=int, default=32768, help="batch = tokens // T")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--markdown", type=Path, help="append the table and ratio lines to this file")
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        return cpu_check()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, heads {args.heads}/{args.kv_heads}, "
+          f"head_dim {args.head_dim}, bf16, batch*T = {args.tokens}")
+    print(HEADER)
+    rows = benchmark(args)
+    ratios = ratio_lines(rows)
+    print("\n".join(ratios))
+    if args.markdown:
+        with args.markdown.open("a") as f:
+            f.write("\n".join([HEADER] + [format_row(r) for r in rows] + [""] + [f"    {r}" for r in ratios]) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
