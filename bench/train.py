@@ -1,0 +1,161 @@
+"""Training throughput: our train step against Hugging Face transformers + torch, same shapes, same CPU.
+
+Ours is exactly what `train.py` runs: `llama_jax.sharding.jit_train_step` (forward, backward, global-norm
+clipping, AdamW with the LLaMA schedule) on a one-device mesh. The competitor is `LlamaForCausalLM`
+(eager, SDPA attention) with `torch.nn.utils.clip_grad_norm_` and `torch.optim.AdamW`, same
+hyper-parameters. Both see the same random token batches (causal attention, no packing). The two
+alternate in rounds inside this one process, so a busy machine slows both alike; each round times
+`--steps` steps after the warm-up (compilation for ours), and the median round is reported.
+
+Precision pairs compared: our fp32 against torch fp32; our bf16 compute (fp32 master weights, fp32
+loss) against torch fp32 weights under `torch.autocast(bfloat16)`.
+
+MFU is against the matmul peak measured here first (`--probe`), FLOPs per token from
+`llama_jax.metrics.flops_per_token` (6·N + 12·L·d·T).
+
+    python bench/train.py                      # configs S and M, fp32 and bf16
+    python bench/train.py --configs S --precisions bf16 --rounds 5 --steps 4
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llama_jax import sharding  # noqa: E402
+from llama_jax.config import ModelConfig  # noqa: E402
+from llama_jax.metrics import flops_per_token  # noqa: E402
+from llama_jax.train_step import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
+
+CONFIGS = {  # vocab, dim, layers, heads, ffn, seq, batch
+    "S": dict(vocab_size=8000, dim=256, n_layers=4, n_heads=4, ffn_hidden_dim=768, seq=256, batch=8),
+    "M": dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, ffn_hidden_dim=1536, seq=512, batch=4),
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+OPT = OptimizerConfig(peak_lr=3e-4, warmup_steps=10)
+TOTAL_STEPS = 1000
+
+
+def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of a large jitted matmul of random matrices (median of `reps`): this device's practical peak."""
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+class Ours:
+    def __init__(self, shape: dict, precision: str, scan_layers: bool):
+        self.cfg = ModelConfig(vocab_size=shape["vocab_size"], dim=shape["dim"], n_layers=shape["n_layers"],
+                               n_heads=shape["n_heads"], ffn_hidden_dim=shape["ffn_hidden_dim"],
+                               max_seq_len=shape["seq"], dtype=DTYPES[precision], attention_impl="xla",
+                               scan_layers=scan_layers)
+        mesh = sharding.make_mesh(sharding.MeshConfig())
+        rules = sharding.rules_for("fsdp")
+        optimizer = make_optimizer(OPT, TOTAL_STEPS)
+        self.state = sharding.create_train_state(self.cfg, optimizer, mesh, rules, seed=0)
+        self.step = sharding.jit_train_step(self.cfg, optimizer, mesh, rules, schedule=lr_schedule(OPT, TOTAL_STEPS))
+        self.mesh, self.rules = mesh, rules
+
+    def run(self, batches) -> float:
+        for tokens in batches:
+            batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                     "loss_mask": np.ones(tokens[:, 1:].shape, np.float32)}
+            self.state, metrics = self.step(self.state, sharding.make_global_batch(batch, self.mesh, self.rules))
+        return float(metrics["loss"])
+
+
+class Torch:
+    def __init__(self, shape: dict, precision: str):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["dim"],
+                             intermediate_size=shape["ffn_hidden_dim"], num_hidden_layers=shape["n_layers"],
+                             num_attention_heads=shape["n_heads"], max_position_embeddings=shape["seq"],
+                             rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
+        self.torch = torch
+        self.model = LlamaForCausalLM(config).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=OPT.peak_lr, betas=(OPT.b1, OPT.b2), eps=OPT.eps,
+                                     weight_decay=OPT.weight_decay)
+        self.autocast = precision == "bf16"
+
+    def run(self, batches) -> float:
+        torch = self.torch
+        for tokens in batches:
+            tokens = torch.from_numpy(tokens).long()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(input_ids=tokens[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPT.clip_norm)
+            self.opt.step()
+        return float(loss)
+
+
+def compare(name: str, precision: str, args, peak: float) -> float:
+    shape = CONFIGS[name]
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, shape["vocab_size"], (shape["batch"], shape["seq"] + 1), dtype=np.int32)
+               for _ in range(args.steps)]
+    tokens_per_round = args.steps * shape["batch"] * shape["seq"]
+    ours, theirs = Ours(shape, precision, args.scan_layers), Torch(shape, precision)
+    t = time.perf_counter()
+    ours.run(batches[:1])
+    compile_s = time.perf_counter() - t
+    theirs.run(batches[:1])
+    rates = {"ours": [], "torch": []}
+    for _ in range(args.rounds):
+        for label, runner in (("ours", ours), ("torch", theirs)):
+            t = time.perf_counter()
+            runner.run(batches)
+            rates[label].append(tokens_per_round / (time.perf_counter() - t))
+    ours_rate, torch_rate = statistics.median(rates["ours"]), statistics.median(rates["torch"])
+    mfu = flops_per_token(ours.cfg, shape["seq"]) * ours_rate / peak
+    print(f"{name} {precision}: ours {ours_rate:,.0f} tokens/s (MFU {mfu:.1%} of {peak / 1e9:.0f} GFLOP/s, "
+          f"first step {compile_s:.1f} s) | torch {torch_rate:,.0f} tokens/s "
+          f"(rounds ours {[round(r) for r in rates['ours']]}, torch {[round(r) for r in rates['torch']]})")
+    ratio = ours_rate / torch_rate
+    print(f"ratio {name} {precision} ours/torch = {ratio:.2f}", flush=True)
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="S,M", help="comma-separated: S, M")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per framework")
+    parser.add_argument("--steps", type=int, default=3, help="train steps per timed round")
+    parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=False,
+                        help="scan over layers (constant compile time) instead of unrolling them")
+    args = parser.parse_args()
+    configs, precisions = args.configs.split(","), args.precisions.split(",")
+    for value, valid in ((configs, CONFIGS), (precisions, DTYPES)):
+        unknown = [v for v in value if v not in valid]
+        if unknown:
+            parser.error(f"unknown {unknown}; choose from {sorted(valid)}")
+    peaks = {p: matmul_peak(jnp.float32 if p == "fp32" else jnp.bfloat16) for p in precisions}
+    print("matmul peak (2048², jitted, median): " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    for name in configs:
+        for precision in precisions:
+            compare(name, precision, args, peaks[precision])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Text generation with a KV cache: batched prompts of different lengths, the decode loop in one jit.
+
+Prompts are left-padded to a common length (padding has segment id 0, positions count real tokens
+only), prefilled in one forward pass that fills the cache, then decoded one token per step inside a
+`lax.while_loop`. The whole loop is one compiled program: no per-token dispatch, and bf16 weights are
+not re-converted on every token. A row stops at EOS (later slots hold the pad id); the loop stops when
+every row has stopped or `max_new_tokens` are out.
+
+Sampling follows Hugging Face's order: temperature, then top-k, then top-p (nucleus: keep the fewest
+most likely tokens whose probability reaches top_p); temperature 0 is greedy decoding (argmax).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config_io import ConfigError
+from llama_jax.evaluation.loading import EvalModel
+from llama_jax.model import KVCache
+from llama_jax.train_step import apply_model
+
+PROMPT_BUCKET = 16
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def warp_logits(logits: jax.Array, *, temperature, top_k: int, top_p: float) -> jax.Array:
+    """Logits [batch, vocab] scaled by temperature, with tokens outside top-k / top-p set to -inf."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p >= 1:
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Keep the most likely tokens until their mass reaches top_p (the first one always).
+    keep = (mass_before < top_p) | (jnp.arange(logits.shape[-1]) == 0)
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _next_token(logits, key, temperature, *, greedy: bool, top_k: int, top_p: float):
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    warped = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(key, warped, axis=-1).astype(jnp.int32)
+
+
+def _decode(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int, greedy: bool, top_k: int,
+            top_p: float, eos_id: int, pad_id: int):
+    """Prefill the left-padded prompts, then decode up to `max_new` tokens in a while loop."""
+    batch, prompt_len = tokens.shape
+    pick = functools.partial(_next_token, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p)
+    cache = KVCache.create(cfg, batch, prompt_len + max_new)
+    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
+    logits, cache = apply_model(cfg, params, tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    first = pick(logits[:, -1], jax.random.fold_in(key, 0))
+    out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first)
+    done = (first == eos_id) if eos_id >= 0 else jnp.zeros((batch,), bool)
+
+    def running(state):
+        step, _, _, _, _, done = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def step_fn(state):
+        step, token, position, cache, out, done = state
+        logits, cache = apply_model(cfg, params, token[:, None], positions=position[:, None], cache=cache)
+        token = jnp.where(done, pad_id, pick(logits[:, 0], jax.random.fold_in(key, step)))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+        if eos_id >= 0:
+            done = done | (token == eos_id)
+        return step + 1, token, position + 1, cache, out, done
+
+    state = (jnp.int32(1), first, positions[:, -1] + 1, cache, out, done)
+    return jax.lax.while_loop(running, step_fn, state)[4]
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: list[list[int]]  # new tokens of each prompt, through EOS when it came
+    seconds: float  # wall time of the compiled decode (prefill included, compilation not)
+    compile_seconds: float  # 0 when the program for these shapes was already compiled
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds
+
+
+class Generator:
+    """Generates for `model` with `sampling`; one compiled program per (batch, padded prompt length)."""
+
+    def __init__(self, model: EvalModel, sampling: SamplingConfig, *, eos_id: int | None = None,
+                 pad_id: int | None = None):
+        tok = model.tokenizer
+        self.model, self.sampling = model, sampling
+        self.eos_id = eos_id if eos_id is not None else (tok.eos_id if tok is not None else -1)
+        self.pad_id = pad_id if pad_id is not None else (tok.pad_id if tok is not None else 0)
+        if not sampling.stop_at_eos:
+            self.eos_id = -1
+        self.compiled: dict[tuple[int, int], object] = {}
+        self._fn = jax.jit(functools.partial(
+            _decode, model.cfg, max_new=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
+            top_p=sampling.top_p, eos_id=self.eos_id, pad_id=self.pad_id), out_shardings=model.out_sharding())
+
+    def _inputs(self, prompts: Sequence[Sequence[int]]):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest + self.sampling.max_new_tokens > self.model.cfg.max_seq_len:
+            raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens "
+                             f"{self.sampling.max_new_tokens} exceeds the model's max_seq_len "
+                             f"{self.model.cfg.max_seq_len}")
+        rows = -(-len(prompts) // self.model.row_multiple) * self.model.row_multiple
+        width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        tokens = np.full((rows, width), self.pad_id, np.int32)
+        segments = np.zeros((rows, width), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p):] = p
+            segments[i, width - len(p):] = 1
+        for i in range(len(prompts), rows):  # filler rows: a one-token prompt, discarded
+            segments[i, -1] = 1
+        s = self.sampling
+        return (self.model.params, self.model.place_rows(tokens), self.model.place_rows(segments),
+                jnp.float32(s.temperature or 1.0), jax.random.key(s.seed))
+
+    def __call__(self, prompts: Sequence[Sequence[int]]) -> Generation:
+        args = self._inputs(prompts)
+        shape = args[1].shape
+        compile_seconds = 0.0
+        if shape not in self.compiled:
+            start = time.perf_counter()
+            with self.model.activate():
+                self.compiled[shape] = self._fn.lower(*args).compile()
+            compile_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        out = np.asarray(self.compiled[shape](*args))
+        seconds = time.perf_counter() - start
+        tokens = []
+        for row in out[:len(prompts)]:
+            row = row.tolist()
+            if self.eos_id in row:
+                row = row[:row.index(self.eos_id) + 1]
+            tokens.append(row)
+        return Generation(tokens, seconds, compile_seconds)

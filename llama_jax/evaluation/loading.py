@@ -1,0 +1,126 @@
+"""A checkpoint of any supported format, placed on the device mesh for evaluation.
+
+`llama_jax.convert.read_checkpoint` reads run directories, params-only orbax directories and Meta or
+Hugging Face directories into numpy (converted in memory, nothing written). The weights are then put
+on a ("data", "fsdp", "tensor") mesh over every device of every process with the project's sharding
+rules; each process supplies only the shards its own devices hold, so the same code runs on one CPU
+and across hosts. Evaluation batches are replicated inputs split by rows over the batch axes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from llama_jax.config import ModelConfig
+from llama_jax.logical import Rules
+
+DTYPE_FLAGS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    """Config, weights (pure dict of arrays), tokenizer and, when sharded, the mesh and rules."""
+
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    mesh: Mesh | None = None
+    rules: Rules = field(default=())
+
+    @property
+    def row_multiple(self) -> int:
+        """Batches must have a multiple of this many rows (the devices the rows are split over)."""
+        if self.mesh is None:
+            return 1
+        from llama_jax.sharding import BATCH_AXES
+
+        return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+
+    def place_rows(self, array: np.ndarray) -> jax.Array:
+        """A host array holding the whole batch (identical on every process), split by rows."""
+        if self.mesh is None:
+            return jax.device_put(array)
+        from llama_jax.sharding import batch_sharding
+
+        return _from_host(array, batch_sharding(self.mesh, self.rules))
+
+    def out_sharding(self):
+        """Results come back whole on every process (small: per-token scores or generated ids)."""
+        if self.mesh is None:
+            return None
+        from llama_jax.sharding import replicated
+
+        return replicated(self.mesh)
+
+    def activate(self):
+        """Mesh and rules in context while tracing, so the model's sharding constraints apply."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from llama_jax.sharding import activate
+
+        return activate(self.mesh, self.rules)
+
+
+def _from_host(array: np.ndarray, sharding) -> jax.Array:
+    """Each process builds only its addressable shards from the full host array."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def compute_dtype(flag: str) -> str:
+    """`--dtype` value (bf16 | fp32) as the config's dtype name."""
+    if flag not in DTYPE_FLAGS:
+        raise ValueError(f"--dtype {flag!r}: expected one of {sorted(DTYPE_FLAGS)}")
+    return DTYPE_FLAGS[flag]
+
+
+def place_model(cfg: ModelConfig, params: Any, *, dtype: str = "fp32", tokenizer=None,
+                mesh_cfg=None) -> EvalModel:
+    """Put numpy `params` on a mesh over all devices (or the one default device when `mesh_cfg` is None).
+
+    `dtype` sets both the compute dtype and the stored weight dtype: bf16 evaluation keeps bf16
+    weights, halving memory and sparing a conversion on every matmul.
+    """
+    from llama_jax.checkpoint_io import check_param_shapes
+    from llama_jax.params import flatten
+
+    name = compute_dtype(dtype)
+    cfg = cfg.replace(dtype=name, param_dtype=name)
+    check_param_shapes({path: tuple(np.shape(x)) for path, x in flatten(params).items()}, cfg, "checkpoint")
+    cast = jax.tree.map(lambda x: np.asarray(x).astype(cfg.weight_dtype, copy=False), params)
+    if mesh_cfg is None:
+        return EvalModel(cfg, jax.device_put(cast), tokenizer)
+    from llama_jax.sharding import make_mesh, param_shardings, rules_for
+
+    mesh = make_mesh(mesh_cfg)
+    rules = rules_for(mesh_cfg.strategy)
+    placed = jax.tree.map(_from_host, cast, param_shardings(cfg, mesh, rules))
+    return EvalModel(cfg, placed, tokenizer, mesh, rules)
+
+
+def load_eval_model(path: str, *, dtype: str = "bf16", mesh_cfg=None, tokenizer_path: str | None = None,
+                    fmt: str | None = None) -> EvalModel:
+    """Any checkpoint (format auto-detected unless `fmt`), its tokenizer, on a mesh of all devices.
+
+    The tokenizer is `tokenizer_path` when given, else the one that comes with the checkpoint; its
+    vocabulary must match the model's.
+    """
+    from llama_jax.convert import read_checkpoint
+    from llama_jax.sharding import MeshConfig
+    from llama_jax.tokenizer import check_vocab_size, load_tokenizer
+
+    compute_dtype(dtype)  # a bad flag fails before the checkpoint is read
+    cfg, params, found_tokenizer = read_checkpoint(path, fmt)
+    tokenizer_path = tokenizer_path or found_tokenizer
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json comes with this checkpoint; "
+                                f"pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocab_size(tokenizer, cfg.vocab_size)
+    return place_model(cfg, params, dtype=dtype, tokenizer=tokenizer, mesh_cfg=mesh_cfg or MeshConfig())

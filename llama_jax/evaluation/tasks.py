@@ -1,0 +1,292 @@
+"""Zero-shot multiple choice, scored as lm-evaluation-harness scores it.
+
+An item is a question with N choices; choice i is the pair (context_i, continuation_i). Usually the
+context is shared and continuation_i = " " + choice_i (the target delimiter is one space and the
+context carries no trailing space); Winogrande instead varies the context and shares the continuation
+(lm-evaluation-harness's "partial evaluation").
+
+Encoding (lm-evaluation-harness's `_encode_pair`): trailing whitespace of the context is moved to the
+front of the continuation; whole = encode(context + continuation) and ctx = encode(context), both with
+BOS when `bos` is on; the continuation tokens are whole[len(ctx):]. When the tokenizer merges a token
+across the boundary, that token counts as continuation, and the context keeps only len(ctx) tokens of
+whole's. An empty context is the BOS token alone. Sequences longer than the model's context lose
+tokens from the left. A choice's score is the sum of log p over its continuation tokens.
+
+Metrics: acc = share of items whose highest-scoring choice is the label; acc_norm the same after
+dividing each score by the UTF-8 byte length of its continuation text without the delimiter space
+(lm-evaluation-harness divides by len(choice) in characters: equal for ASCII); each with its standard
+error, sample standard deviation / sqrt(n). Ties go to the first choice (numpy's argmax).
+
+Local tasks are JSONL files, one item per line:
+    {"context": "Question: ...\\nAnswer:", "choices": ["first", "second"], "label": 1, "id": "q7"}
+`id` is optional (default: the line number). TFDS tasks (`TFDS_TASKS`) are read from a prepared
+`data_dir` and never downloaded; their prompts are lm-evaluation-harness's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from llama_jax.evaluation.scoring import TokenScorer
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question: per choice a (context, continuation) pair; `label` is the correct choice's index."""
+
+    id: str
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    label: int
+
+    def __post_init__(self):
+        if len(self.contexts) != len(self.continuations) or len(self.contexts) < 2:
+            raise ValueError(f"item {self.id}: needs >= 2 choices, each with a context and a continuation")
+        if not 0 <= self.label < len(self.contexts):
+            raise ValueError(f"item {self.id}: label {self.label} is not a choice index in [0, {len(self.contexts)})")
+
+
+def shared_context_item(item_id: str, context: str, choices: Sequence[str], label: int) -> Item:
+    """The usual item: one context, continuation " " + choice."""
+    return Item(str(item_id), (context,) * len(choices), tuple(" " + c for c in choices), int(label))
+
+
+# ---------------------------------------------------------------------------------------------- JSONL
+
+def load_jsonl_task(path: str) -> list[Item]:
+    """Items of a local JSONL task file (schema in the module docstring); errors name file, line, key."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    items = []
+    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object with context, choices, label")
+        context, choices, label = record.get("context"), record.get("choices"), record.get("label")
+        if not isinstance(context, str):
+            raise ValueError(f"{where}: key 'context' must be a string, got {type(context).__name__}")
+        if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
+            raise ValueError(f"{where}: key 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
+        if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(choices)):
+            raise ValueError(f"{where}: key 'label' must be an integer in [0, {len(choices)}), got {label!r}")
+        items.append(shared_context_item(str(record.get("id", number)), context, choices, label))
+    if not items:
+        raise ValueError(f"task file {path} holds no items")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------- TFDS
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def _hellaswag_clean(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag preprocessing (WikiHow markup removed)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def piqa_item(i: int, r: dict) -> Item:
+    return shared_context_item(_text(r.get("id", i)), f"Question: {_text(r['goal'])}\nAnswer:",
+                               [_text(r["sol1"]), _text(r["sol2"])], int(r["label"]))
+
+
+def hellaswag_item(i: int, r: dict) -> Item:
+    # TFDS keeps only the joined `ctx`; lm-evaluation-harness capitalises the first letter of ctx_b.
+    context = _hellaswag_clean(f"{_text(r['activity_label'])}: {_text(r['context'])}")
+    return shared_context_item(_text(r.get("source_id", i)) + f"#{i}", context,
+                               [_hellaswag_clean(_text(e)) for e in r["endings"]], int(r["label"]))
+
+
+def winogrande_item(i: int, r: dict) -> Item:
+    """Partial evaluation: context = sentence up to the blank with the option filled in; the rest is
+    the shared continuation."""
+    sentence = _text(r["sentence"])
+    blank = sentence.index("_")
+    continuation = " " + sentence[blank + 1:].strip()
+    options = [_text(r["option1"]), _text(r["option2"])]
+    return Item(str(i), tuple(sentence[:blank] + o for o in options), (continuation,) * 2, int(r["label"]))
+
+
+def arc_item(i: int, r: dict) -> Item:
+    labels = [_text(x) if not isinstance(x, (int, np.integer)) else "ABCDE"[int(x)] for x in r["choices"]["label"]]
+    answer = r["answerKey"]
+    answer = "ABCDE"[int(answer)] if isinstance(answer, (int, np.integer)) else _text(answer)
+    return shared_context_item(_text(r.get("id", i)), f"Question: {_text(r['question'])}\nAnswer:",
+                               [_text(t) for t in r["choices"]["text"]], labels.index(answer))
+
+
+def openbookqa_item(i: int, r: dict) -> Item:
+    q = r["question"]
+    return shared_context_item(str(i), _text(q["stem"]), [_text(q[f"choice_{k}"]) for k in "ABCD"],
+                               int(r["answerKey"]))
+
+
+def boolq_item(i: int, r: dict) -> Item:
+    context = f"{_text(r['passage'])}\nQuestion: {_text(r['question'])}?\nAnswer:"
+    return shared_context_item(str(i), context, ["no", "yes"], int(bool(r["answer"])))
+
+
+@dataclass(frozen=True)
+class TfdsTask:
+    dataset: str  # TFDS name, with "/config" where the dataset has configs
+    split: str  # the split lm-evaluation-harness reports
+    to_item: Callable[[int, dict], Item]
+    module: str = ""  # catalog module to import first: `tensorflow_datasets.text` is not imported by default
+
+
+TFDS_TASKS = {
+    "piqa": TfdsTask("piqa", "validation", piqa_item),
+    "hellaswag": TfdsTask("hellaswag", "validation", hellaswag_item, "tensorflow_datasets.text.hellaswag"),
+    "winogrande": TfdsTask("winogrande", "validation", winogrande_item, "tensorflow_datasets.text.winogrande"),
+    "arc_easy": TfdsTask("ai2_arc/ARC-Easy", "test", arc_item),
+    "arc_challenge": TfdsTask("ai2_arc/ARC-Challenge", "test", arc_item),
+    "openbookqa": TfdsTask("openbookqa", "test", openbookqa_item),
+    "boolq": TfdsTask("bool_q", "validation", boolq_item),
+}
+
+
+def load_tfds_task(name: str, *, data_dir: str | None, split: str | None = None) -> list[Item]:
+    """Items of a catalog task from its dataset prepared (array_record) in `data_dir`; never downloads."""
+    import importlib
+
+    import tensorflow_datasets as tfds
+
+    task = TFDS_TASKS[name]
+    if task.module:
+        importlib.import_module(task.module)
+    split = split or task.split
+    where = f"data_dir={data_dir!r}" if data_dir else "TFDS's default data_dir"
+    try:
+        builder = tfds.builder(task.dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"task {name}: TFDS dataset {task.dataset!r} is neither in the catalog nor prepared "
+                         f"in {where}") from e
+    if not builder.is_prepared():
+        raise ValueError(f"task {name}: TFDS dataset {task.dataset!r} is not prepared in {where}; prepare it "
+                         f"there first (download_and_prepare, file_format='array_record')")
+    if split not in builder.info.splits:
+        raise ValueError(f"task {name}: dataset {task.dataset!r} has no split {split!r} "
+                         f"(splits: {sorted(builder.info.splits)})")
+    try:
+        records = builder.as_data_source(split=split)
+    except NotImplementedError as e:
+        raise ValueError(f"task {name}: {task.dataset!r} in {builder.data_dir} is not in array_record format "
+                         f"({e})") from e
+    return [task.to_item(i, records[i]) for i in range(len(records))]
+
+
+def load_task(spec: str, *, data_dir: str | None = None, split: str | None = None) -> tuple[str, list[Item]]:
+    """(task name, items) for a catalog name or a path to a .jsonl file."""
+    if spec.endswith(".jsonl"):
+        return Path(spec).stem, load_jsonl_task(spec)
+    if spec not in TFDS_TASKS:
+        raise ValueError(f"unknown task {spec!r}: expected one of {sorted(TFDS_TASKS)} or a .jsonl file")
+    return spec, load_tfds_task(spec, data_dir=data_dir, split=split)
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+def encode_pair(tokenizer, context: str, continuation: str, *, bos: bool = True) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) by lm-evaluation-harness's rule (module docstring)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [tokenizer.bos_id], tokenizer.encode(continuation, bos=False)
+    whole = tokenizer.encode(context + continuation, bos=bos)
+    ctx = tokenizer.encode(context, bos=bos)
+    return ctx, whole[len(ctx):]
+
+
+def choice_scores(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos: bool = True
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per item: (log-likelihood of each choice, whether each continuation is the greedy one)."""
+    sequences, spans, groups = [], [], []
+    for item in items:
+        group = []
+        for context, continuation in zip(item.contexts, item.continuations):
+            ctx, cont = encode_pair(tokenizer, context, continuation, bos=bos)
+            if not cont:
+                raise ValueError(f"item {item.id}: continuation {continuation!r} encodes to no tokens")
+            if len(cont) >= scorer.max_len:
+                raise ValueError(f"item {item.id}: continuation of {len(cont)} tokens does not fit the "
+                                 f"maximum length {scorer.max_len}")
+            group.append(len(sequences))
+            sequences.append((ctx + cont)[-scorer.max_len:])
+            spans.append(len(cont))
+        groups.append(group)
+    scored = scorer.score(sequences, groups)
+    out = []
+    for group in groups:
+        lls = np.array([scored[s][0][-spans[s]:].sum() for s in group])
+        greedy = np.array([bool(scored[s][1][-spans[s]:].all()) for s in group])
+        out.append((lls, greedy))
+    return out
+
+
+def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
+    n = len(values)
+    stderr = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(np.mean(values)), stderr
+
+
+def predictions(loglikelihoods: np.ndarray, byte_lengths: Sequence[int]) -> tuple[int, int]:
+    """(choice with the highest log-likelihood, the same after dividing by byte length)."""
+    lls = np.asarray(loglikelihoods, np.float64)
+    return int(np.argmax(lls)), int(np.argmax(lls / np.asarray(byte_lengths, np.float64)))
+
+
+def multiple_choice_metrics(loglikelihoods: Sequence[np.ndarray], byte_lengths: Sequence[Sequence[int]],
+                            labels: Sequence[int]) -> dict:
+    """acc and acc_norm with their standard errors (module docstring)."""
+    if not loglikelihoods:
+        raise ValueError("no items to score")
+    preds = [predictions(ll, n) for ll, n in zip(loglikelihoods, byte_lengths)]
+    acc, acc_stderr = _mean_and_stderr(np.array([p == y for (p, _), y in zip(preds, labels)], np.float64))
+    acc_norm, acc_norm_stderr = _mean_and_stderr(np.array([p == y for (_, p), y in zip(preds, labels)], np.float64))
+    return {"acc": acc, "acc_stderr": acc_stderr, "acc_norm": acc_norm, "acc_norm_stderr": acc_norm_stderr,
+            "n": len(labels)}
+
+
+def continuation_bytes(continuation: str) -> int:
+    """Length used by acc_norm: UTF-8 bytes of the continuation without the leading delimiter space."""
+    return len(continuation.removeprefix(" ").encode("utf-8"))
+
+
+def evaluate_task(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos: bool = True
+                  ) -> tuple[dict, list[dict]]:
+    """(metrics, one record per item for the JSONL report)."""
+    scores = choice_scores(scorer, tokenizer, items, bos=bos)
+    lengths = [[continuation_bytes(c) for c in item.continuations] for item in items]
+    metrics = multiple_choice_metrics([s[0] for s in scores], lengths, [item.label for item in items])
+    records = []
+    for item, (lls, greedy), n in zip(items, scores, lengths):
+        shared = len(set(item.contexts)) == 1
+        pred, pred_norm = predictions(lls, n)
+        records.append({
+            "id": item.id,
+            "context": item.contexts[0] if shared else list(item.contexts),
+            "choices": list(item.continuations),
+            "label": item.label,
+            "loglikelihoods": [float(x) for x in lls],
+            "is_greedy": [bool(x) for x in greedy],
+            "pred": pred, "pred_norm": pred_norm,
+            "acc": float(pred == item.label), "acc_norm": float(pred_norm == item.label),
+        })
+    return metrics, records

@@ -1,0 +1,151 @@
+"""What a training run reports: FLOPs and MFU, and where the numbers go (JSONL, TensorBoard, terminal).
+
+Model FLOPs per trained token (forward + backward, the PaLM paper's accounting, Chowdhery et al. 2022,
+appendix B):
+
+    6·N  +  12·n_layers·dim·seq_len
+
+N counts the parameters that take part in matrix multiplies: every parameter except the input
+embedding table (a lookup, no multiply) and the RMSNorm scales; with tied embeddings the table is
+counted once, as the output projection. The second term is attention's two matmuls (QKᵀ and AV, 2·2·T·d
+per token per layer forward, ×3 with the backward pass), counted over the full T×T square as is usual,
+not halved for the causal mask. Rematerialisation is not counted: MFU measures useful work.
+
+MFU = achieved model FLOP/s / (devices × peak FLOP/s per device). The peak per device kind is the
+vendor's dense bf16 matmul figure (`PEAK_FLOPS`); for a CPU it is what a large matmul reaches on this
+machine (bench/train.py measures it: ≈ 190 GFLOP/s fp32, ≈ 370 GFLOP/s bf16 on the 2-core AMD EPYC Zen 4
+development machine, where XLA sees the whole CPU as one device).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from llama_jax.config import ModelConfig
+from llama_jax.model import param_count
+
+# Dense matmul peak FLOP/s per device, by a substring of `jax.Device.device_kind` (lower case), first
+# match wins. GPUs/TPUs: vendor bf16 dense figures (SXM parts; TPU per chip). CPU: measured, see above.
+PEAK_FLOPS = (
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+    ("v5 lite", 197e12),  # TPU v5e reports "TPU v5 lite"
+    ("v5e", 197e12),
+    ("v5p", 459e12),
+    ("v5", 459e12),
+    ("v6", 918e12),  # TPU v6e (Trillium)
+    ("v4", 275e12),
+)
+CPU_PEAK_FLOPS = {"float32": 190e9, "bfloat16": 370e9}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6·N_matmul + 12·n_layers·dim·seq_len."""
+    matmul_params = param_count(cfg) - cfg.dim * (2 * cfg.n_layers + 1)  # minus the norm scales
+    if not cfg.tie_embeddings:
+        matmul_params -= cfg.vocab_size * cfg.dim  # the input embedding is a lookup
+    return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+def peak_flops(device: jax.Device, compute_dtype: str) -> float | None:
+    """Peak FLOP/s of one device of this kind, or None when the kind is not in the table."""
+    kind = device.device_kind.lower()
+    if device.platform == "cpu":
+        return CPU_PEAK_FLOPS.get(compute_dtype, CPU_PEAK_FLOPS["float32"])
+    return next((flops for key, flops in PEAK_FLOPS if key in kind), None)
+
+
+class MetricsLog:
+    """One JSON object per line in `run_dir/metrics.jsonl` and TensorBoard events in `run_dir/tensorboard`.
+
+    Only the main process writes (pass `enabled=False` elsewhere). On resume, records past the restored
+    step are dropped first, so the file always reads as one run without repeated steps.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int):
+        self.enabled = enabled
+        self._file = self._writer = None
+        if not enabled:
+            return
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = path.open("a")
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(f"{kind}/{key}", value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._writer.close()
+
+
+def format_values(values: dict) -> str:
+    """`loss 3.2104 | lr 3.0e-04 | ...` for log lines and the progress bar."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, float):
+            text = f"{value:.2e}" if key in ("lr",) or (value and abs(value) < 1e-3) else f"{value:,.4g}"
+        else:
+            text = str(value)
+        parts.append(f"{key} {text}")
+    return " | ".join(parts)
+
+
+class Progress:
+    """A tqdm bar (steps, loss, tokens/s, ETA) on a terminal; plain `step N/M ...` lines otherwise."""
+
+    def __init__(self, *, enabled: bool, mode: str, start: int, total: int):
+        self.enabled = enabled
+        use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        self._bar = None
+        self.total = total
+        if enabled and use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, values: dict, *, log: bool) -> None:
+        """Advance to `step`; on log steps, show the values (bar postfix or a log line)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if log:
+                self._bar.set_postfix_str(format_values(
+                    {k: values[k] for k in ("loss", "tokens_per_s") if k in values}), refresh=True)
+        elif log:
+            print(f"step {step}/{self.total} | {format_values(values)}", flush=True)
+
+    def message(self, text: str) -> None:
+        """A line that does not break the bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

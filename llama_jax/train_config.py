@@ -1,0 +1,133 @@
+"""The training run's configuration: one dataclass holding every section, validated once at load.
+
+`python train.py [CONFIG.yaml] key=value ...` reads a YAML file (default `configs/train/default.yaml`),
+applies the overrides and builds `TrainConfig` with the project's one loader (`llama_jax.config_io`),
+so a typo or a contradiction fails before anything is compiled.
+
+The `model` section is a preset name (`model: tiny`), a mapping with an optional `preset` key plus field
+overrides (`model: {preset: llama1-7b, n_layers: 2}`), or a full ModelConfig mapping (what a run
+directory's resolved `config.yaml` holds). On the command line `model=llama1-65b` picks another preset
+and `model.n_layers=2` changes one field of whichever preset is chosen.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_jax.config import CONFIG_DIR, ModelConfig, model_config_dict
+from llama_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
+from llama_jax.data import DataConfig
+from llama_jax.sharding import MeshConfig
+from llama_jax.distributed import DistributedConfig
+from llama_jax.train_step import OptimizerConfig
+
+DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "train" / "default.yaml"
+PROGRESS_MODES = ("auto", "bar", "lines")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; the resolved copy is written to `run_dir/config.yaml`.
+
+    Step counts are optimizer updates; `global_batch_size` rows of `seq_len` tokens per update, split
+    into `micro_batches` sequential chunks (gradient accumulation) to bound activation memory.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    stop_at_step: int = 0  # end this invocation (with a checkpoint) after this step; 0 = at `steps`
+    global_batch_size: int = 8
+    seq_len: int = 256
+    micro_batches: int = 1
+    seed: int = 0
+    # Tokenizer: a .model/.json file or directory; "" = the built-in corpus's own SentencePiece model
+    # with the model's vocab_size, trained once and cached under `cache_dir`.
+    tokenizer: str = ""
+    cache_dir: str = "~/.cache/llama_jax"
+    init_from: str = ""  # params-only checkpoint (or run dir) to start from, with a fresh optimizer
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 0  # batches per periodic evaluation; 0 = the whole validation split
+    eval_batch_size: int = 0  # 0 = global_batch_size
+    final_eval: bool = True  # a full pass over the validation split at the end, compared with gzip -9
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    keep_period: int = 0  # also keep every step divisible by this forever (milestones); 0 = none
+    async_checkpointing: bool = True
+    progress: str = "auto"  # auto: a tqdm bar on a terminal, plain log lines otherwise
+    peak_flops_per_device: float = 0.0  # MFU denominator; 0 = the table in llama_jax.metrics
+
+    def __post_init__(self):
+        positive = ("steps", "global_batch_size", "seq_len", "micro_batches", "log_every", "checkpoint_every",
+                    "keep_checkpoints")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("stop_at_step", "eval_every", "eval_batches", "eval_batch_size", "keep_period"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.stop_at_step > self.steps:
+            raise ConfigError(f"stop_at_step={self.stop_at_step} is beyond steps={self.steps}")
+        if self.global_batch_size % self.micro_batches:
+            raise ConfigError(f"global_batch_size={self.global_batch_size} is not divisible by "
+                              f"micro_batches={self.micro_batches}")
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.progress not in PROGRESS_MODES:
+            raise ConfigError(f"progress={self.progress!r}; expected one of {list(PROGRESS_MODES)}")
+        if not (math.isfinite(self.peak_flops_per_device) and self.peak_flops_per_device >= 0):
+            raise ConfigError(f"peak_flops_per_device must be >= 0, got {self.peak_flops_per_device}")
+        if not self.run_dir:
+            raise ConfigError("run_dir must name a directory")
+
+    @property
+    def last_step(self) -> int:
+        """The step this invocation ends at."""
+        return self.stop_at_step or self.steps
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(os.path.expanduser(self.cache_dir))
+
+
+def resolve_model_section(section) -> dict:
+    """The `model` section as a full ModelConfig mapping: preset file values, then the given fields."""
+    if isinstance(section, str):
+        section = {"preset": section}
+    if not isinstance(section, dict):
+        raise ConfigError(f"model: expected a preset name or a mapping, got {section!r}")
+    fields = dict(section)
+    preset = fields.pop("preset", None)
+    if preset is None:
+        return fields
+    if not isinstance(preset, str):
+        raise ConfigError(f"model.preset: expected a preset name, got {preset!r}")
+    return {**model_config_dict(preset), **fields}
+
+
+def _apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Overrides in order; `model=NAME` replaces the whole model section by that preset."""
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["model"]:
+            data = {**data, "model": {"preset": value} if isinstance(value, str) else value}
+            continue
+        if path[0] == "model" and isinstance(data.get("model"), str):
+            data = {**data, "model": {"preset": data["model"]}}
+        data = apply_overrides(data, [text])
+    return data
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a training YAML (default: configs/train/default.yaml), apply `key=value` overrides, validate."""
+    data = _apply_overrides(load_yaml(path or DEFAULT_TRAIN_CONFIG), list(overrides))
+    if "model" in data:
+        data["model"] = resolve_model_section(data["model"])
+    return from_dict(TrainConfig, data)

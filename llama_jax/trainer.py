@@ -1,0 +1,338 @@
+"""The training loop: data → sharded train step → metrics, checkpoints, evaluation; resumable at any step.
+
+`train(cfg)` runs one invocation of a run directory. Everything that can be checked without compiling
+is checked first (config, run directory, tokenizer, data, checkpoint shapes). Then:
+
+- the state comes from the run's latest complete checkpoint if there is one (params, optimizer state,
+  step and data-iterator position: the run continues exactly where it stopped), else from `init_from`
+  (weights only: fresh optimizer, step 0), else from random initialisation; it is created or read
+  directly in its shards on the configured mesh;
+- each step feeds this process's rows of the global batch to `llama_jax.sharding.jit_train_step` (the
+  project's one train step); the loss and gradient norm are checked every step, so a non-finite value
+  stops the run before any bad state is saved;
+- checkpoints are saved asynchronously every `checkpoint_every` steps, at the end, and when SIGTERM
+  (preemption) arrives; metrics go to the terminal, `metrics.jsonl` and TensorBoard (process 0 only).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from llama_jax import sharding
+from llama_jax.checkpoint_io import check_param_shapes, load_params
+from llama_jax.checkpointing import RunCheckpoints, abstract_with_shardings
+from llama_jax.config_io import ConfigError, to_dict
+from llama_jax.distributed import initialize
+from llama_jax.metrics import MetricsLog, Progress, flops_per_token, format_values, peak_flops
+from llama_jax.model import param_count
+from llama_jax.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
+from llama_jax.train_config import TrainConfig
+from llama_jax.train_step import TrainState, init_params, init_train_state, lr_schedule, make_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What one invocation did: `losses[i]` is the loss of step `first_step + i`."""
+
+    first_step: int
+    last_step: int
+    losses: list[float] = field(default_factory=list)
+    status: str = "completed"  # "completed" | "stopped" (stop_at_step) | "preempted" (SIGTERM)
+    validation: dict | None = None
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run directory and prove it writable, or fail with the reason, before any compile."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    probe = run_dir / f".write-test-{jax.process_index()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir} is not writable: {e.strerror or e}") from None
+    return run_dir
+
+
+# Model fields that only change how the same model is computed; a run may resume with other values.
+EXECUTION_FIELDS = ("dtype", "attention_impl", "scan_layers", "remat", "max_seq_len")
+
+
+def check_same_model(run_dir: Path, cfg: TrainConfig) -> None:
+    """Resuming a run with another model is an error naming the first differing model field."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    saved = (yaml.safe_load(path.read_text()) or {}).get("model", {})
+    for key, value in to_dict(cfg.model).items():
+        if key not in EXECUTION_FIELDS and saved.get(key) != value:
+            raise ConfigError(f"run_dir {run_dir} holds a run with model.{key}={saved.get(key)!r}, this config "
+                              f"has {value!r}: use another run_dir or the run's own model config")
+
+
+def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    tokenizer = (load_tokenizer(cfg.tokenizer) if cfg.tokenizer
+                 else builtin_tokenizer(cfg.model.vocab_size, str(cfg.cache_path)))
+    check_vocab_size(tokenizer, cfg.model.vocab_size)
+    return tokenizer
+
+
+def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    """The resolved config (model as a full mapping) and a copy of the tokenizer, beside the checkpoints."""
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(run_dir / "config.yaml")
+    target = run_dir / f"tokenizer{Path(tokenizer.path).suffix}"
+    if Path(tokenizer.path).resolve() != target.resolve():
+        shutil.copyfile(tokenizer.path, target)
+
+
+class Evaluator:
+    """Validation loss and bits per byte over a fixed list of batches (built once, reused every eval).
+
+    Every process builds the whole global batches (validation is small) so it can count the bytes of all
+    rows, and feeds only its own rows to the devices.
+    """
+
+    def __init__(self, cfg: TrainConfig, tokenizer: Tokenizer, eval_fn, mesh, rules, max_batches: int | None):
+        from llama_jax.data import make_eval_batches
+
+        batch_size = cfg.eval_batch_size or cfg.global_batch_size
+        self._batches = list(make_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=batch_size,
+                                               max_batches=max_batches))
+        self._rows = slice(jax.process_index() * batch_size // jax.process_count(),
+                           (jax.process_index() + 1) * batch_size // jax.process_count())
+        self._step, self._mesh, self._rules = eval_fn, mesh, rules
+
+    def __call__(self, params) -> dict:
+        nll = tokens = 0.0
+        num_bytes = 0
+        for batch in self._batches:
+            num_bytes += int(batch["num_bytes"].sum())
+            local = {k: v[self._rows] for k, v in batch.items() if k != "num_bytes"}
+            sums = jax.device_get(self._step(params, sharding.make_global_batch(local, self._mesh, self._rules)))
+            nll += float(sums["nll_sum"])
+            tokens += float(sums["tokens"])
+        return {"loss": nll / max(tokens, 1.0), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
+                "tokens": int(tokens), "bytes": num_bytes}
+
+
+def gzip_bits_per_byte(text: bytes) -> float:
+    """What `gzip -9` achieves on `text`: the baseline a language model must beat."""
+    return 8.0 * len(gzip.compress(text, compresslevel=9)) / max(len(text), 1)
+
+
+class _Window:
+    """Losses and timing since the last log line: mean loss, tokens/s, step time and MFU.
+
+    The first step of an invocation includes compilation, so timing starts when it ends.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self._tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        peak = cfg.peak_flops_per_device or peak_flops(jax.devices()[0], cfg.model.dtype)
+        self._flops_per_s_peak = peak * jax.device_count() if peak else None
+        self._flops_per_token = flops_per_token(cfg.model, cfg.seq_len)
+        self._losses, self._start, self._steps = [], None, 0
+
+    def add(self, loss: float) -> bool:
+        """Record a finished step; True for the invocation's first (compiling) step."""
+        self._losses.append(loss)
+        if self._start is None:
+            self._start = time.perf_counter()
+            return True
+        self._steps += 1
+        return False
+
+    def mean_loss(self) -> float:
+        return float(np.mean(self._losses))
+
+    def throughput(self) -> dict:
+        if not self._steps:
+            return {}
+        elapsed = time.perf_counter() - self._start
+        tokens_per_s = self._steps * self._tokens_per_step / elapsed
+        values = {"tokens_per_s": tokens_per_s, "step_time_s": elapsed / self._steps}
+        if self._flops_per_s_peak:
+            values["mfu"] = self._flops_per_token * tokens_per_s / self._flops_per_s_peak
+        return values
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else (evaluation) out of the throughput."""
+        if self._start is not None:
+            self._start += seconds
+
+    def reset(self) -> None:
+        self._losses, self._start, self._steps = [], time.perf_counter(), 0
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (then it saves and exits cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rules, say) -> tuple[TrainState, dict]:
+    """(state, meta) from the latest checkpoint, else from `init_from`, else random; always sharded."""
+    shardings = sharding.train_state_shardings(cfg.model, optimizer, mesh, rules)
+    latest = ckpts.latest_step()
+    if latest is not None:
+        check_param_shapes(ckpts.param_shapes(latest), cfg.model, f"checkpoint {ckpts.directory / str(latest)}")
+        abstract = jax.eval_shape(lambda: init_train_state(init_params(cfg.model), optimizer))
+        params, opt_state, meta = ckpts.restore(latest, abstract_with_shardings(abstract.params, shardings.params),
+                                                abstract_with_shardings(abstract.opt_state, shardings.opt_state))
+        step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shardings.step)
+        say(f"resuming from {ckpts.directory / str(latest)} (step {latest})")
+        return TrainState(step=step, params=params, opt_state=opt_state), meta
+    if cfg.init_from:
+        params = load_params(cfg.init_from, cfg.model, shardings=shardings.params)
+        init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
+        with sharding.activate(mesh, rules):
+            opt_state = init(params)
+        say(f"initialised weights from {cfg.init_from} (fresh optimizer, step 0)")
+        step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+        return TrainState(step=step, params=params, opt_state=opt_state), {}
+    return sharding.create_train_state(cfg.model, optimizer, mesh, rules, cfg.seed), {}
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) the training run `cfg.run_dir` up to `cfg.last_step`."""
+    initialize(cfg.distributed)
+    main = jax.process_index() == 0
+    say = functools.partial(print, flush=True) if main else lambda *_: None
+    run_dir = prepare_run_dir(cfg)
+    check_same_model(run_dir, cfg)
+    clock = time.perf_counter()
+    tokenizer = load_run_tokenizer(cfg)
+    say(f"tokenizer {tokenizer.path} (vocab {tokenizer.vocab_size}) ready in {time.perf_counter() - clock:.1f} s")
+    if main:
+        write_run_files(run_dir, cfg, tokenizer)
+
+    from llama_jax.data import make_train_iterator
+
+    clock = time.perf_counter()
+    data = make_train_iterator(cfg.data, tokenizer, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+    say(f"training data ready in {time.perf_counter() - clock:.1f} s")
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_for(cfg.mesh.strategy)
+    optimizer = make_optimizer(cfg.optimizer, cfg.steps)
+    schedule = lr_schedule(cfg.optimizer, cfg.steps)
+    ckpts = RunCheckpoints(run_dir, keep=cfg.keep_checkpoints, keep_period=cfg.keep_period,
+                           async_save=cfg.async_checkpointing)
+    say(f"model {param_count(cfg.model) / 1e6:,.1f} M parameters, mesh {dict(mesh.shape)} ({cfg.mesh.strategy}), "
+        f"{cfg.steps} steps of {cfg.global_batch_size} × {cfg.seq_len} tokens, run_dir {run_dir}")
+
+    start_time = time.perf_counter()
+    state, meta = _initial_state(cfg, ckpts, optimizer, mesh, rules, say)
+    if "data" in meta:
+        data.set_state(meta["data"])
+    first = int(meta.get("step", 0))
+    progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
+    log = MetricsLog(run_dir, enabled=main, resume_step=first)
+    step_fn = sharding.jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
+                                      micro_batches=cfg.micro_batches)
+    eval_fn = sharding.jit_eval_step(cfg.model, mesh, rules)
+    evaluator = None
+    if cfg.eval_every:
+        evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, cfg.eval_batches or None)
+
+    window = _Window(cfg)
+    result = TrainResult(first_step=first + 1, last_step=first)
+    last_saved = first if ckpts.latest_step() == first and first else None
+    preemption = _Preemption()
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        if last_saved == step:
+            return
+        ckpts.save(step, state.params, state.opt_state,
+                   {"step": step, "data": data.get_state(), "seed": cfg.seed})
+        last_saved = step
+
+    try:
+        for step in range(first + 1, cfg.last_step + 1):
+            batch = sharding.make_global_batch(next(data), mesh, rules)
+            state, metrics = step_fn(state, batch)
+            metrics = jax.device_get(metrics)
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                ckpts.wait()
+                good = ckpts.latest_step()
+                raise TrainingDiverged(
+                    f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; stopping. The last good checkpoint "
+                    f"is {'step ' + str(good) + ' in ' + str(ckpts.directory) if good is not None else 'none'} "
+                    f"(lower optimizer.peak_lr or check the data, then restart to resume from it)")
+            result.losses.append(loss)
+            result.last_step = step
+            if window.add(loss):
+                progress.message(f"compiled and ran step {step} in {time.perf_counter() - start_time:.1f} s")
+            log_now = step % cfg.log_every == 0 or step == cfg.last_step
+            values = {"loss": window.mean_loss(), "lr": float(metrics["lr"]), "grad_norm": grad_norm}
+            if log_now:
+                values.update(window.throughput())
+                log.write(step, "train", values)
+                window.reset()
+            progress.update(step, values, log=log_now)
+            if evaluator and step % cfg.eval_every == 0 and step != cfg.last_step:
+                eval_start = time.perf_counter()
+                val = evaluator(state.params)
+                log.write(step, "eval", val)
+                progress.message(f"step {step} validation | {format_values(val)}")
+                window.exclude(time.perf_counter() - eval_start)
+            if step % cfg.checkpoint_every == 0 or step == cfg.last_step:
+                save(step)
+            if preemption.requested:
+                save(step)
+                result.status = "preempted"
+                progress.message(f"SIGTERM: saved step {step}, exiting")
+                break
+        else:
+            result.status = "completed" if cfg.last_step == cfg.steps else "stopped"
+        if result.status == "completed" and cfg.final_eval:
+            if evaluator is None or cfg.eval_batches:  # the periodic one covers only part of the split
+                evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, None)
+            result.validation = final_validation(cfg, evaluator, state.params)
+            log.write(cfg.last_step, "final_eval", result.validation)
+            v = result.validation
+            progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f} | "
+                             f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
+        ckpts.wait()
+    finally:
+        preemption.restore()
+        progress.close()
+        log.close()
+        ckpts.close()
+    return result
+
+
+def final_validation(cfg: TrainConfig, evaluator: Evaluator, params) -> dict:
+    """A full pass over the validation split, next to gzip -9 on the same text."""
+    from llama_jax.data import validation_text
+
+    values = evaluator(params)
+    values["gzip9_bits_per_byte"] = gzip_bits_per_byte(validation_text(cfg.data))
+    return values

@@ -1,0 +1,256 @@
+"""The training loop, in process: learning, exact resume, NaN guard, init_from, errors before compiling.
+
+Oracles: an uninterrupted run for resume; the train step's own loss on the saved weights for
+init_from; the data itself (a templated corpus a model must learn) for "loss decreases".
+The helpers at the top (a tiny corpus, a 300-piece tokenizer, a dim-32 2-layer fp32 config) are shared
+with the subprocess tests in test_train_recovery.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llama_jax.config_io import ConfigError
+from llama_jax.train_config import load_train_config
+from llama_jax.trainer import TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 300
+
+
+def write_corpus(directory: Path) -> tuple[Path, Path]:
+    """Train and validation text files (a few hundred KB in all), deterministic."""
+    rng = np.random.default_rng(0)
+    animals = ["cat", "dog", "fox", "owl", "bee", "cow", "yak", "elk"]
+    verbs = ["sees", "likes", "chases", "follows", "greets", "feeds"]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n_docs in (("train", 60), ("validation", 4)):
+        split_dir = directory / split
+        split_dir.mkdir(exist_ok=True)
+        for d in range(n_docs):
+            lines = [f"the {animals[a]} {verbs[v]} the {animals[b]} number {n}."
+                     for a, v, b, n in rng.integers(0, [8, 6, 8, 100], size=(40, 4))]
+            (split_dir / f"doc{d:03d}.txt").write_text("\n".join(lines) + "\n")
+        paths.append(split_dir)
+    return paths[0], paths[1]
+
+
+def prepare(directory: Path) -> dict:
+    """Corpus + tokenizer under `directory`; returns the config overrides that point at them."""
+    from llama_jax.tokenizer import train_sentencepiece
+
+    train_dir, val_dir = write_corpus(directory / "corpus")
+    tokenizer = directory / "tok.model"
+    if not tokenizer.exists():
+        train_sentencepiece(sorted(str(p) for p in train_dir.iterdir()), VOCAB, str(directory / "tok"))
+    return {"train_dir": str(train_dir), "val_dir": str(val_dir), "tokenizer": str(tokenizer)}
+
+
+def overrides(paths: dict, run_dir: Path, **extra) -> list[str]:
+    """`key=value` overrides for a tiny fp32 run on the prepared corpus."""
+    values = {
+        "model": "tiny", "model.vocab_size": VOCAB, "model.dim": 32, "model.n_layers": 2, "model.n_heads": 4,
+        "model.ffn_hidden_dim": 64, "model.max_seq_len": 32, "model.dtype": "float32",
+        "model.attention_impl": "xla",
+        "data.sources": f"[{{kind: text, path: {paths['train_dir']}}}]",
+        "data.validation_sources": f"[{{kind: text, path: {paths['val_dir']}}}]",
+        "tokenizer": paths["tokenizer"], "run_dir": str(run_dir), "steps": 30, "global_batch_size": 4,
+        "seq_len": 32, "log_every": 1, "eval_every": 0, "checkpoint_every": 3, "keep_checkpoints": 5,
+        "optimizer.peak_lr": 1e-2, "optimizer.warmup_steps": 2, "progress": "lines",
+        "async_checkpointing": True,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def losses_from_jsonl(run_dir: Path) -> dict[int, float]:
+    """{step: loss} of the train records of a run's metrics.jsonl (log_every=1: one loss per step)."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                 "jax_persistent_cache_min_entry_size_bytes")
+
+
+def persistent_compilation_cache(directory: Path):
+    """Generator for a fixture: JAX's on-disk compilation cache in `directory`, previous settings restored."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    previous = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
+    for name, value in zip(CACHE_OPTIONS, (str(directory), 0, 0)):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield str(directory)
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def child_env() -> dict:
+    """Environment of a child process: CPU, the same matmul precision as the tests (so compiled programs
+    are shared through the on-disk cache), every program cached."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def run_python(code: str, *args: str, env_extra: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter at the repository root (own devices, own signal handlers)."""
+    env = {**child_env(), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Identical programs compile once per module (the runs below rebuild the same steps many times)."""
+    yield from persistent_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp("train_corpus"))
+
+
+def run_in_process(corpus, run_dir, **extra):
+    """One training invocation in this process on the tiny config (extra: config overrides)."""
+    return train(load_train_config(None, overrides(corpus, run_dir, **extra)))
+
+
+def test_loss_decreases_and_metrics_are_written(corpus, tmp_path):
+    result = run_in_process(corpus, tmp_path / "run", log_every=5, eval_every=10, eval_batches=2,
+                 checkpoint_every=10)
+    assert result.status == "completed" and len(result.losses) == 30
+    assert np.mean(result.losses[-5:]) < result.losses[0] - 1.5, result.losses  # ln(300) ≈ 5.7 at start
+    val = result.validation
+    assert val["loss"] < result.losses[0] - 1.5 and val["bits_per_byte"] > 0
+    assert val["bytes"] == sum(p.stat().st_size for p in Path(corpus["val_dir"]).iterdir())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu"):
+        assert all(np.isfinite(r[key]) for r in train_records), key
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == Path(corpus["tokenizer"]).read_bytes()
+    saved = load_train_config(tmp_path / "run" / "config.yaml")  # the resolved config reloads as is
+    assert saved.model.dim == 32 and saved.steps == 30 and saved.log_every == 5
+
+
+def test_resume_reproduces_an_uninterrupted_run_bitwise(corpus, tmp_path):
+    whole = run_in_process(corpus, tmp_path / "whole", stop_at_step=6)
+    first = run_in_process(corpus, tmp_path / "split", stop_at_step=3)
+    assert first.status == "stopped" and first.last_step == 3
+    second = run_in_process(corpus, tmp_path / "split", stop_at_step=6)
+    assert (second.first_step, second.last_step, second.status) == (4, 6, "stopped")
+    assert first.losses + second.losses == whole.losses  # exact equality of fp32 values
+    # the metrics file of the resumed run reads as one run
+    assert losses_from_jsonl(tmp_path / "split") == losses_from_jsonl(tmp_path / "whole")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    from llama_jax.checkpointing import RunCheckpoints
+
+    with pytest.raises(TrainingDiverged, match=r"step \d+: the loss \(.*\) or gradient norm \(.*\) is not finite") as err:
+        run_in_process(corpus, tmp_path / "run", checkpoint_every=1, **{"optimizer.peak_lr": "1.0e+30",
+                                                                       "optimizer.warmup_steps": 0})
+    bad_step = int(err.value.args[0].split(":")[0].split()[1])
+    assert "nan" in str(err.value) or "inf" in str(err.value)
+    ckpts = RunCheckpoints(tmp_path / "run", keep=5)
+    assert ckpts.latest_step() == bad_step - 1 and f"step {bad_step - 1}" in str(err.value)
+    ckpts.close()
+    from llama_jax.checkpoint_io import load_params
+
+    params = load_params(tmp_path / "run", load_train_config(tmp_path / "run" / "config.yaml").model)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_init_from_starts_from_the_given_weights_with_a_fresh_optimizer(corpus, tmp_path):
+    from llama_jax.checkpoint_io import save_params
+    from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
+    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.train_step import batch_nll, init_params
+
+    cfg = load_train_config(None, overrides(corpus, tmp_path / "run"))
+    params = init_params(cfg.model, seed=123)
+    save_params(tmp_path / "weights", params, cfg.model)
+    result = run_in_process(corpus, tmp_path / "run", stop_at_step=2, init_from=str(tmp_path / "weights"))
+    assert result.first_step == 1  # step 0: a fresh start, not a resume
+    # oracle: the first batch's loss under the saved weights, computed outside the loop
+    data = make_train_iterator(DataConfig(sources=[SourceConfig(kind="text", path=corpus["train_dir"])]),
+                               load_tokenizer(corpus["tokenizer"]), seq_len=32, global_batch_size=4)
+    nll, tokens = batch_nll(cfg.model, params, next(data))
+    assert result.losses[0] == pytest.approx(float(nll / tokens), rel=1e-6)
+    # a checkpoint of another shape is refused, naming the parameter and both shapes
+    with pytest.raises(ValueError, match=r"parameter layers\.attention\.wk\.kernel has shape \(2, 32, 32\), "
+                                         r"the config expects \(2, 48, 48\)"):
+        run_in_process(corpus, tmp_path / "other", stop_at_step=2, init_from=str(tmp_path / "weights"), **{"model.dim": 48})
+
+
+def _no_compile(monkeypatch):
+    """Make any attempt to build the train step fail: errors must come before compilation."""
+    from llama_jax import sharding
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the train step was built before the error was reported")
+
+    monkeypatch.setattr(sharding, "jit_train_step", refuse)
+    monkeypatch.setattr(sharding, "create_train_state", refuse)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"stepz": 3}, r"unknown key stepz"),
+    ({"seq_len": 64}, r"seq_len=64 exceeds model.max_seq_len=32"),
+    ({"global_batch_size": 6, "micro_batches": 4}, r"global_batch_size=6 is not divisible by micro_batches=4"),
+    ({"optimizer.peak_lr": -1.0}, r"optimizer.peak_lr must be > 0"),
+    ({"model.dim": 30}, r"dim=30 is not divisible by n_heads=4"),
+    ({"model.vocab_size": 512}, r"vocab_size 300 but the model's vocab_size is 512"),
+    ({"mesh.fsdp": 3}, r"mesh .* uses 3 devices, but there are 1"),
+])
+def test_bad_configs_fail_before_compiling(corpus, tmp_path, monkeypatch, override, message):
+    _no_compile(monkeypatch)
+    with pytest.raises((ConfigError, ValueError), match=message):
+        run_in_process(corpus, tmp_path / "run", **override)
+
+
+def test_unwritable_run_dir_fails_before_compiling(corpus, tmp_path, monkeypatch):
+    _no_compile(monkeypatch)
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"run_dir .*file/run is not writable"):
+        run_in_process(corpus, tmp_path / "file" / "run")
+
+
+def test_checkpoint_of_another_shape_fails_before_compiling(corpus, tmp_path, monkeypatch):
+    run_in_process(corpus, tmp_path / "run", stop_at_step=3)
+    _no_compile(monkeypatch)
+    with pytest.raises(ConfigError, match=r"holds a run with model.ffn_hidden_dim=64, this config has 96"):
+        run_in_process(corpus, tmp_path / "run", stop_at_step=3, **{"model.ffn_hidden_dim": 96})
+    (tmp_path / "run" / "config.yaml").unlink()  # without the config, the checkpoint's own shapes decide
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoints/3: parameter layers.feed_forward.w1.kernel "
+                                         r"has shape \(2, 32, 64\), the config expects \(2, 32, 96\)"):
+        run_in_process(corpus, tmp_path / "run", stop_at_step=3, **{"model.ffn_hidden_dim": 96})
+
+
+def test_command_line_rejects_unknown_arguments():
+    for args, message in ((["--lr", "3"], "unexpected argument '--lr'"), (["bogus"], "unexpected argument 'bogus'")):
+        proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_model_override_picks_a_preset_and_fields_apply_on_top():
+    cfg = load_train_config(None, ["model=llama1-65b", "model.n_layers=2", "seq_len=128"])
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads) == (8192, 2, 64)
+    with pytest.raises(ConfigError, match="unknown model preset 'llama9'"):
+        load_train_config(None, ["model=llama9"])

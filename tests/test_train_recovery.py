@@ -1,0 +1,150 @@
+"""Recovery across processes: SIGKILL during a save, SIGTERM (preemption), restore onto another mesh.
+
+Each scenario runs `train.py` (or the trainer) in child processes, so kills, signals and 8 simulated
+devices never touch the pytest process. Oracles: the killed process's own logged losses (the resumed run
+must repeat them bitwise), and an uninterrupted run on one mesh for the resharded resume.
+"""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import (ROOT, child_env, losses_from_jsonl, overrides, persistent_compilation_cache, prepare,
+                        run_in_process, run_python)
+
+# Runs train.py in a child whose orbax commit of one step blocks forever after all of its data is written
+# (just before the rename that makes it visible), announcing it in a marker file: the parent then
+# SIGKILLs the child in the middle of that save.
+HANG_IN_SAVE = r"""
+import os, sys, time
+from pathlib import Path
+from orbax.checkpoint._src.path import atomicity
+
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self):
+    if self.get_final().name == os.environ["HANG_AT_STEP"]:
+        Path(os.environ["MARKER"]).write_text(str(self.get()))
+        time.sleep(600)
+    return await commit(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv = ["train.py", *sys.argv[1:]]
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp("recovery_corpus"))
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """This process and the children share test_train.py's on-disk compilation cache."""
+    directory = tmp_path_factory.getbasetemp() / "jax_cache"
+    for _ in persistent_compilation_cache(directory):
+        yield {"JAX_COMPILATION_CACHE_DIR": str(directory)}
+
+
+def _wait_for(predicate, proc, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited early with {proc.returncode}: {proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the child")
+        time.sleep(0.05)
+
+
+def _spawn(args, env_extra):
+    env = {**child_env(), **env_extra}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _kill(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(corpus, cache_env, tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "hanging"
+    args = overrides(corpus, run_dir, stop_at_step=8, checkpoint_every=2)
+    child = _spawn(["-c", HANG_IN_SAVE, *args], {**cache_env, "HANG_AT_STEP": "4", "MARKER": str(marker)})
+    try:
+        _wait_for(marker.exists, child, timeout=120)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        _kill(child)
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "2").is_dir() and not (checkpoints / "4").exists()
+    assert Path(marker.read_text()).is_dir()  # step 4's data, written but never committed
+    killed_losses = losses_from_jsonl(run_dir)
+    assert max(killed_losses) >= 4
+
+    proc = run_python("import sys, train; sys.exit(train.main(sys.argv[1:]))", *args, env_extra=cache_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming from" in proc.stdout and "checkpoints/2 (step 2)" in proc.stdout
+    assert not Path(marker.read_text()).exists()  # the unfinished save was cleaned up
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 4, 6, 8]
+    resumed = losses_from_jsonl(run_dir)
+    assert sorted(resumed) == list(range(1, 9))
+    assert {s: resumed[s] for s in killed_losses} == killed_losses  # bitwise the same losses again
+
+
+def test_sigterm_saves_a_final_checkpoint_and_exits(corpus, cache_env, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(corpus, run_dir, steps=500, checkpoint_every=1000)
+    child = _spawn(["train.py", *args], cache_env)
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(losses_from_jsonl(run_dir)) >= 3,
+                  child, timeout=120)
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        _kill(child)
+    assert child.returncode == 143, out
+    saved = int(out.split("SIGTERM: saved step ")[1].split(",")[0])
+    assert saved >= 3 and sorted(losses_from_jsonl(run_dir))[-1] == saved
+    steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps == [saved]
+    meta = json.loads((run_dir / "checkpoints" / str(saved) / "meta" / "metadata").read_text())
+    assert meta["step"] == saved and meta["data"]["batch"] == saved
+
+
+RESHARD = r"""
+import json, sys
+sys.path.insert(0, "tests")
+import jax
+from pathlib import Path
+from llama_jax.train_config import load_train_config
+from llama_jax.trainer import train
+from test_train import overrides
+
+corpus, tmp = json.loads(sys.argv[1]), Path(sys.argv[2])
+assert jax.device_count() == 8
+def run(**extra):
+    return train(load_train_config(None, overrides(corpus, tmp / "run", global_batch_size=8, **extra)))
+first = run(stop_at_step=2, **{"mesh.fsdp": 8})
+second = run(stop_at_step=4, **{"mesh.fsdp": 4, "mesh.tensor": 2, "mesh.strategy": "fsdp+tp"})
+print("RESULT", json.dumps({"losses": first.losses + second.losses, "resumed_at": second.first_step}))
+"""
+
+
+def test_restore_onto_another_mesh(corpus, cache_env, tmp_path):
+    """Saved under fsdp=8, resumed under fsdp=4 × tensor=2 (8 simulated devices, in a child process);
+    the oracle is the same run, uninterrupted, on this process's single device."""
+    proc = run_python(RESHARD, json.dumps(corpus), str(tmp_path),
+                      env_extra={**cache_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.split("RESULT ")[1])
+    assert result["resumed_at"] == 3
+    single = run_in_process(corpus, tmp_path / "single", global_batch_size=8, stop_at_step=4)
+    assert result["losses"] == pytest.approx(single.losses, rel=1e-5)
