@@ -22,7 +22,7 @@ import yaml
 
 from llama_jax.config import ModelConfig
 from llama_jax.config_io import from_dict, load_yaml, to_dict
-from llama_jax.params import flatten
+from llama_jax.params import check_shapes, flatten
 
 MODEL_CONFIG_FILE = "model.yaml"
 PARAMS_DIR = "params"
@@ -62,8 +62,11 @@ def find_tokenizer(path: str | os.PathLike) -> str | None:
 
 
 def params_item_path(path: str | os.PathLike) -> Path:
-    """The orbax directory holding the params: DIR/params, or RUN/checkpoints/<latest complete step>/params."""
-    path = Path(path)
+    """The orbax directory holding the params: DIR/params, or RUN/checkpoints/<latest complete step>/params.
+
+    Always absolute: orbax 0.12.8 returns no item metadata for a relative item path.
+    """
+    path = Path(path).absolute()
     if is_params_dir(path):
         return path / PARAMS_DIR
     if is_run_dir(path):
@@ -94,17 +97,7 @@ def expected_param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, 
 
 def check_param_shapes(given: Mapping[tuple[str, ...], tuple[int, ...]], cfg: ModelConfig, source: str) -> None:
     """Raise ValueError naming `source` and the first parameter that is missing, unexpected or misshapen."""
-    expected = expected_param_shapes(cfg)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing:
-        raise ValueError(f"{source}: parameter {'.'.join(missing[0])} is missing ({len(missing)} missing in all)")
-    if unexpected:
-        raise ValueError(f"{source}: unexpected parameter {'.'.join(unexpected[0])} ({len(unexpected)} in all)")
-    for path, shape in expected.items():
-        if tuple(given[path]) != shape:
-            raise ValueError(f"{source}: parameter {'.'.join(path)} has shape {tuple(given[path])}, "
-                             f"the config expects {shape}")
+    check_shapes(given, expected_param_shapes(cfg), source)
 
 
 def stored_param_metadata(item: Path) -> dict[tuple[str, ...], object]:
@@ -195,7 +188,7 @@ def write_params_dir(directory: Path, params: Mapping, model_cfg: ModelConfig,
 
     write_model_config(directory, model_cfg)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / PARAMS_DIR, dict(params))
+    checkpointer.save(Path(directory).absolute() / PARAMS_DIR, dict(params))
     checkpointer.wait_until_finished()
     if tokenizer_path is not None:
         name = Path(tokenizer_path).name

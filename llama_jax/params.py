@@ -197,6 +197,21 @@ def flatten(params: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ..
     return flat
 
 
+def check_shapes(given: Mapping[tuple[str, ...], tuple[int, ...]],
+                 expected: Mapping[tuple[str, ...], tuple[int, ...]], source: str) -> None:
+    """Raise ValueError naming `source` and the first parameter that is missing, unexpected or misshapen."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing:
+        raise ValueError(f"{source}: parameter {'.'.join(missing[0])} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"{source}: unexpected parameter {'.'.join(unexpected[0])} ({len(unexpected)} in all)")
+    for path, shape in expected.items():
+        if tuple(given[path]) != tuple(shape):
+            raise ValueError(f"{source}: parameter {'.'.join(path)} has shape {tuple(given[path])}, "
+                             f"the config expects {tuple(shape)}")
+
+
 def assign_params(model, params: Mapping, *, source: str = "params") -> None:
     """Load pure-dict `params` into `model`, first checking every name, shape and that nothing is missing.
 
@@ -205,17 +220,7 @@ def assign_params(model, params: Mapping, *, source: str = "params") -> None:
     from flax import nnx
 
     state = nnx.state(model, nnx.Param)
-    expected = {path: leaf.shape for path, leaf in flatten(nnx.to_pure_dict(state)).items()}
-    given = flatten(params)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing:
-        raise ValueError(f"{source}: parameter {'.'.join(missing[0])} is missing ({len(missing)} missing in all)")
-    if unexpected:
-        raise ValueError(f"{source}: unexpected parameter {'.'.join(unexpected[0])} ({len(unexpected)} in all)")
-    for path, shape in expected.items():
-        if tuple(given[path].shape) != tuple(shape):
-            raise ValueError(f"{source}: parameter {'.'.join(path)} has shape {tuple(given[path].shape)}, "
-                             f"the config expects {tuple(shape)}")
+    expected = {path: tuple(leaf.shape) for path, leaf in flatten(nnx.to_pure_dict(state)).items()}
+    check_shapes({path: tuple(leaf.shape) for path, leaf in flatten(params).items()}, expected, source)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)

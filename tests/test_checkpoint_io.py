@@ -62,7 +62,7 @@ def _write_run(run, cfg, steps):
     manager.close()
 
 
-def test_run_dir_loads_the_latest_complete_step(tmp_path):
+def test_run_dir_loads_the_latest_complete_step(tmp_path, monkeypatch):
     cfg = CONFIGS["mha"]
     latest = random_params(cfg, seed=2)
     _write_run(tmp_path / "run", cfg, {1: random_params(cfg, seed=1), 2: latest})
@@ -70,6 +70,8 @@ def test_run_dir_loads_the_latest_complete_step(tmp_path):
     assert read_model_config(tmp_path / "run") == cfg
     assert find_tokenizer(tmp_path / "run") == str(tmp_path / "run" / "tokenizer.model")
     assert_bit_equal(load_params(tmp_path / "run", cfg), latest)
+    monkeypatch.chdir(tmp_path)  # a relative path, as in `eval.py perplexity runs/default`
+    assert_bit_equal(load_params("run", cfg), latest)
 
 
 def test_load_with_shardings_returns_placed_arrays_in_the_config_dtype(tmp_path):
