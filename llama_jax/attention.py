@@ -43,25 +43,28 @@ def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None, q_off
 
 
 def xla_attention(q, k, v, segment_ids=None, *, q_offset: int = 0):
-    """Reference attention: fp32 scores and softmax, fully masked rows give zeros (never NaN)."""
+    """Reference attention: fp32 scores and softmax, fully masked rows give zeros (never NaN).
+
+    Each kv head's query group is folded into the query axis ([batch, kv_heads, group·q_len, head_dim]),
+    so both products are plain rank-4 batched matmuls (XLA:CPU runs these ~2× faster than the rank-5
+    grouped form) and K/V are never repeated.
+    """
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv_heads = k.shape[1], k.shape[2]
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     group = n_heads // n_kv_heads
-    # Group the query heads by the kv head they share: K/V are never repeated in memory.
-    qg = q.reshape(batch, q_len, n_kv_heads, group, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / head_dim ** 0.5)
+    q_folded = (q.reshape(batch, q_len, n_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+                .reshape(batch, n_kv_heads, group * q_len, head_dim))
+    scores = jnp.einsum("bkqd,bskd->bkqs", q_folded, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, n_kv_heads, group, q_len, kv_len) * (1.0 / head_dim ** 0.5)
     mask = attention_mask(q_len, kv_len, segment_ids, q_offset)[:, :, None]  # [b, 1, 1, q, s]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.exp(scores - row_max)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights / jnp.where(denom == 0.0, 1.0, denom)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, n_heads, head_dim).astype(q.dtype)
+    weights = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+    weights = weights.reshape(batch, n_kv_heads, group * q_len, kv_len).astype(v.dtype)
+    out = jnp.einsum("bkqs,bskd->bkqd", weights, v, preferred_element_type=jnp.float32)
+    # A query with no visible key (padding) would average masked keys: zero it instead.
+    out = out.reshape(batch, n_kv_heads, group, q_len, head_dim) * jnp.any(mask, axis=-1)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, n_heads, head_dim).astype(q.dtype)
 
 
 def cudnn_attention(q, k, v, segment_ids=None):
