@@ -7,6 +7,7 @@ dotted path) in every error, so a typo fails at load time instead of deep inside
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+_YAML11_FLOAT_MISS = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT_MISS.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string; users mean the number
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got boolean {value!r}")
     if not isinstance(value, tp):

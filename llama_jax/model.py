@@ -110,11 +110,15 @@ class KVCache:
     index: jax.Array  # int32 scalar
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, per_layer: bool = False) -> "KVCache":
+        """`per_layer` (unrolled layers only): k and v as tuples of one array per layer, so a decode step
+        updates each layer's cache in place instead of re-stacking all of them."""
         shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        if per_layer:
+            k, v = tuple(k), tuple(v)
+        return cls(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class Attention(nnx.Module):
@@ -196,12 +200,16 @@ class Transformer(nnx.Module):
         self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 layer_params: list | None = None):
         """tokens [batch, length] int. positions default to 0.. (or the cache's next slots).
 
         segment_ids [batch, length]: document ids for packed sequences, 0 for padding (see
         `llama_jax.attention`). With a `cache`, this call's tokens fill the next slots and attend to
         everything cached before them; the updated cache is returned.
+        layer_params (unrolled layers only): each layer's parameters, sliced from the stacked ones once
+        by the caller (`unstack_layers`) outside a decode loop: XLA:CPU does not hoist the slices out of
+        the loop and would otherwise copy every weight on every token.
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -224,14 +232,19 @@ class Transformer(nnx.Module):
 
         layer = _remat(layer, cfg.remat)
         kv = None if cache is None else (cache.k, cache.v)
+        per_layer_cache = cache is not None and isinstance(cache.k, tuple)
         if cfg.scan_layers:
+            if layer_params is not None or per_layer_cache:
+                raise ValueError("layer_params and a per-layer KVCache need scan_layers=False")
             x, kv = jax.lax.scan(layer, x, (block_params, kv))
         else:
+            layer_params = layer_params or unstack_layers(block_params, cfg.n_layers)
             outputs = []
             for i in range(cfg.n_layers):
-                x, layer_kv = layer(x, jax.tree.map(lambda a: a[i], (block_params, kv)))
+                x, layer_kv = layer(x, (layer_params[i], None if kv is None else (kv[0][i], kv[1][i])))
                 outputs.append(layer_kv)
-            kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+            if cache is not None:
+                kv = tuple(zip(*outputs)) if per_layer_cache else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
         x = self.norm(x)
         x2d = x.reshape(batch * length, cfg.dim)
@@ -244,6 +257,11 @@ class Transformer(nnx.Module):
         if cache is not None:
             cache = KVCache(kv[0], kv[1], segment_ids, start + length)
         return logits, cache
+
+
+def unstack_layers(layers, n_layers: int) -> list:
+    """The stacked `layers` parameters as one tree per layer."""
+    return [jax.tree.map(lambda a: a[i], layers) for i in range(n_layers)]
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

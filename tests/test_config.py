@@ -34,6 +34,10 @@ def test_overrides_apply_with_yaml_types():
     cfg = load_model_config("tiny", ["n_layers=2", "dtype=float32", "rope_theta=500000", "tie_embeddings=true"])
     assert (cfg.n_layers, cfg.dtype, cfg.rope_theta, cfg.tie_embeddings) == (2, "float32", 500000.0, True)
     assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
+    # YAML 1.1 reads 1e-5 (no dot) as a string; a float field takes it as the number it is
+    assert load_model_config("tiny", ["norm_eps=1e-5", "init_std=2E-2"]).norm_eps == 1e-5
+    with pytest.raises(ConfigError, match="norm_eps: expected float, got str"):
+        load_model_config("tiny", ["norm_eps=small"])
 
 
 @pytest.mark.parametrize("overrides, message", [

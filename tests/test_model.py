@@ -150,3 +150,24 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close():
     assert got.dtype == jnp.float32
     rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert rel < 2e-2, rel
+
+
+def test_per_layer_cache_with_presliced_layers_matches_full_forward():
+    """The decode loop's fast path (weights sliced once, one cache array per layer) changes nothing."""
+    from llama_jax.model import unstack_layers
+
+    cfg = CONFIGS["gqa"].replace(scan_layers=False)
+    model = create_model(cfg, seed=7)
+    tokens = jnp.asarray(random_tokens(cfg, 2, 9))
+    full, _ = run(model, tokens)
+    layers = unstack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param))["layers"], cfg.n_layers)
+    cache = KVCache.create(cfg, batch=2, max_len=12, per_layer=True)
+    prefill, cache = run(model, tokens[:, :6], cache=cache, layer_params=layers)
+    steps = [prefill]
+    for t in range(6, 9):
+        logits, cache = run(model, tokens[:, t:t + 1], cache=cache, layer_params=layers)
+        steps.append(logits)
+    assert isinstance(cache.k, tuple) and len(cache.k) == cfg.n_layers
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="need scan_layers=False"):
+        create_model(cfg.replace(scan_layers=True))(tokens, cache=KVCache.create(cfg, 2, 12, per_layer=True))

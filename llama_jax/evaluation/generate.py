@@ -22,7 +22,7 @@ import numpy as np
 
 from llama_jax.config_io import ConfigError
 from llama_jax.evaluation.loading import EvalModel
-from llama_jax.model import KVCache
+from llama_jax.model import KVCache, unstack_layers
 from llama_jax.train_step import apply_model
 
 PROMPT_BUCKET = 16
@@ -78,12 +78,18 @@ def _next_token(logits, key, temperature, *, greedy: bool, top_k: int, top_p: fl
 
 def _decode(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int, greedy: bool, top_k: int,
             top_p: float, eos_id: int, pad_id: int):
-    """Prefill the left-padded prompts, then decode up to `max_new` tokens in a while loop."""
+    """Prefill the left-padded prompts, then decode up to `max_new` tokens in a while loop.
+
+    Layers run unrolled on weights sliced once, before the loop, with one cache array per layer:
+    inside the loop XLA:CPU would otherwise copy every weight and the whole cache on every token.
+    """
     batch, prompt_len = tokens.shape
     pick = functools.partial(_next_token, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p)
-    cache = KVCache.create(cfg, batch, prompt_len + max_new)
+    cfg = cfg.replace(scan_layers=False)
+    model = functools.partial(apply_model, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
+    cache = KVCache.create(cfg, batch, prompt_len + max_new, per_layer=True)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-    logits, cache = apply_model(cfg, params, tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
     first = pick(logits[:, -1], jax.random.fold_in(key, 0))
     out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first)
     done = (first == eos_id) if eos_id >= 0 else jnp.zeros((batch,), bool)
@@ -94,7 +100,7 @@ def _decode(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int,
 
     def step_fn(state):
         step, token, position, cache, out, done = state
-        logits, cache = apply_model(cfg, params, token[:, None], positions=position[:, None], cache=cache)
+        logits, cache = model(token[:, None], positions=position[:, None], cache=cache)
         token = jnp.where(done, pad_id, pick(logits[:, 0], jax.random.fold_in(key, step)))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
         if eos_id >= 0:
