@@ -165,29 +165,15 @@ def load_tfds_task(name: str, *, data_dir: str | None, split: str | None = None)
     """Items of a catalog task from its dataset prepared (array_record) in `data_dir`; never downloads."""
     import importlib
 
-    import tensorflow_datasets as tfds
+    from llama_jax.data.tfds_source import open_prepared_split
 
     task = TFDS_TASKS[name]
     if task.module:
         importlib.import_module(task.module)
-    split = split or task.split
-    where = f"data_dir={data_dir!r}" if data_dir else "TFDS's default data_dir"
     try:
-        builder = tfds.builder(task.dataset, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"task {name}: TFDS dataset {task.dataset!r} is neither in the catalog nor prepared "
-                         f"in {where}") from e
-    if not builder.is_prepared():
-        raise ValueError(f"task {name}: TFDS dataset {task.dataset!r} is not prepared in {where}; prepare it "
-                         f"there first (download_and_prepare, file_format='array_record')")
-    if split not in builder.info.splits:
-        raise ValueError(f"task {name}: dataset {task.dataset!r} has no split {split!r} "
-                         f"(splits: {sorted(builder.info.splits)})")
-    try:
-        records = builder.as_data_source(split=split)
-    except NotImplementedError as e:
-        raise ValueError(f"task {name}: {task.dataset!r} in {builder.data_dir} is not in array_record format "
-                         f"({e})") from e
+        _, records = open_prepared_split(task.dataset, split or task.split, data_dir)
+    except ValueError as e:
+        raise ValueError(f"task {name}: {e}") from e
     return [task.to_item(i, records[i]) for i in range(len(records))]
 
 
