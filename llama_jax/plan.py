@@ -95,8 +95,7 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
       save_matmuls  the layer input and every projection output: ((D + 2·kv·hd)/t + 2·D + 2·F/t)·c.
       none          all of the above, the fp32 norm inputs (2·D·4), rotary q/k in fp32, the SwiGLU gate
                     and product (2·F/t·c), the attention output, and for the `xla` attention its fp32
-                    scores, masked scores, exponentials and probabilities (4·H/t·T·4; a flash kernel
-                    keeps one row statistic instead).
+                    scores and probabilities (2·H/t·T·4; a flash kernel keeps one row statistic instead).
     Under `full` and `save_matmuls` the layer being differentiated recomputes its `none` set; once per
     step come the fp32 logits, their softmax and its gradient (3·V/t·4) and the embedding output.
     Within ~35% of XLA:CPU's own buffer assignment on small models (tests/test_sharding_plan.py).
@@ -110,7 +109,7 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
     layer_input = d * c
     matmul_outputs = ((d + 2 * kv_dim) / t_heads + 2 * d + 2 * f / t_mlp) * c
     heads = cfg.n_heads / t_heads
-    attention = 4 * heads * seq_len * FP32 if cfg.attention_impl == "xla" else heads * FP32
+    attention = 2 * heads * seq_len * FP32 if cfg.attention_impl == "xla" else heads * FP32
     everything = (layer_input + matmul_outputs + 2 * d * FP32 + (d + kv_dim) / t_heads * FP32
                   + 2 * f / t_mlp * c + d / t_heads * c + attention)
     per_layer = {"none": everything, "save_matmuls": layer_input + matmul_outputs, "full": layer_input}[policy]
