@@ -161,7 +161,8 @@ def test_kernels_visit_only_causal_block_pairs(backend, plan):
     assert blocks == plan
     cfg = common.KernelConfig(blocks=blocks, interpret=True, compiler=compiler, count_visits=True)
     out, residual, fwd_counts = kernels.forward(q, k, v, seg, cfg)
-    dq, dk, dv, dkdv_counts, dq_counts = kernels.backward(q, k, v, seg, out, residual, d_out, cfg)
+    delta = common.output_grad_rowdot(out, d_out)
+    dq, dk, dv, dkdv_counts, dq_counts = kernels.backward(q, k, v, seg, delta, residual, d_out, cfg)
 
     group = heads // kv_heads
     for name, counts, (bq, bk), axis, repeat in (("fwd", fwd_counts, (plan.q, plan.k), 1, 1),
@@ -193,7 +194,8 @@ def test_cost_estimate_counts_only_causal_pairs(backend):
     q, k, v, d_out, _ = make_inputs(0, batch, seq, heads, kv_heads, head_dim, jnp.float32, False)
     fwd = _pallas_cost_estimates(lambda q, k, v: kernels.forward(q, k, v, None, cfg), q, k, v)
     out, residual, _ = jax.eval_shape(lambda q, k, v: kernels.forward(q, k, v, None, cfg), q, k, v)
-    bwd = _pallas_cost_estimates(lambda q, k, v, o, r: kernels.backward(q, k, v, None, o, r, d_out, cfg),
+    bwd = _pallas_cost_estimates(lambda q, k, v, o, r: kernels.backward(
+        q, k, v, None, common.output_grad_rowdot(o, d_out), r, d_out, cfg),
                                  q, k, v, out, residual)
     square = batch * heads * (seq // bq) * (seq // bk)
     for name, (matmuls, (bq_, bk_)) in {f"flash_fwd_{backend}": (2, (bq, bk)),

@@ -255,7 +255,8 @@ class Backend:
     """One kernel family: how it runs the forward and the backward, and the block alignment it needs.
 
     forward(q, k, v, seg, cfg) -> (out, residual, counts)
-    backward(q, k, v, seg, out, residual, d_out, cfg) -> (dq, dk, dv, counts_dkdv, counts_dq)
+    backward(q, k, v, seg, delta, residual, d_out, cfg) -> (dq, dk, dv, counts_dkdv, counts_dq),
+        delta = `output_grad_rowdot(out, d_out)`
     `counts` are None unless cfg.count_visits (a test-only mode that counts visited block pairs).
     """
 
@@ -279,6 +280,11 @@ def log2_scale(head_dim: int) -> float:
     return LOG2E / math.sqrt(head_dim)
 
 
+def output_grad_rowdot(out, d_out):
+    """delta[b, h, t] = Σ_d out·dO in fp32: the softmax backward's per-row term, shared by both backends."""
+    return jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _flash(q, k, v, segment_ids, backend: Backend, cfg: KernelConfig):
     return backend.forward(q, k, v, segment_ids, cfg)[0]
@@ -291,7 +297,8 @@ def _flash_fwd(q, k, v, segment_ids, backend, cfg):
 
 def _flash_bwd(backend, cfg, saved, d_out):
     q, k, v, segment_ids, out, residual = saved
-    dq, dk, dv, _, _ = backend.backward(q, k, v, segment_ids, out, residual, d_out, cfg)
+    delta = output_grad_rowdot(out, d_out)
+    dq, dk, dv, _, _ = backend.backward(q, k, v, segment_ids, delta, residual, d_out, cfg)
     return dq, dk, dv, None
 
 

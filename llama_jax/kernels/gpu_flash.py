@@ -192,8 +192,9 @@ def _dq_kernel(*refs, blocks: Blocks, n_q: int, qk_scale: float, scale: float, h
     _store_count(count_ref, visits)
 
 
-def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
-    """Padded inputs, forward output/lse and dO -> (dq, dk, dv, counts_dkdv, counts_dq)."""
+def backward(q, k, v, segment_ids, delta, lse, d_out, cfg: KernelConfig):
+    """Padded inputs, delta (`common.output_grad_rowdot`), forward lse and dO
+    -> (dq, dk, dv, counts_dkdv, counts_dq)."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -202,7 +203,6 @@ def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
     scale = 1.0 / head_dim ** 0.5
     qk_scale = common.log2_scale(head_dim)
     params = _compiler_params(cfg, head_dim, backward=True)
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
     seg_args = (segment_ids,) if has_seg else ()
     seg_spec = [pl.BlockSpec((None, seq), lambda *g: (g[1], 0))] if has_seg else []
 

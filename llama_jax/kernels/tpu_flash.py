@@ -223,8 +223,9 @@ def _dq_kernel(q_tab, k_tab, *refs, blocks: Blocks, qk_scale: float, scale: floa
         dq_ref[...] = (dq_acc[...] * scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
-    """Padded inputs, forward output/lse and dO -> (dq, dk, dv, counts_dkdv, counts_dq)."""
+def backward(q, k, v, segment_ids, delta, lse, d_out, cfg: KernelConfig):
+    """Padded inputs, delta (`common.output_grad_rowdot`), forward lse and dO
+    -> (dq, dk, dv, counts_dkdv, counts_dq)."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -234,7 +235,7 @@ def backward(q, k, v, segment_ids, out, lse, d_out, cfg: KernelConfig):
     qk_scale = common.log2_scale(head_dim)
     interpret = _interpret(cfg)
     qt, kt, vt, dot = (x.transpose(0, 2, 1, 3) for x in (q, k, v, d_out))
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))[..., None]
+    delta = delta[..., None]
     seg_args = _seg_args(segment_ids)
     dims = ("parallel", "parallel", "arbitrary")
 
