@@ -3,9 +3,14 @@
 Ours is exactly what `train.py` runs: `llama_jax.sharding.jit_train_step` (forward, backward, global-norm
 clipping, AdamW with the LLaMA schedule) on a one-device mesh. The competitor is `LlamaForCausalLM`
 (eager, SDPA attention) with `torch.nn.utils.clip_grad_norm_` and `torch.optim.AdamW`, same
-hyper-parameters. Both see the same random token batches (causal attention, no packing). The two
-alternate in rounds inside this one process, so a busy machine slows both alike; each round times
-`--steps` steps after the warm-up (compilation for ours), and the median round is reported.
+hyper-parameters. Both see the same random token batches (causal attention, no packing).
+
+Each framework runs in its own worker process, both started by this one run and alternating in rounds
+(one works while the other waits), so a busy machine slows both alike; each round times `--steps`
+steps after the warm-up (compilation for ours), and the median round is reported. Separate processes,
+because sharing one process made each framework pay for the other's heap: after a torch round, our next
+step found glibc's heap rearranged and faulted its 2 GB of temporaries in afresh (kernel time per M
+step 0.45 s -> 1.9 s, 25% fewer tokens/s), which no real training process ever sees.
 
 Precision pairs compared: our fp32 against torch fp32; our bf16 compute (fp32 master weights, fp32
 loss) against torch fp32 weights under `torch.autocast(bfloat16)`.
@@ -19,6 +24,8 @@ MFU is against the matmul peak measured here first (`--probe`), FLOPs per token 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -32,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from llama_jax import sharding  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
+from llama_jax.host_memory import use_huge_pages  # noqa: E402
 from llama_jax.metrics import flops_per_token  # noqa: E402
 from llama_jax.train_step import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
 
@@ -57,12 +65,15 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def model_config(shape: dict, precision: str, scan_layers: bool) -> ModelConfig:
+    return ModelConfig(vocab_size=shape["vocab_size"], dim=shape["dim"], n_layers=shape["n_layers"],
+                       n_heads=shape["n_heads"], ffn_hidden_dim=shape["ffn_hidden_dim"], max_seq_len=shape["seq"],
+                       dtype=DTYPES[precision], attention_impl="xla", scan_layers=scan_layers)
+
+
 class Ours:
     def __init__(self, shape: dict, precision: str, scan_layers: bool):
-        self.cfg = ModelConfig(vocab_size=shape["vocab_size"], dim=shape["dim"], n_layers=shape["n_layers"],
-                               n_heads=shape["n_heads"], ffn_hidden_dim=shape["ffn_hidden_dim"],
-                               max_seq_len=shape["seq"], dtype=DTYPES[precision], attention_impl="xla",
-                               scan_layers=scan_layers)
+        self.cfg = model_config(shape, precision, scan_layers)
         mesh = sharding.make_mesh(sharding.MeshConfig())
         rules = sharding.rules_for("fsdp")
         optimizer = make_optimizer(OPT, TOTAL_STEPS)
@@ -108,27 +119,46 @@ class Torch:
         return float(loss)
 
 
-def compare(name: str, precision: str, args, peak: float) -> float:
+def _worker(conn, framework: str, name: str, precision: str, scan_layers: bool, steps: int) -> None:
+    """One framework in its own process: warm up, then time `steps` steps whenever the parent asks."""
     shape = CONFIGS[name]
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, shape["vocab_size"], (shape["batch"], shape["seq"] + 1), dtype=np.int32)
-               for _ in range(args.steps)]
-    tokens_per_round = args.steps * shape["batch"] * shape["seq"]
-    ours, theirs = Ours(shape, precision, args.scan_layers), Torch(shape, precision)
+               for _ in range(steps)]
+    runner = Ours(shape, precision, scan_layers) if framework == "ours" else Torch(shape, precision)
     t = time.perf_counter()
-    ours.run(batches[:1])
-    compile_s = time.perf_counter() - t
-    theirs.run(batches[:1])
+    runner.run(batches[:1])
+    conn.send(time.perf_counter() - t)
+    while conn.recv() == "round":
+        runner.run(batches[:1])  # untimed: settles this process's memory after the other one's round
+        t = time.perf_counter()
+        runner.run(batches)
+        conn.send(time.perf_counter() - t)
+
+
+def compare(name: str, precision: str, args, peak: float) -> float:
+    shape = CONFIGS[name]
+    tokens_per_round = args.steps * shape["batch"] * shape["seq"]
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for framework in ("ours", "torch"):  # started one after the other: warm-ups do not overlap
+        conn, child = context.Pipe()
+        process = context.Process(target=_worker, args=(child, framework, name, precision, args.scan_layers,
+                                                         args.steps), daemon=True)
+        process.start()
+        workers[framework] = (conn, process, conn.recv())
     rates = {"ours": [], "torch": []}
     for _ in range(args.rounds):
-        for label, runner in (("ours", ours), ("torch", theirs)):
-            t = time.perf_counter()
-            runner.run(batches)
-            rates[label].append(tokens_per_round / (time.perf_counter() - t))
+        for framework, (conn, _, _) in workers.items():
+            conn.send("round")
+            rates[framework].append(tokens_per_round / conn.recv())
+    for conn, process, _ in workers.values():
+        conn.send("stop")
+        process.join()
     ours_rate, torch_rate = statistics.median(rates["ours"]), statistics.median(rates["torch"])
-    mfu = flops_per_token(ours.cfg, shape["seq"]) * ours_rate / peak
+    mfu = flops_per_token(model_config(shape, precision, args.scan_layers), shape["seq"]) * ours_rate / peak
     print(f"{name} {precision}: ours {ours_rate:,.0f} tokens/s (MFU {mfu:.1%} of {peak / 1e9:.0f} GFLOP/s, "
-          f"first step {compile_s:.1f} s) | torch {torch_rate:,.0f} tokens/s "
+          f"first step {workers['ours'][2]:.1f} s) | torch {torch_rate:,.0f} tokens/s "
           f"(rounds ours {[round(r) for r in rates['ours']]}, torch {[round(r) for r in rates['torch']]})")
     ratio = ours_rate / torch_rate
     print(f"ratio {name} {precision} ours/torch = {ratio:.2f}", flush=True)
@@ -144,6 +174,7 @@ def main() -> None:
     parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=False,
                         help="scan over layers (constant compile time) instead of unrolling them")
     args = parser.parse_args()
+    use_huge_pages()  # as train.py does (llama_jax/host_memory.py); it applies to both frameworks here
     configs, precisions = args.configs.split(","), args.precisions.split(",")
     for value, valid in ((configs, CONFIGS), (precisions, DTYPES)):
         unknown = [v for v in value if v not in valid]
@@ -151,7 +182,8 @@ def main() -> None:
             parser.error(f"unknown {unknown}; choose from {sorted(valid)}")
     peaks = {p: matmul_peak(jnp.float32 if p == "fp32" else jnp.bfloat16) for p in precisions}
     print("matmul peak (2048², jitted, median): " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     for name in configs:
         for precision in precisions:
             compare(name, precision, args, peaks[precision])

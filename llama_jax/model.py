@@ -104,8 +104,8 @@ class KVCache:
     prompts of different lengths can be left-padded. `index` is the number of slots written so far.
     """
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array
+    k: jax.Array  # [layers, batch, kv_heads, max_len, head_dim]: heads-major, the layout the score
+    v: jax.Array  # product reads, so a decode step never transposes the whole cache
     segment_ids: jax.Array  # [batch, max_len] int32
     index: jax.Array  # int32 scalar
 
@@ -113,7 +113,7 @@ class KVCache:
     def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, per_layer: bool = False) -> "KVCache":
         """`per_layer` (unrolled layers only): k and v as tuples of one array per layer, so a decode step
         updates each layer's cache in place instead of re-stacking all of them."""
-        shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
         k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
         if per_layer:
@@ -142,10 +142,13 @@ class Attention(nnx.Module):
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         q_offset = 0
         if cache is not None:  # write this call's keys/values into their slots, attend over all slots
-            k_cache, v_cache = cache
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-            cache, q_offset = (k, v), cache_index
+            k_cache, v_cache = (
+                jax.lax.dynamic_update_slice_in_dim(c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, axis=2)
+                for c, x in zip(cache, (k, v)))
+            cache, q_offset = (k_cache, v_cache), cache_index
+            # The attention's [batch, slots, kv_heads, d] view: XLA cancels this transpose against the
+            # one its score product would otherwise apply to the whole cache on every token.
+            k, v = k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3)
         out = attention(q, k, v, segment_ids, impl=self.impl, q_offset=q_offset)
         return self.wo(out.reshape(batch, length, self.n_heads * self.head_dim)), cache
 
