@@ -15,8 +15,8 @@ step 0.45 s -> 1.9 s, 25% fewer tokens/s), which no real training process ever s
 Precision pairs compared: our fp32 against torch fp32; our bf16 compute (fp32 master weights, fp32
 loss) against torch fp32 weights under `torch.autocast(bfloat16)`.
 
-MFU is against the matmul peak measured here first (`--probe`), FLOPs per token from
-`llama_jax.metrics.flops_per_token` (6·N + 12·L·d·T).
+MFU is against the matmul peak measured here first (`llama_jax.metrics.measured_matmul_peak`, as
+`train.py` does on a CPU), FLOPs per token from `llama_jax.metrics.flops_per_token` (6·N + 12·L·d·T).
 
     python bench/train.py                      # configs S and M, fp32 and bf16
     python bench/train.py --configs S --precisions bf16 --rounds 5 --steps 4
@@ -34,13 +34,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llama_jax import sharding  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
 from llama_jax.host_memory import use_huge_pages  # noqa: E402
-from llama_jax.metrics import flops_per_token  # noqa: E402
+from llama_jax.metrics import flops_per_token, measured_matmul_peak  # noqa: E402
 from llama_jax.train_step import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
 
 CONFIGS = {  # vocab, dim, layers, heads, ffn, seq, batch
@@ -50,19 +49,6 @@ CONFIGS = {  # vocab, dim, layers, heads, ffn, seq, batch
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 OPT = OptimizerConfig(peak_lr=3e-4, warmup_steps=10)
 TOTAL_STEPS = 1000
-
-
-def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
-    """FLOP/s of a large jitted matmul of random matrices (median of `reps`): this device's practical peak."""
-    a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
 
 
 def model_config(shape: dict, precision: str, scan_layers: bool) -> ModelConfig:
@@ -180,7 +166,7 @@ def main() -> None:
         unknown = [v for v in value if v not in valid]
         if unknown:
             parser.error(f"unknown {unknown}; choose from {sorted(valid)}")
-    peaks = {p: matmul_peak(jnp.float32 if p == "fp32" else jnp.bfloat16) for p in precisions}
+    peaks = {p: measured_matmul_peak(DTYPES[p], reps=10) for p in precisions}
     print("matmul peak (2048², jitted, median): " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
