@@ -28,9 +28,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from llama_jax.config import load_model_config  # noqa: E402
-from llama_jax.host_memory import use_huge_pages  # noqa: E402
 from llama_jax.evaluation.generate import Generator, SamplingConfig  # noqa: E402
 from llama_jax.evaluation.loading import place_model  # noqa: E402
+from llama_jax.host_memory import use_huge_pages  # noqa: E402
 from llama_jax.params import hf_config_dict, params_from_torch  # noqa: E402
 
 PRESETS = {"S": "tiny", "M": "small"}

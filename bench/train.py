@@ -6,11 +6,13 @@ clipping, AdamW with the LLaMA schedule) on a one-device mesh. The competitor is
 hyper-parameters. Both see the same random token batches (causal attention, no packing).
 
 Each framework runs in its own worker process, both started by this one run and alternating in rounds
-(one works while the other waits), so a busy machine slows both alike; each round times `--steps`
-steps after the warm-up (compilation for ours), and the median round is reported. Separate processes,
-because sharing one process made each framework pay for the other's heap: after a torch round, our next
-step found glibc's heap rearranged and faulted its 2 GB of temporaries in afresh (kernel time per M
-step 0.45 s -> 1.9 s, 25% fewer tokens/s), which no real training process ever sees.
+(one works while the other waits), so a busy machine slows both alike. A round is one untimed step,
+then `--steps` timed steps; the median round is reported (compilation happens before the first round).
+Why both: on the development VM, memory one framework freed cost the other page faults on its next
+step (our M step's kernel time 0.45 s -> 1.9 s, 25% fewer tokens/s, after a torch round in the same
+process). Separate processes keep the heaps apart; the untimed step absorbs what remains (the VM's
+balloon hands freed memory back to the host), for both frameworks alike, which no real training
+process sees.
 
 Precision pairs compared: our fp32 against torch fp32; our bf16 compute (fp32 master weights, fp32
 loss) against torch fp32 weights under `torch.autocast(bfloat16)`.
