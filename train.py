@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from llama_jax.host_memory import use_huge_pages
+    from llama_jax.host_memory import tune_host_allocator
 
-    use_huge_pages()  # restarts the program once, before any work: see llama_jax/host_memory.py
+    tune_host_allocator()  # restarts the program once, before any work: see llama_jax/host_memory.py
     sys.exit(main(sys.argv[1:]))

@@ -30,7 +30,7 @@ import transformers  # noqa: E402
 from llama_jax.config import load_model_config  # noqa: E402
 from llama_jax.evaluation.generate import Generator, SamplingConfig  # noqa: E402
 from llama_jax.evaluation.loading import place_model  # noqa: E402
-from llama_jax.host_memory import use_huge_pages  # noqa: E402
+from llama_jax.host_memory import tune_host_allocator  # noqa: E402
 from llama_jax.params import hf_config_dict, params_from_torch  # noqa: E402
 
 PRESETS = {"S": "tiny", "M": "small"}
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="llama_jax's dtype")
     args = parser.parse_args(argv)
-    use_huge_pages()  # as eval.py does (llama_jax/host_memory.py); it applies to both frameworks here
+    tune_host_allocator()  # as eval.py does (llama_jax/host_memory.py); it applies to both frameworks here
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}; jax "
           f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}; llama_jax {args.dtype}, transformers fp32; "

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from llama_jax import sharding  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
-from llama_jax.host_memory import use_huge_pages  # noqa: E402
+from llama_jax.host_memory import tune_host_allocator  # noqa: E402
 from llama_jax.metrics import flops_per_token, measured_matmul_peak  # noqa: E402
 from llama_jax.train_step import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
 
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=False,
                         help="scan over layers (constant compile time) instead of unrolling them")
     args = parser.parse_args()
-    use_huge_pages()  # as train.py does (llama_jax/host_memory.py); it applies to both frameworks here
+    tune_host_allocator()  # as train.py does (llama_jax/host_memory.py); it applies to both frameworks here
     configs, precisions = args.configs.split(","), args.precisions.split(",")
     for value, valid in ((configs, CONFIGS), (precisions, DTYPES)):
         unknown = [v for v in value if v not in valid]
