@@ -7,7 +7,8 @@ hyper-parameters. Both see the same random token batches (causal attention, no p
 
 Each framework runs in its own worker process, both started by this one run and alternating in rounds
 (one works while the other waits), so a busy machine slows both alike. A round is one untimed step,
-then `--steps` timed steps; the median round is reported (compilation happens before the first round).
+then `--steps` timed steps; the median round is reported (compilation and `--steps` warm-up steps, in
+which the process's heap grows to its steady size, happen before the first round).
 Why both: on the development VM, memory one framework freed cost the other page faults on its next
 step (our M step's kernel time 0.45 s -> 1.9 s, 25% fewer tokens/s, after a torch round in the same
 process). Separate processes keep the heaps apart; the untimed step absorbs what remains (the VM's
@@ -117,6 +118,7 @@ def _worker(conn, framework: str, name: str, precision: str, scan_layers: bool, 
     t = time.perf_counter()
     runner.run(batches[:1])
     conn.send(time.perf_counter() - t)
+    runner.run(batches)  # warm-up: the process's heap grows to its steady size (seconds of page faults)
     while conn.recv() == "round":
         runner.run(batches[:1])  # untimed: settles this process's memory after the other one's round
         t = time.perf_counter()
