@@ -15,10 +15,16 @@ linearly in T per sequence stays flat down the table; the reference's T x T scor
 On a CPU (no GPU): correctness only, small shapes in interpret mode, both Pallas kernels vs `xla`.
 
     python bench/attention.py [--seq-lens 1024,2048,4096,8192,16384] [--markdown bench/RESULTS.md]
+                              [--sweep 4096]
+
+`--sweep T` then times variants of our kernel's block sizes, warps and pipeline stages at that T (the
+forward and the backward separately, so each kernel's best setting can be read off), against cuDNN's
+fwd+bwd at the same T: the data for choosing `flash_attention_gpu`'s defaults.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -76,6 +82,22 @@ def peak_bytes(program, args) -> int:
         - stats.alias_size_in_bytes
 
 
+# Kernel settings tried by --sweep, each a change from flash_attention_gpu's defaults (forward blocks
+# 128 x 64, dK/dV 32 x 128, dQ 128 x 32, 8 warps at head_dim 128, 3 stages forward / 2 backward).
+SWEEP = {
+    "defaults": {},
+    "fwd 128x128": dict(block_q=128, block_k=128),
+    "fwd 64x64": dict(block_q=64, block_k=64),
+    "fwd 64x128": dict(block_q=64, block_k=128),
+    "bwd dkdv 64x128 dq 128x64": dict(block_q_dkdv=64, block_k_dkdv=128, block_q_dq=128, block_k_dq=64),
+    "bwd dkdv 64x64 dq 64x64": dict(block_q_dkdv=64, block_k_dkdv=64, block_q_dq=64, block_k_dq=64),
+    "bwd dkdv 16x128 dq 128x16": dict(block_q_dkdv=16, block_k_dkdv=128, block_q_dq=128, block_k_dq=16),
+    "4 warps": dict(num_warps=4),
+    "2 stages": dict(num_stages=2),
+    "4 stages": dict(num_stages=4),
+}
+
+
 def benchmark(args) -> list[dict]:
     rows = []
     for seq in args.seq_lens:
@@ -96,6 +118,26 @@ def benchmark(args) -> list[dict]:
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
+
+
+def sweep(args, seq: int, cudnn_fwdbwd_ms: float | None) -> list[str]:
+    """Markdown rows: each SWEEP variant's forward, backward (fwd+bwd minus fwd) and fwd+bwd times at T."""
+    batch = max(1, args.tokens // seq)
+    data = inputs(batch, seq, args.heads, args.kv_heads, args.head_dim, jnp.bfloat16)
+    lines = [f"Sweep at T = {seq}, batch {batch} (cuDNN fwd+bwd {cudnn_fwdbwd_ms or float('nan'):.3f} ms)", "",
+             "| variant | fwd ms | bwd ms | fwd+bwd ms | cuDNN / ours (fwd+bwd) |", "|---|---|---|---|---|"]
+    for name, kwargs in SWEEP.items():
+        try:
+            forward, forward_backward = programs(functools.partial(flash_attention_gpu, **kwargs))
+            fwd = 1e3 * median_seconds(forward, data, args.warmup, args.iters)
+            both = 1e3 * median_seconds(forward_backward, data, args.warmup, args.iters)
+            vs = f"{cudnn_fwdbwd_ms / both:.2f}x" if cudnn_fwdbwd_ms else "n/a"
+            line = f"| {name} | {fwd:.3f} | {both - fwd:.3f} | {both:.3f} | {vs} |"
+        except Exception as e:  # noqa: BLE001  (a variant that does not compile or fit is a table entry)
+            line = f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | |"
+        print(line, flush=True)
+        lines.append(line)
+    return lines
 
 
 def format_row(row) -> str:
@@ -160,6 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--markdown", type=Path, help="append the table and ratio lines to this file")
+    parser.add_argument("--sweep", type=int, metavar="T", help="then time the SWEEP variants of our kernel at T")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         return cpu_check()
@@ -169,9 +212,14 @@ def main(argv=None) -> int:
     rows = benchmark(args)
     ratios = ratio_lines(rows)
     print("\n".join(ratios))
+    lines = [HEADER] + [format_row(r) for r in rows] + [""] + [f"    {r}" for r in ratios]
+    if args.sweep:
+        cudnn = next((r["fwdbwd_ms"] for r in rows if r["impl"] == "cudnn" and r["seq"] == args.sweep
+                      and "error" not in r), None)
+        lines += [""] + sweep(args, args.sweep, cudnn)
     if args.markdown:
         with args.markdown.open("a") as f:
-            f.write("\n".join([HEADER] + [format_row(r) for r in rows] + [""] + [f"    {r}" for r in ratios]) + "\n")
+            f.write("\n".join(lines) + "\n")
     return 0
 
 
