@@ -82,18 +82,18 @@ def peak_bytes(program, args) -> int:
         - stats.alias_size_in_bytes
 
 
-# Kernel settings tried by --sweep, each a change from flash_attention_gpu's defaults (forward blocks
-# 128 x 64, dK/dV 32 x 128, dQ 128 x 32, 8 warps at head_dim 128, 3 stages forward / 2 backward).
+# Kernel settings tried by --sweep, each one change from flash_attention_gpu's defaults (forward blocks
+# 128 x 64, dK/dV 64 x 128, dQ 128 x 64, 8 warps at head_dim 128, 3 stages forward / 2 backward).
 SWEEP = {
     "defaults": {},
     "fwd 128x128": dict(block_q=128, block_k=128),
-    "fwd 64x64": dict(block_q=64, block_k=64),
-    "fwd 64x128": dict(block_q=64, block_k=128),
-    "bwd dkdv 64x128 dq 128x64": dict(block_q_dkdv=64, block_k_dkdv=128, block_q_dq=128, block_k_dq=64),
-    "bwd dkdv 64x64 dq 64x64": dict(block_q_dkdv=64, block_k_dkdv=64, block_q_dq=64, block_k_dq=64),
-    "bwd dkdv 16x128 dq 128x16": dict(block_q_dkdv=16, block_k_dkdv=128, block_q_dq=128, block_k_dq=16),
-    "4 warps": dict(num_warps=4),
-    "2 stages": dict(num_stages=2),
+    "dkdv 32x128": dict(block_q_dkdv=32),
+    "dkdv 128x128": dict(block_q_dkdv=128),
+    "dkdv 64x64": dict(block_k_dkdv=64),
+    "dq 128x32": dict(block_k_dq=32),
+    "dq 128x128": dict(block_k_dq=128),
+    "dq 64x64": dict(block_q_dq=64),
+    "3 stages": dict(num_stages=3),
     "4 stages": dict(num_stages=4),
 }
 
@@ -121,20 +121,28 @@ def benchmark(args) -> list[dict]:
 
 
 def sweep(args, seq: int, cudnn_fwdbwd_ms: float | None) -> list[str]:
-    """Markdown rows: each SWEEP variant's forward, backward (fwd+bwd minus fwd) and fwd+bwd times at T."""
+    """Markdown rows: each SWEEP variant's forward, backward (fwd+bwd minus fwd) and fwd+bwd times at T,
+    and its largest relative difference from the defaults' (out, dq, dk, dv), so a fast but wrong
+    setting shows."""
     batch = max(1, args.tokens // seq)
     data = inputs(batch, seq, args.heads, args.kv_heads, args.head_dim, jnp.bfloat16)
     lines = [f"Sweep at T = {seq}, batch {batch} (cuDNN fwd+bwd {cudnn_fwdbwd_ms or float('nan'):.3f} ms)", "",
-             "| variant | fwd ms | bwd ms | fwd+bwd ms | cuDNN / ours (fwd+bwd) |", "|---|---|---|---|---|"]
+             "| variant | fwd ms | bwd ms | fwd+bwd ms | cuDNN / ours (fwd+bwd) | max rel. diff vs defaults |",
+             "|---|---|---|---|---|---|"]
+    baseline = None
     for name, kwargs in SWEEP.items():
         try:
             forward, forward_backward = programs(functools.partial(flash_attention_gpu, **kwargs))
             fwd = 1e3 * median_seconds(forward, data, args.warmup, args.iters)
             both = 1e3 * median_seconds(forward_backward, data, args.warmup, args.iters)
+            results = (forward(*data),) + tuple(forward_backward(*data))
+            baseline = baseline or results
+            diff = max(float(jnp.linalg.norm((r - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+                       for r, b in zip(results, baseline))
             vs = f"{cudnn_fwdbwd_ms / both:.2f}x" if cudnn_fwdbwd_ms else "n/a"
-            line = f"| {name} | {fwd:.3f} | {both - fwd:.3f} | {both:.3f} | {vs} |"
+            line = f"| {name} | {fwd:.3f} | {both - fwd:.3f} | {both:.3f} | {vs} | {diff:.1e} |"
         except Exception as e:  # noqa: BLE001  (a variant that does not compile or fit is a table entry)
-            line = f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | |"
+            line = f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |"
         print(line, flush=True)
         lines.append(line)
     return lines

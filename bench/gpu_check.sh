@@ -30,13 +30,15 @@ trap 'rm -rf "$WORK"' EXIT
 
 echo "== 1/3 correctness on $GPU, jax $JAX_VERSION: compiled Pallas GPU kernel vs xla reference"
 # Four test processes share the GPU (compiling is the slow part), so none may preallocate its memory.
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$PYTHON" -m pytest -q -n 4 -p no:cacheprovider \
+# -v: each test's verdict as it ends (kept if the timeout strikes); faulthandler: stacks of a test stuck 60 s.
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 "$PYTHON" -m pytest -v -rfE --tb=short -n 4 -p no:cacheprovider \
+    -o faulthandler_timeout=60 \
     tests/test_kernels.py tests/test_kernels_train.py -k "not tpu and not poison" 2>&1 | tee "$WORK/pytest.log"
 TESTS_STATUS=${PIPESTATUS[0]}
 TESTS_SUMMARY=$(tail -n 1 "$WORK/pytest.log")
 
 echo "== 2/3 benchmark"
-timeout 240 "$PYTHON" bench/attention.py --sweep 4096 --markdown "$WORK/table.md" 2>&1 | tee "$WORK/bench.log"
+timeout 200 "$PYTHON" bench/attention.py --sweep 4096 --markdown "$WORK/table.md" 2>&1 | tee "$WORK/bench.log"
 BENCH_STATUS=${PIPESTATUS[0]}
 
 echo "== 3/3 results"

@@ -255,8 +255,8 @@ BACKEND = common.Backend(forward=forward, backward=backward, align=ALIGN)
 
 
 def flash_attention_gpu(q, k, v, segment_ids=None, *, block_q: int = 128, block_k: int = 64,
-                        block_q_dkdv: int | None = 32, block_k_dkdv: int | None = 128,
-                        block_q_dq: int | None = 128, block_k_dq: int | None = 32,
+                        block_q_dkdv: int | None = 64, block_k_dkdv: int | None = 128,
+                        block_q_dq: int | None = 128, block_k_dq: int | None = 64,
                         num_warps: int | None = None, num_stages: int | None = None,
                         interpret: bool | None = None):
     """Causal grouped-query flash attention on a GPU (Pallas/Triton); interpret mode where no GPU is.
@@ -264,7 +264,8 @@ def flash_attention_gpu(q, k, v, segment_ids=None, *, block_q: int = 128, block_
     q [B, T, H, D], k/v [B, T, KV, D] (KV divides H), segment_ids [B, T] int or None (0 = padding).
     Returns [B, T, H, D] in q's dtype; differentiable. Block sizes are powers of two >= 16; backward
     blocks left None take the forward's. Each backward kernel holds a wide block (128 rows, the one it
-    accumulates into) and streams narrow ones (32 rows). num_warps / num_stages None: see
+    accumulates into) and streams narrower ones (64 rows: the fastest of the
+    settings bench/attention.py --sweep tried on an H200). num_warps / num_stages None: see
     `_compiler_params`.
     """
     requested = common.requested_blocks(block_q, block_k, block_q_dkdv, block_k_dkdv, block_q_dq, block_k_dq)
