@@ -83,17 +83,16 @@ def peak_bytes(program, args) -> int:
 
 
 # Kernel settings tried by --sweep, each one change from flash_attention_gpu's defaults (forward blocks
-# 128 x 64, dK/dV 64 x 128, dQ 128 x 64, 8 warps at head_dim 128, 3 stages forward / 2 backward).
+# 128 x 128, dK/dV 64 x 128, dQ 128 x 32, 8 warps at head_dim 128, 3 pipeline stages).
 SWEEP = {
     "defaults": {},
-    "fwd 128x128": dict(block_q=128, block_k=128),
+    "fwd 128x64": dict(block_k=64),
+    "fwd 64x128": dict(block_q=64),
     "dkdv 32x128": dict(block_q_dkdv=32),
-    "dkdv 128x128": dict(block_q_dkdv=128),
     "dkdv 64x64": dict(block_k_dkdv=64),
-    "dq 128x32": dict(block_k_dq=32),
-    "dq 128x128": dict(block_k_dq=128),
-    "dq 64x64": dict(block_q_dq=64),
-    "3 stages": dict(num_stages=3),
+    "dq 128x64": dict(block_k_dq=64),
+    "dq 128x16": dict(block_k_dq=16),
+    "2 stages": dict(num_stages=2),
     "4 stages": dict(num_stages=4),
 }
 

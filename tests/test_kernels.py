@@ -84,8 +84,8 @@ GPU_CASES = [
     (3, 17, 8, 2, 64, jnp.bfloat16, True, (16, 16, 16, 16, 16, 16)),
     (3, 128, 8, 1, 128, jnp.float32, True, (32, 16, 16, 32, 32, 16)),
     (2, 300, 4, 4, 128, jnp.bfloat16, True, (64, 32, 32, 64, 64, 32)),
-    (1, 1024, 4, 1, 64, jnp.float32, True, (128, 128, 128, 128, 128, 128)),
-    (1, 1024, 8, 1, 128, jnp.bfloat16, False, (128, 64, 32, 128, 128, 32)),
+    (1, 1024, 4, 1, 64, jnp.float32, True, (64, 64, 64, 64, 64, 64)),  # fp32 blocks are at most 64
+    (1, 1024, 8, 1, 128, jnp.bfloat16, False, (128, 128, 64, 128, 128, 32)),  # the defaults
     (1, 40, 2, 1, 64, jnp.float16, True, (16, 32, 32, 16, 16, 32)),  # float16 is accepted too
 ]
 TPU_CASES = [
@@ -206,6 +206,33 @@ def test_cost_estimate_counts_only_causal_pairs(backend):
         assert estimate.flops == 2 * matmuls * bq_ * bk_ * head_dim * pairs, name
         assert estimate.transcendentals == pairs * bq_ * bk_, name
         assert pairs < 0.6 * square
+
+
+def _pallas_grids(jaxpr, grids=None) -> dict:
+    """{kernel name: grid} of every pallas_call in a jaxpr, also inside custom_vjp / pjit sub-jaxprs."""
+    grids = {} if grids is None else grids
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            grids[eqn.params["name"]] = eqn.params["grid_mapping"].grid
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _pallas_grids(sub, grids)
+    return grids
+
+
+def test_gpu_default_blocks_and_fp32_cap():
+    """Default blocks reach the kernels (bf16: 128-row forward, dK/dV and dQ programs); fp32 inputs get at
+    most FP32_MAX_BLOCK rows per block (128-row fp32 tiles took over 2 minutes to compile on an H200)."""
+    seq = 256
+    for dtype, rows in ((jnp.bfloat16, 128), (jnp.float32, gpu_flash.FP32_MAX_BLOCK)):
+        q, k, v, d_out, _ = make_inputs(0, 1, seq, 2, 1, 64, dtype, False)
+        jaxpr = jax.make_jaxpr(value_and_grads.__wrapped__, static_argnums=0)(
+            lambda q, k, v: flash_attention_gpu(q, k, v, interpret=True), q, k, v, d_out)
+        grids = _pallas_grids(jaxpr.jaxpr)
+        assert grids == {"flash_fwd_gpu": (seq // rows, 1, 2), "flash_dkdv_gpu": (seq // rows, 1, 1),
+                         "flash_dq_gpu": (seq // rows, 1, 2)}, (jnp.dtype(dtype).name, grids)
 
 
 def test_visited_pairs_formula():

@@ -28,21 +28,25 @@ from llama_jax.kernels import common
 from llama_jax.kernels.common import Blocks, KernelConfig
 
 ALIGN = 16  # tl.dot needs every matrix dimension >= 16; blocks are powers of two
+# fp32 inputs: every block at most 64. Their dots run IEEE fp32 (no tensor cores) on tiles twice the
+# size of 16-bit ones; with 128-row blocks one jitted fwd+bwd took over 2 minutes to compile on an H200.
+FP32_MAX_BLOCK = 64
 
 
 def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _compiler_params(cfg: KernelConfig, head_dim: int, backward: bool):
-    """num_warps / num_stages, each None = default: 4 warps up to head_dim 64, else 8; 3 pipeline stages
-    forward, 2 backward (its loop body holds twice the tiles, so deeper pipelining costs occupancy)."""
+def _compiler_params(cfg: KernelConfig, head_dim: int):
+    """num_warps / num_stages, each None = default: 4 warps up to head_dim 64, else 8; 3 pipeline stages.
+
+    On an H200 at head_dim 128 (bench/attention.py --sweep): 4 warps made the backward 2.1x slower;
+    3 backward stages instead of 2 took it from 9.1 to 7.8 ms (T = 4096, batch 8, 32 heads).
+    """
     num_warps, num_stages = cfg.compiler
     if num_warps is None:
         num_warps = 4 if head_dim <= 64 else 8
-    if num_stages is None:
-        num_stages = 2 if backward else 3
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=3 if num_stages is None else num_stages)
 
 
 def _causal_loop(ranges, body, carry, visits):
@@ -127,7 +131,7 @@ def forward(q, k, v, segment_ids, cfg: KernelConfig):
         args = (segment_ids,) + args
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n_q, batch, heads), in_specs=in_specs, out_specs=out_specs,
-        compiler_params=_compiler_params(cfg, head_dim, backward=False), interpret=cfg.interpret, name="flash_fwd_gpu",
+        compiler_params=_compiler_params(cfg, head_dim), interpret=cfg.interpret, name="flash_fwd_gpu",
         cost_estimate=common.cost_estimate(batch, heads, seq, head_dim, bq, bk, q.dtype.itemsize, 2),
     )(*args)
     return outs[0], outs[1], (outs[2] if cfg.count_visits else None)
@@ -202,7 +206,7 @@ def backward(q, k, v, segment_ids, delta, lse, d_out, cfg: KernelConfig):
     count = cfg.count_visits
     scale = 1.0 / head_dim ** 0.5
     qk_scale = common.log2_scale(head_dim)
-    params = _compiler_params(cfg, head_dim, backward=True)
+    params = _compiler_params(cfg, head_dim)
     seg_args = (segment_ids,) if has_seg else ()
     seg_spec = [pl.BlockSpec((None, seq), lambda *g: (g[1], 0))] if has_seg else []
 
@@ -254,19 +258,19 @@ def backward(q, k, v, segment_ids, delta, lse, d_out, cfg: KernelConfig):
 BACKEND = common.Backend(forward=forward, backward=backward, align=ALIGN)
 
 
-def flash_attention_gpu(q, k, v, segment_ids=None, *, block_q: int = 128, block_k: int = 64,
+def flash_attention_gpu(q, k, v, segment_ids=None, *, block_q: int = 128, block_k: int = 128,
                         block_q_dkdv: int | None = 64, block_k_dkdv: int | None = 128,
-                        block_q_dq: int | None = 128, block_k_dq: int | None = 64,
+                        block_q_dq: int | None = 128, block_k_dq: int | None = 32,
                         num_warps: int | None = None, num_stages: int | None = None,
                         interpret: bool | None = None):
     """Causal grouped-query flash attention on a GPU (Pallas/Triton); interpret mode where no GPU is.
 
     q [B, T, H, D], k/v [B, T, KV, D] (KV divides H), segment_ids [B, T] int or None (0 = padding).
     Returns [B, T, H, D] in q's dtype; differentiable. Block sizes are powers of two >= 16; backward
-    blocks left None take the forward's. Each backward kernel holds a wide block (128 rows, the one it
-    accumulates into) and streams narrower ones (64 rows: the fastest of the
-    settings bench/attention.py --sweep tried on an H200). num_warps / num_stages None: see
-    `_compiler_params`.
+    blocks left None take the forward's; with fp32 inputs each is capped at `FP32_MAX_BLOCK`. Each
+    backward kernel holds a wide block (128 rows, the one it accumulates into) and streams narrower
+    ones. The defaults are, one by one, the fastest settings bench/attention.py --sweep tried on an H200
+    (head_dim 128, bf16). num_warps / num_stages None: see `_compiler_params`.
     """
     requested = common.requested_blocks(block_q, block_k, block_q_dkdv, block_k_dkdv, block_q_dq, block_k_dq)
     for name, value in zip(common.BLOCK_NAMES, requested):
@@ -275,6 +279,8 @@ def flash_attention_gpu(q, k, v, segment_ids=None, *, block_q: int = 128, block_
     head_dim = q.shape[-1]
     if head_dim < ALIGN or head_dim & (head_dim - 1):
         raise ValueError(f"flash_attention_gpu: head_dim={head_dim}; Triton needs a power of two >= {ALIGN}")
+    if jnp.dtype(q.dtype) == jnp.float32:
+        requested = common.Blocks(*(min(b, FP32_MAX_BLOCK) if isinstance(b, int) else b for b in requested))
     if interpret is None:
         interpret = default_interpret()
     return common.flash_attention(q, k, v, segment_ids, BACKEND, requested, interpret,
