@@ -179,9 +179,23 @@ def test_kernels_visit_only_causal_block_pairs(backend, plan):
         assert_matches(g, w, jnp.float32, name)
 
 
+def _pallas_call_params(jaxpr, found=None) -> dict:
+    """{kernel name: params} of every pallas_call in a jaxpr, also inside custom_vjp / pjit sub-jaxprs."""
+    found = {} if found is None else found
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found[eqn.params["name"]] = eqn.params
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _pallas_call_params(sub, found)
+    return found
+
+
 def _pallas_cost_estimates(fn, *args):
-    jaxpr = jax.make_jaxpr(fn)(*args)
-    return {e.params["name"]: e.params["cost_estimate"] for e in jaxpr.eqns if e.primitive.name == "pallas_call"}
+    calls = _pallas_call_params(jax.make_jaxpr(fn)(*args).jaxpr)
+    return {name: params["cost_estimate"] for name, params in calls.items()}
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
@@ -208,20 +222,6 @@ def test_cost_estimate_counts_only_causal_pairs(backend):
         assert pairs < 0.6 * square
 
 
-def _pallas_grids(jaxpr, grids=None) -> dict:
-    """{kernel name: grid} of every pallas_call in a jaxpr, also inside custom_vjp / pjit sub-jaxprs."""
-    grids = {} if grids is None else grids
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            grids[eqn.params["name"]] = eqn.params["grid_mapping"].grid
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    _pallas_grids(sub, grids)
-    return grids
-
-
 def test_gpu_default_blocks_and_fp32_cap():
     """Default blocks reach the kernels (bf16: 128-row forward, dK/dV and dQ programs); fp32 inputs get at
     most FP32_MAX_BLOCK rows per block (128-row fp32 tiles took over 2 minutes to compile on an H200)."""
@@ -230,7 +230,7 @@ def test_gpu_default_blocks_and_fp32_cap():
         q, k, v, d_out, _ = make_inputs(0, 1, seq, 2, 1, 64, dtype, False)
         jaxpr = jax.make_jaxpr(value_and_grads.__wrapped__, static_argnums=0)(
             lambda q, k, v: flash_attention_gpu(q, k, v, interpret=True), q, k, v, d_out)
-        grids = _pallas_grids(jaxpr.jaxpr)
+        grids = {name: params["grid_mapping"].grid for name, params in _pallas_call_params(jaxpr.jaxpr).items()}
         assert grids == {"flash_fwd_gpu": (seq // rows, 1, 2), "flash_dkdv_gpu": (seq // rows, 1, 1),
                          "flash_dq_gpu": (seq // rows, 1, 2)}, (jnp.dtype(dtype).name, grids)
 
