@@ -20,8 +20,10 @@ The tunables, all read once when the process starts (`GLIBC_TUNABLES`, glibc ≥
 `tune_host_allocator()` re-executes the program (same interpreter, same arguments) with the tunables
 added, before anything else has happened. The programs `train.py`, `eval.py` and the benchmarks call it
 first thing; library code never does. A tunable the user already set keeps the user's value; when all
-are set (which also stops a second restart), off Linux, or with `LLAMA_JAX_MALLOC_TUNING=0`, nothing
-happens. Older glibc ignores the tunables, so the restart is harmless there.
+are set (which also stops a second restart), off Linux, with `LLAMA_JAX_MALLOC_TUNING=0`, or when the
+program cannot be started again (read from standard input, `python - < script.py`, or an interactive
+session: the restart would find stdin consumed) nothing happens. Older glibc ignores the tunables, so
+the restart is harmless there.
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ def wanted_tunables() -> dict[str, str]:
 def tune_host_allocator() -> None:
     """Restart this program with the malloc tunables it lacks added to `GLIBC_TUNABLES` (see above)."""
     if not sys.platform.startswith("linux") or os.environ.get("LLAMA_JAX_MALLOC_TUNING") == "0":
+        return
+    if sys.argv[0] in ("-", ""):  # program from stdin or interactive: it cannot be run a second time
         return
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     user_set = {item.split("=", 1)[0] for item in tunables.split(":") if item}

@@ -34,11 +34,14 @@ print("faults", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 
 ARGS = "['--flag', 'value']"
 
 
-def run_probe(**env_extra) -> tuple[list[str], float]:
+def run_probe(*, from_stdin: bool = False, **env_extra) -> tuple[list[str], float]:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LLAMA_JAX_MALLOC_TUNING")}
-    out = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT)), "--flag", "value"], check=True,
-                         capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu", **env_extra},
+    probe = PROBE.format(root=str(ROOT))
+    program = ["-"] if from_stdin else ["-c", probe]
+    out = subprocess.run([sys.executable, *program, "--flag", "value"], check=True, capture_output=True, text=True,
+                         input=probe if from_stdin else None, env={**env, "JAX_PLATFORMS": "cpu", **env_extra},
                          timeout=120).stdout.splitlines()
+    assert out and out[-1].startswith("faults"), f"the probe did not run to its end: {out}"
     return [line for line in out if line.startswith("start")], float(out[-1].split()[1])
 
 
@@ -64,3 +67,9 @@ def test_a_users_own_tunables_are_kept_and_the_missing_ones_added():
     assert starts[-1] == f"start {ARGS} {HUGE_PAGES}=0:{ours(exclude=(HUGE_PAGES,))}"
     starts, _ = run_probe(GLIBC_TUNABLES=ours())  # nothing missing: no restart
     assert starts == [f"start {ARGS} {ours()}"]
+
+
+def test_a_program_read_from_stdin_runs_once_without_a_restart():
+    """`python - < script.py`: a restart would read the consumed stdin and silently do nothing."""
+    starts, _ = run_probe(from_stdin=True)  # run_probe checks that the program ran to its end
+    assert starts == [f"start {ARGS} "]
