@@ -224,7 +224,10 @@ class Transformer(nnx.Module):
             segment_ids = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, new_segments.astype(jnp.int32), start, axis=1)
         rope = rope_angles(cfg, positions)
 
-        x = jnp.take(self.tok_embeddings[...], tokens, axis=0).astype(cfg.compute_dtype)
+        # The lookup reads whole rows: gather the table's embed shards first, as FSDP does for a matmul's
+        # weights (left to itself, XLA:SPMD replicates the looked-up activations instead).
+        table = constrain(self.tok_embeddings[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, BATCH_LENGTH_EMBED)
 
         block_def, block_params = nnx.split(self.layers)

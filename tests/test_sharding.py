@@ -157,14 +157,19 @@ def state_bytes(state) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results():
+def worker_run() -> subprocess.CompletedProcess:
     # LLVM optimisation level 0: the same numerics at a fraction of the compile time (tiny shapes).
     xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags}
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=300, env=env,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def results(worker_run) -> dict:
+    return json.loads(worker_run.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
@@ -177,6 +182,12 @@ def test_mesh_matches_single_device(results, mesh):
     assert r["params_err"] <= RTOL
     assert r["opt_state_err"] <= RTOL
     assert r["eval_err"] <= RTOL
+
+
+def test_no_mesh_falls_back_to_replicating_a_tensor(worker_run):
+    """XLA's SPMD partitioner logs this when it cannot reshard a tensor and replicates it whole on every
+    device instead (the embedding lookup under fsdp+tp did, before the table's shards were gathered)."""
+    assert "Involuntary full rematerialization" not in worker_run.stderr
 
 
 def test_attention_kernel_runs_per_shard_in_shard_map(results):
