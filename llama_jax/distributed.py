@@ -7,8 +7,10 @@ rows (`make_global_batch`), only `is_main_process()` logs, and all hosts take pa
 Modes:
     auto  join when the environment says this is one process of several: an explicit coordinator
           (config or JAX_COORDINATOR_ADDRESS), a SLURM step with more than one task, an Open MPI job
-          with more than one rank; otherwise run alone. (Cloud TPU pods are not visible from the
-          environment alone: use `on` there.)
+          with more than one rank, a multi-host TPU slice on GKE (TPU_WORKER_HOSTNAMES lists more
+          than one host); otherwise run alone. (A TPU VM slice started with `gcloud ... ssh
+          --worker=all` says so only through the metadata server, which `auto` does not query: use
+          `on` there.)
     on    always join; whatever is not given explicitly is detected by JAX (Cloud TPU, SLURM, Open MPI,
           Kubernetes).
     off   never join: a single process.
@@ -62,6 +64,8 @@ def cluster_in_environment() -> str | None:
         return "slurm"
     if _env_int("OMPI_COMM_WORLD_SIZE") > 1:
         return "openmpi"
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return "gke-tpu"
     return None
 
 

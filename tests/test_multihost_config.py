@@ -6,7 +6,7 @@ from llama_jax.config_io import ConfigError, from_dict
 from llama_jax.distributed import DistributedConfig, cluster_in_environment, initialize, is_main_process, should_join
 
 LAUNCHER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
-                 "OMPI_COMM_WORLD_SIZE")
+                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 
 @pytest.fixture
@@ -45,6 +45,13 @@ def test_explicit_coordinator_or_mode_on_joins(bare_env):
     assert should_join(DistributedConfig(mode="on"))
     bare_env.setenv("OMPI_COMM_WORLD_SIZE", "8")
     assert cluster_in_environment() == "openmpi"
+
+
+def test_auto_mode_joins_a_multi_host_gke_tpu_slice(bare_env):
+    bare_env.setenv("TPU_WORKER_HOSTNAMES", "localhost")  # a single-host slice: one process
+    assert cluster_in_environment() is None
+    bare_env.setenv("TPU_WORKER_HOSTNAMES", "job-0.svc,job-1.svc,job-2.svc,job-3.svc")
+    assert cluster_in_environment() == "gke-tpu" and should_join(DistributedConfig())
 
 
 def test_single_process_stays_alone(bare_env):
