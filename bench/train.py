@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--torch_stock", action=argparse.BooleanOptionalAction, default=True,
                         help="also time torch with glibc's stock allocator (a third worker)")
     args = parser.parse_args()
-    tune_host_allocator()  # as train.py does (llama_jax/host_memory.py); it applies to both frameworks here
+    tune_host_allocator()  # as train.py does (llama_jax/host_memory.py); the stock-malloc torch worker drops it
     configs, precisions = args.configs.split(","), args.precisions.split(",")
     for value, valid in ((configs, CONFIGS), (precisions, DTYPES)):
         unknown = [v for v in value if v not in valid]
