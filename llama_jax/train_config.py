@@ -63,6 +63,8 @@ class TrainConfig:
     async_checkpointing: bool = True
     progress: str = "auto"  # auto: a tqdm bar on a terminal, plain log lines otherwise
     peak_flops_per_device: float = 0.0  # MFU denominator; 0 = the table in llama_jax.metrics
+    profile_steps: int = 0  # trace this many steps with JAX's profiler into run_dir/profile; 0 = off
+    profile_start_step: int = 3  # the first traced step (step 1 compiles)
 
     def __post_init__(self):
         positive = ("steps", "global_batch_size", "seq_len", "micro_batches", "log_every", "checkpoint_every",
@@ -70,7 +72,9 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("stop_at_step", "eval_every", "eval_batches", "eval_batch_size", "keep_period"):
+        if self.profile_start_step < 1:
+            raise ConfigError(f"profile_start_step must be >= 1, got {self.profile_start_step}")
+        for key in ("stop_at_step", "eval_every", "eval_batches", "eval_batch_size", "keep_period", "profile_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.stop_at_step > self.steps:

@@ -36,6 +36,7 @@ from llama_jax.config_io import ConfigError, to_dict
 from llama_jax.distributed import initialize
 from llama_jax.metrics import MetricsLog, Progress, flops_per_token, format_values, peak_flops
 from llama_jax.model import param_count
+from llama_jax.profiling import StepProfiler
 from llama_jax.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.train_config import TrainConfig
 from llama_jax.train_step import TrainState, init_params, init_train_state, lr_schedule, make_optimizer
@@ -260,6 +261,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.eval_every:
         evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, cfg.eval_batches or None)
 
+    profiler = StepProfiler(run_dir / "profile", cfg.profile_start_step, cfg.profile_steps)
     window = _Window(cfg)
     result = TrainResult(first_step=first + 1, last_step=first)
     last_saved = first if ckpts.latest_step() == first and first else None
@@ -275,9 +277,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     try:
         for step in range(first + 1, cfg.last_step + 1):
+            profiler.step_starting(step)
             batch = sharding.make_global_batch(next(data), mesh, rules)
             state, metrics = step_fn(state, batch)
             metrics = jax.device_get(metrics)
+            profiler.step_finished(step)
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 ckpts.wait()
@@ -322,6 +326,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                              f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
         ckpts.wait()
     finally:
+        profiler.close()
         preemption.restore()
         progress.close()
         log.close()

@@ -130,7 +130,7 @@ def run_in_process(corpus, run_dir, **extra):
 
 def test_loss_decreases_and_metrics_are_written(corpus, tmp_path):
     result = run_in_process(corpus, tmp_path / "run", log_every=5, eval_every=10, eval_batches=2,
-                 checkpoint_every=10)
+                 checkpoint_every=10, profile_steps=2, profile_start_step=4)
     assert result.status == "completed" and len(result.losses) == 30
     assert np.mean(result.losses[-5:]) < result.losses[0] - 1.5, result.losses  # ln(300) ≈ 5.7 at start
     val = result.validation
@@ -143,6 +143,8 @@ def test_loss_decreases_and_metrics_are_written(corpus, tmp_path):
         assert all(np.isfinite(r[key]) for r in train_records), key
     assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    traces = list((tmp_path / "run" / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and b"jit_train_step" in traces[0].read_bytes()  # steps 4-5, one trace
     assert (tmp_path / "run" / "tokenizer.model").read_bytes() == Path(corpus["tokenizer"]).read_bytes()
     saved = load_train_config(tmp_path / "run" / "config.yaml")  # the resolved config reloads as is
     assert saved.model.dim == 32 and saved.steps == 30 and saved.log_every == 5
@@ -217,6 +219,7 @@ def _no_compile(monkeypatch):
     ({"model.dim": 30}, r"dim=30 is not divisible by n_heads=4"),
     ({"model.vocab_size": 512}, r"vocab_size 300 but the model's vocab_size is 512"),
     ({"mesh.fsdp": 3}, r"mesh .* uses 3 devices, but there are 1"),
+    ({"profile_steps": 2, "profile_start_step": 0}, r"profile_start_step must be >= 1, got 0"),
 ])
 def test_bad_configs_fail_before_compiling(corpus, tmp_path, monkeypatch, override, message):
     _no_compile(monkeypatch)
