@@ -8,8 +8,9 @@ is checked first (config, run directory, tokenizer, data, checkpoint shapes). Th
   (weights only: fresh optimizer, step 0), else from random initialisation; it is created or read
   directly in its shards on the configured mesh;
 - each step feeds this process's rows of the global batch to `llama_jax.sharding.jit_train_step` (the
-  project's one train step); the loss and gradient norm are checked every step, so a non-finite value
-  stops the run before any bad state is saved;
+  project's one train step), and the next batch is read and placed on the devices while they run it;
+  the loss and gradient norm are checked every step, so a non-finite value stops the run before any
+  bad state is saved;
 - checkpoints are saved asynchronously every `checkpoint_every` steps, at the end, and when SIGTERM
   (preemption) arrives; metrics go to the terminal, `metrics.jsonl` and TensorBoard (process 0 only).
 """
@@ -267,19 +268,26 @@ def train(cfg: TrainConfig) -> TrainResult:
     last_saved = first if ckpts.latest_step() == first and first else None
     preemption = _Preemption()
 
+    def next_batch():
+        """The next global batch on the devices, and the data position after it (what a checkpoint of
+        the step that consumes it must record: the following batch is fetched before that save)."""
+        batch = sharding.make_global_batch(next(data), mesh, rules)
+        return batch, data.get_state()
+
     def save(step: int) -> None:
         nonlocal last_saved
         if last_saved == step:
             return
-        ckpts.save(step, state.params, state.opt_state,
-                   {"step": step, "data": data.get_state(), "seed": cfg.seed})
+        ckpts.save(step, state.params, state.opt_state, {"step": step, "data": data_position, "seed": cfg.seed})
         last_saved = step
 
     try:
+        upcoming = next_batch() if first < cfg.last_step else None
         for step in range(first + 1, cfg.last_step + 1):
             profiler.step_starting(step)
-            batch = sharding.make_global_batch(next(data), mesh, rules)
-            state, metrics = step_fn(state, batch)
+            batch, data_position = upcoming
+            state, metrics = step_fn(state, batch)  # dispatched: the devices work while the host fetches
+            upcoming = next_batch() if step < cfg.last_step else None
             metrics = jax.device_get(metrics)
             profiler.step_finished(step)
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
