@@ -74,6 +74,9 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.profile_start_step < 1:
             raise ConfigError(f"profile_start_step must be >= 1, got {self.profile_start_step}")
+        if self.profile_steps and self.profile_start_step > self.steps:
+            raise ConfigError(f"profile_start_step={self.profile_start_step} is beyond steps={self.steps}: "
+                              f"nothing would be traced")
         for key in ("stop_at_step", "eval_every", "eval_batches", "eval_batch_size", "keep_period", "profile_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
