@@ -12,6 +12,8 @@ checkpoint of another model fails with the parameter's name and both shapes inst
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -61,6 +63,20 @@ def find_tokenizer(path: str | os.PathLike) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _without_orbax_warnings():
+    """Silence absl's WARNING lines while reading: orbax logs four for every read-only look at a run
+    directory (read-only options it adjusts, an item directory without step-level metadata), all
+    expected here and alarming in `eval.py`'s output. Errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def params_item_path(path: str | os.PathLike) -> Path:
     """The orbax directory holding the params: DIR/params, or RUN/checkpoints/<latest complete step>/params.
 
@@ -72,10 +88,11 @@ def params_item_path(path: str | os.PathLike) -> Path:
     if is_run_dir(path):
         import orbax.checkpoint as ocp
 
-        manager = ocp.CheckpointManager(path / RUN_CHECKPOINT_DIR,
-                                        options=ocp.CheckpointManagerOptions(read_only=True))
-        step = manager.latest_step()
-        manager.close()
+        with _without_orbax_warnings():
+            manager = ocp.CheckpointManager(path / RUN_CHECKPOINT_DIR,
+                                            options=ocp.CheckpointManagerOptions(read_only=True))
+            step = manager.latest_step()
+            manager.close()
         if step is None:
             raise FileNotFoundError(f"{path / RUN_CHECKPOINT_DIR}: no complete checkpoint step")
         item = path / RUN_CHECKPOINT_DIR / str(step) / PARAMS_DIR
@@ -104,7 +121,8 @@ def stored_param_metadata(item: Path) -> dict[tuple[str, ...], object]:
     """{path: orbax ArrayMetadata (shape, dtype)} of a params item, read without loading any array."""
     import orbax.checkpoint as ocp
 
-    tree = ocp.StandardCheckpointer().metadata(item).item_metadata.tree
+    with _without_orbax_warnings():
+        tree = ocp.StandardCheckpointer().metadata(item).item_metadata.tree
     return flatten(tree)
 
 

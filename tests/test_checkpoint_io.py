@@ -1,4 +1,6 @@
 """Params-only checkpoints and run directories: exact round trips, checks against the config, atomic writes."""
+import logging
+
 import jax
 import ml_dtypes
 import numpy as np
@@ -62,14 +64,16 @@ def _write_run(run, cfg, steps):
     manager.close()
 
 
-def test_run_dir_loads_the_latest_complete_step(tmp_path, monkeypatch):
+def test_run_dir_loads_the_latest_complete_step(tmp_path, monkeypatch, caplog):
     cfg = CONFIGS["mha"]
     latest = random_params(cfg, seed=2)
     _write_run(tmp_path / "run", cfg, {1: random_params(cfg, seed=1), 2: latest})
     (tmp_path / "run" / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir()  # an interrupted save
     assert read_model_config(tmp_path / "run") == cfg
     assert find_tokenizer(tmp_path / "run") == str(tmp_path / "run" / "tokenizer.model")
+    caplog.clear()
     assert_bit_equal(load_params(tmp_path / "run", cfg), latest)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # orbax's are muted
     monkeypatch.chdir(tmp_path)  # a relative path, as in `eval.py perplexity runs/default`
     assert_bit_equal(load_params("run", cfg), latest)
 
