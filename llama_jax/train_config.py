@@ -68,18 +68,16 @@ class TrainConfig:
 
     def __post_init__(self):
         positive = ("steps", "global_batch_size", "seq_len", "micro_batches", "log_every", "checkpoint_every",
-                    "keep_checkpoints")
+                    "keep_checkpoints", "profile_start_step")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        if self.profile_start_step < 1:
-            raise ConfigError(f"profile_start_step must be >= 1, got {self.profile_start_step}")
-        if self.profile_steps and self.profile_start_step > self.steps:
-            raise ConfigError(f"profile_start_step={self.profile_start_step} is beyond steps={self.steps}: "
-                              f"nothing would be traced")
         for key in ("stop_at_step", "eval_every", "eval_batches", "eval_batch_size", "keep_period", "profile_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.profile_steps and self.profile_start_step > self.steps:
+            raise ConfigError(f"profile_start_step={self.profile_start_step} is beyond steps={self.steps}: "
+                              f"nothing would be traced")
         if self.stop_at_step > self.steps:
             raise ConfigError(f"stop_at_step={self.stop_at_step} is beyond steps={self.steps}")
         if self.global_batch_size % self.micro_batches:

@@ -219,7 +219,7 @@ def _no_compile(monkeypatch):
     ({"model.dim": 30}, r"dim=30 is not divisible by n_heads=4"),
     ({"model.vocab_size": 512}, r"vocab_size 300 but the model's vocab_size is 512"),
     ({"mesh.fsdp": 3}, r"mesh .* uses 3 devices, but there are 1"),
-    ({"profile_steps": 2, "profile_start_step": 0}, r"profile_start_step must be >= 1, got 0"),
+    ({"profile_steps": 2, "profile_start_step": 0}, r"profile_start_step must be > 0, got 0"),
     ({"profile_steps": 2, "profile_start_step": 31}, r"profile_start_step=31 is beyond steps=30"),
 ])
 def test_bad_configs_fail_before_compiling(corpus, tmp_path, monkeypatch, override, message):
