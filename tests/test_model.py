@@ -171,3 +171,39 @@ def test_per_layer_cache_with_presliced_layers_matches_full_forward():
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="need scan_layers=False"):
         create_model(cfg.replace(scan_layers=True))(tokens, cache=KVCache.create(cfg, 2, 12, per_layer=True))
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_matmul_gradients_equal_autodiff_of_a_plain_dot(dtype, tol):
+    """`matmul`'s hand-written VJP (row-major transposes on the CPU below fp32) changes no gradient beyond
+    rounding to `dtype`."""
+    from llama_jax.model import matmul
+
+    rng = np.random.default_rng(0)
+    x, w, c = (jnp.asarray(rng.normal(size=s), dtype) for s in ((48, 64), (64, 96), (48, 96)))
+    ours = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul(x, w).astype(jnp.float32) * c), argnums=(0, 1)))(x, w)
+    ref = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.dot(x, w).astype(jnp.float32) * c), argnums=(0, 1)))(x, w)
+    for got, want in zip(ours, ref):
+        assert got.dtype == want.dtype == dtype
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
+
+
+def test_bf16_train_gradients_use_no_fp32_matmul_on_cpu():
+    """XLA:CPU runs a bf16 product whose operand is read transposed in fp32 on upcast copies, 4-5x slower
+    (bench/RESULTS.md); every 2-D product of the bf16 forward and backward pass must stay bf16."""
+    import re
+
+    cfg = CONFIGS["gqa"].replace(dtype="bfloat16", scan_layers=False)
+    graphdef, params = nnx.split(create_model(cfg, seed=0))
+    tokens = jnp.asarray(random_tokens(cfg, 2, 16))
+
+    def loss(params):
+        logits, _ = nnx.merge(graphdef, params)(tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    products = re.findall(r"= (\w+)\[\d+,\d+\]\{[\d,]+\} dot\(", hlo)
+    # forward: q, k, v, o, w1, w3, w2 per layer + the output; backward: two products for each of them
+    assert len(products) == 3 * (7 * cfg.n_layers + 1), products
+    assert set(products) == {"bf16"}, products
