@@ -26,6 +26,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from llama_jax.matmul import matmul
+
 ATTENTION_IMPL_NAMES = ("auto", "xla", "pallas_gpu", "pallas_tpu", "cudnn")
 
 
@@ -47,7 +49,7 @@ def xla_attention(q, k, v, segment_ids=None, *, q_offset: int = 0):
 
     Each kv head's query group is folded into the query axis ([batch, kv_heads, group·q_len, head_dim]),
     so both products are plain rank-4 batched matmuls (XLA:CPU runs these ~2× faster than the rank-5
-    grouped form) and K/V are never repeated.
+    grouped form) and K/V are never repeated. `matmul` keeps their bf16 gradients off XLA:CPU's slow path.
     """
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv_heads = k.shape[1], k.shape[2]
@@ -56,12 +58,12 @@ def xla_attention(q, k, v, segment_ids=None, *, q_offset: int = 0):
     group = n_heads // n_kv_heads
     q_folded = (q.reshape(batch, q_len, n_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
                 .reshape(batch, n_kv_heads, group * q_len, head_dim))
-    scores = jnp.einsum("bkqd,bskd->bkqs", q_folded, k, preferred_element_type=jnp.float32)
+    scores = matmul(q_folded, k.transpose(0, 2, 3, 1), jnp.float32)
     scores = scores.reshape(batch, n_kv_heads, group, q_len, kv_len) * (1.0 / head_dim ** 0.5)
     mask = attention_mask(q_len, kv_len, segment_ids, q_offset)[:, :, None]  # [b, 1, 1, q, s]
     weights = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
     weights = weights.reshape(batch, n_kv_heads, group * q_len, kv_len).astype(v.dtype)
-    out = jnp.einsum("bkqs,bskd->bkqd", weights, v, preferred_element_type=jnp.float32)
+    out = matmul(weights, v.transpose(0, 2, 1, 3), jnp.float32)
     # A query with no visible key (padding) would average masked keys: zero it instead.
     out = out.reshape(batch, n_kv_heads, group, q_len, head_dim) * jnp.any(mask, axis=-1)[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, n_heads, head_dim).astype(q.dtype)

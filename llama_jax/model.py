@@ -28,6 +28,7 @@ from flax import nnx
 from llama_jax.attention import attention
 from llama_jax.config import ModelConfig
 from llama_jax.logical import constrain
+from llama_jax.matmul import matmul
 
 MATMUL_CHECKPOINT_NAME = "linear_out"
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -38,43 +39,6 @@ def _param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, stack: tuple[in
     full_shape = tuple(stack) + tuple(shape)
     value = init(rngs.params(), full_shape, cfg.weight_dtype) if rngs is not None else jnp.ones(full_shape, cfg.weight_dtype)
     return nnx.Param(value, axes=("layers",) * len(stack) + tuple(axes))
-
-
-def _row_major_transpose(x: jax.Array) -> jax.Array:
-    """x.T of a 2-D x, written out row-major (XLA folds a plain transpose into the dot that reads it)."""
-    m, k = x.shape
-    return jnp.swapaxes(x.reshape(m, k, 1), 0, 2).reshape(k, m)
-
-
-def _transpose_for_dot(x: jax.Array) -> jax.Array:
-    """x.T as a matmul operand; materialised on the CPU below fp32 (see `matmul`)."""
-    if x.dtype == jnp.float32:
-        return x.T
-    return jax.lax.platform_dependent(x, cpu=_row_major_transpose, default=jnp.transpose)
-
-
-@jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w for 2-D x [tokens, in] and w [in, out], with gradients XLA:CPU computes fast in bf16.
-
-    Autodiff's gradients read an operand transposed (x.T @ dy contracts both over the token axis).
-    XLA:CPU has no bf16 kernel for transposed operands and runs those products in fp32 on upcast copies,
-    at ~200 GFLOP/s here against ~900 for the same product on a row-major copy of the transpose
-    (+40% tokens/s on the benchmark's M bf16 train step). fp32 and other platforms keep autodiff's form.
-    """
-    return jnp.dot(x, w)
-
-
-def _matmul_fwd(x, w):
-    return jnp.dot(x, w), (x, w)
-
-
-def _matmul_bwd(residuals, dy):
-    x, w = residuals
-    return jnp.dot(dy, _transpose_for_dot(w)), jnp.dot(_transpose_for_dot(x), dy)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):
