@@ -139,20 +139,6 @@ def _split_micro_batches(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _materialize_output_grad(grads: dict) -> dict:
-    """The output projection's gradient as one array in the parameter's layout.
-
-    XLA:CPU computes that gradient transposed ([vocab, dim]: the product over tokens comes out that
-    way) and, left free, fuses the transposition into each of its consumers (the clipping norm and the
-    two AdamW moments), every one reading 4·vocab·dim bytes with a stride: ≈ 250 ms of a 2.8 s bf16
-    step of the benchmark's M model. The barrier makes XLA transpose it once. Elsewhere it costs one
-    copy of one matrix.
-    """
-    if "output" not in grads:
-        return grads
-    return {**grads, "output": jax.lax.optimization_barrier(grads["output"])}
-
-
 def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
                micro_batches: int = 1) -> tuple[TrainState, dict]:
@@ -178,7 +164,6 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig,
 
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
-    grads = _materialize_output_grad(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
