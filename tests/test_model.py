@@ -214,9 +214,11 @@ def test_bf16_backward_pass_runs_every_product_in_bf16_on_cpu():
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
 
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-    dtype_of = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
-    products = [(out, dtype_of[lhs], dtype_of[rhs])
-                for out, lhs, rhs in re.findall(r"= (\w+)\[[\d,]*\]\{[\d,]+\} dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+    products = []
+    for computation in hlo.split("\n}\n"):  # instruction names are unique within a computation only
+        dtype_of = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+        products += [(out, dtype_of[lhs], dtype_of[rhs]) for out, lhs, rhs in
+                     re.findall(r"= (\w+)\[[\d,]*\]\{[\d,]+\} dot\(%([\w.\-]+), %([\w.\-]+)\)", computation)]
     # per layer: 7 projections x (forward + 2 gradients), attention 2 x (forward + 2 gradients); the output
     n_layers = cfg.n_layers
     assert len(products) == 3 * (7 * n_layers + 1) + 3 * 2 * n_layers, products
