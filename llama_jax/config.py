@@ -60,7 +60,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     param_dtype: str = "float32"
-    dtype: str = "bfloat16"  # compute dtype of matmuls; norms, softmax and the loss are always fp32
+    dtype: str = "bfloat16"  # of matmuls and their gradients; norms, softmax and the loss are always fp32
     attention_impl: str = "auto"
     scan_layers: bool = True
     remat: str = "none"
