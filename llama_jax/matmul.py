@@ -25,8 +25,8 @@ def _row_major_transpose(x: jax.Array) -> jax.Array:
 def _transpose_for_dot(x: jax.Array) -> jax.Array:
     """x with its last two axes swapped, as a product's operand; materialised on the CPU below fp32."""
     if x.dtype == jnp.float32:
-        return jnp.swapaxes(x, -1, -2)
-    return jax.lax.platform_dependent(x, cpu=_row_major_transpose, default=lambda x: jnp.swapaxes(x, -1, -2))
+        return jnp.matrix_transpose(x)
+    return jax.lax.platform_dependent(x, cpu=_row_major_transpose, default=jnp.matrix_transpose)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
