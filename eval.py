@@ -105,9 +105,9 @@ def _prompts(args) -> list[str]:
 
 
 def _load(args):
-    from llama_jax.distributed import DistributedConfig, initialize
+    from llama_jax.parallel.distributed import DistributedConfig, initialize
     from llama_jax.evaluation.loading import load_eval_model
-    from llama_jax.sharding import MeshConfig
+    from llama_jax.parallel.mesh import MeshConfig
 
     initialize(DistributedConfig(mode=args.distributed, coordinator_address=args.coordinator_address,
                                  num_processes=args.num_processes, process_id=args.process_id))
@@ -169,7 +169,7 @@ class _Emitter:
 
     @property
     def main(self) -> bool:
-        from llama_jax.distributed import is_main_process
+        from llama_jax.parallel.distributed import is_main_process
 
         return is_main_process()
 
@@ -185,7 +185,7 @@ class _Emitter:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from llama_jax.config_io import ConfigError
+    from llama_jax.utils.config_io import ConfigError
 
     run = {"perplexity": run_perplexity, "tasks": run_tasks, "generate": run_generate}[args.command]
     try:
@@ -197,7 +197,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from llama_jax.host_memory import tune_host_allocator
+    from llama_jax.utils.host_memory import tune_host_allocator
 
     tune_host_allocator()  # restarts the program once, before any work: see llama_jax/host_memory.py
     sys.exit(main(sys.argv[1:]))

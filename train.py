@@ -21,10 +21,10 @@ USAGE = __doc__.split("\n\n")[0] + "\nSubcommands: tokenizer, plan. Run `python 
 
 def _subcommand(name: str, argv: list[str]) -> int:
     if name == "tokenizer":
-        from llama_jax.tokenizer import tokenizer_cli
+        from llama_jax.data.tokenizer import tokenizer_cli
 
         return tokenizer_cli(argv)
-    from llama_jax.plan import plan_cli
+    from llama_jax.training.plan import plan_cli
 
     return plan_cli(argv)
 
@@ -44,9 +44,9 @@ def main(argv: list[str]) -> int:
               f"overrides, or a subcommand: tokenizer, plan)\n{USAGE}", file=sys.stderr)
         return 2
 
-    from llama_jax.config_io import ConfigError
-    from llama_jax.train_config import load_train_config
-    from llama_jax.trainer import TrainingDiverged, train
+    from llama_jax.utils.config_io import ConfigError
+    from llama_jax.training.config import load_train_config
+    from llama_jax.training.loop import TrainingDiverged, train
 
     try:
         result = train(load_train_config(config_path, argv))
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from llama_jax.host_memory import tune_host_allocator
+    from llama_jax.utils.host_memory import tune_host_allocator
 
     tune_host_allocator()  # restarts the program once, before any work: see llama_jax/host_memory.py
     sys.exit(main(sys.argv[1:]))

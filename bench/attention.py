@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llama_jax.attention import cudnn_attention, xla_attention  # noqa: E402
+from llama_jax.model.attention import cudnn_attention, xla_attention  # noqa: E402
 from llama_jax.kernels import flash_attention_gpu, flash_attention_tpu  # noqa: E402
 
 IMPLS = {"pallas_gpu": flash_attention_gpu, "xla": xla_attention, "cudnn": cudnn_attention}

@@ -32,8 +32,8 @@ STEPS = [("hf", "meta", 2), ("meta", "hf", 1), ("hf", "orbax", 1), ("orbax", "hf
 
 def bench_config(size_gb: float):
     """A LLaMA of about `size_gb` GB in bf16: 32000 vocab, dim 2048, as many layers as fit."""
-    from llama_jax.config import ModelConfig
-    from llama_jax.model import param_count
+    from llama_jax.model.config import ModelConfig
+    from llama_jax.model.api import param_count
 
     base = ModelConfig(vocab_size=32000, dim=2048, n_heads=16, n_layers=1, dtype="bfloat16", param_dtype="bfloat16")
     per_layer = param_count(base.replace(n_layers=2)) - param_count(base)

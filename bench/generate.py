@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llama_jax.config import load_model_config  # noqa: E402
+from llama_jax.model.config import load_model_config  # noqa: E402
 from llama_jax.evaluation.generate import Generator, SamplingConfig  # noqa: E402
 from llama_jax.evaluation.loading import place_model  # noqa: E402
-from llama_jax.host_memory import tune_host_allocator  # noqa: E402
-from llama_jax.params import hf_config_dict, params_from_torch  # noqa: E402
+from llama_jax.utils.host_memory import tune_host_allocator  # noqa: E402
+from llama_jax.model.params import hf_config_dict, params_from_torch  # noqa: E402
 
 PRESETS = {"S": "tiny", "M": "small"}
 PROMPT, NEW = 16, 128

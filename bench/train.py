@@ -1,6 +1,6 @@
 """Training throughput: our train step against Hugging Face transformers + torch, same shapes, same CPU.
 
-Ours is exactly what `train.py` runs: `llama_jax.sharding.jit_train_step` (forward, backward, global-norm
+Ours is exactly what `train.py` runs: `llama_jax.training.step.jit_train_step` (forward, backward, global-norm
 clipping, AdamW with the LLaMA schedule) on a one-device mesh. The competitor is `LlamaForCausalLM`
 (eager, SDPA attention) with `torch.nn.utils.clip_grad_norm_` and `torch.optim.AdamW`, same
 hyper-parameters. Both see the same random token batches (causal attention, no packing).
@@ -24,8 +24,8 @@ quoted when this benchmark was specified were measured; printed as `ratio ... ou
 Precision pairs compared: our fp32 against torch fp32; our bf16 compute (fp32 master weights, fp32
 loss) against torch fp32 weights under `torch.autocast(bfloat16)`.
 
-MFU is against the matmul peak measured here first (`llama_jax.metrics.measured_matmul_peak`, as
-`train.py` does on a CPU), FLOPs per token from `llama_jax.metrics.flops_per_token` (6·N + 12·L·d·T).
+MFU is against the matmul peak measured here first (`llama_jax.training.metrics.measured_matmul_peak`, as
+`train.py` does on a CPU), FLOPs per token from `llama_jax.training.metrics.flops_per_token` (6·N + 12·L·d·T).
 
     python bench/train.py                      # configs S and M, fp32 and bf16
     python bench/train.py --configs S --precisions bf16 --rounds 5 --steps 4
@@ -45,11 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llama_jax import sharding  # noqa: E402
-from llama_jax.config import ModelConfig  # noqa: E402
-from llama_jax.host_memory import tune_host_allocator, wanted_tunables  # noqa: E402
-from llama_jax.metrics import flops_per_token, measured_matmul_peak  # noqa: E402
-from llama_jax.train_step import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
+from llama_jax.parallel.mesh import MeshConfig, make_global_batch, make_mesh  # noqa: E402
+from llama_jax.parallel.rules import rules_for  # noqa: E402
+from llama_jax.training.step import create_train_state, jit_train_step  # noqa: E402
+from llama_jax.model.config import ModelConfig  # noqa: E402
+from llama_jax.utils.host_memory import tune_host_allocator, wanted_tunables  # noqa: E402
+from llama_jax.training.metrics import flops_per_token, measured_matmul_peak  # noqa: E402
+from llama_jax.training.optimizer import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
 
 CONFIGS = {  # vocab, dim, layers, heads, ffn, seq, batch
     "S": dict(vocab_size=8000, dim=256, n_layers=4, n_heads=4, ffn_hidden_dim=768, seq=256, batch=8),
@@ -69,18 +71,18 @@ def model_config(shape: dict, precision: str, scan_layers: bool) -> ModelConfig:
 class Ours:
     def __init__(self, shape: dict, precision: str, scan_layers: bool):
         self.cfg = model_config(shape, precision, scan_layers)
-        mesh = sharding.make_mesh(sharding.MeshConfig())
-        rules = sharding.rules_for("fsdp")
+        mesh = make_mesh(MeshConfig())
+        rules = rules_for("fsdp")
         optimizer = make_optimizer(OPT, TOTAL_STEPS)
-        self.state = sharding.create_train_state(self.cfg, optimizer, mesh, rules, seed=0)
-        self.step = sharding.jit_train_step(self.cfg, optimizer, mesh, rules, schedule=lr_schedule(OPT, TOTAL_STEPS))
+        self.state = create_train_state(self.cfg, optimizer, mesh, rules, seed=0)
+        self.step = jit_train_step(self.cfg, optimizer, mesh, rules, schedule=lr_schedule(OPT, TOTAL_STEPS))
         self.mesh, self.rules = mesh, rules
 
     def run(self, batches) -> float:
         for tokens in batches:
             batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                      "loss_mask": np.ones(tokens[:, 1:].shape, np.float32)}
-            self.state, metrics = self.step(self.state, sharding.make_global_batch(batch, self.mesh, self.rules))
+            self.state, metrics = self.step(self.state, make_global_batch(batch, self.mesh, self.rules))
         return float(metrics["loss"])
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import torch
 import transformers
 
-from llama_jax.config import ModelConfig
-from llama_jax.model import create_model
-from llama_jax.params import assign_params, hf_config_dict, params_from_torch
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.api import build
+from llama_jax.model.api import load_into
+from llama_jax.model.params import hf_config_dict, params_from_torch
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
@@ -26,8 +27,8 @@ def hf_model(cfg: ModelConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
 def ours_from_hf(hf: transformers.LlamaForCausalLM, cfg: ModelConfig):
     """Our model holding `hf`'s weights."""
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    model = create_model(cfg)
-    assign_params(model, params_from_torch(state.__getitem__, cfg, "hf"), source="hf state_dict")
+    model = build(cfg)
+    load_into(model, params_from_torch(state.__getitem__, cfg, "hf"), source="hf state_dict")
     return model
 
 

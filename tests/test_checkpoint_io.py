@@ -8,9 +8,9 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
-from llama_jax.checkpoint_io import find_tokenizer, load_params, read_model_config, save_params
-from llama_jax.config_io import to_dict
-from llama_jax.params import flatten
+from llama_jax.convert.orbax_dirs import find_tokenizer, load_params, read_model_config, save_params
+from llama_jax.utils.config_io import to_dict
+from llama_jax.utils.trees import flatten
 from test_convert import CONFIGS, assert_bit_equal, random_params
 
 

@@ -1,9 +1,9 @@
 """Configs: presets with exact parameter counts, validation errors that name the key."""
 import pytest
 
-from llama_jax.config import ModelConfig, load_model_config, model_preset_names
-from llama_jax.config_io import ConfigError, apply_overrides, from_dict
-from llama_jax.model import param_count
+from llama_jax.model.config import ModelConfig, load_model_config, model_preset_names
+from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict
+from llama_jax.model.api import param_count
 
 PUBLISHED_PARAM_COUNTS = {
     "llama1-7b": 6_738_415_616, "llama1-13b": 13_015_864_320, "llama1-33b": 32_528_943_616,

@@ -10,13 +10,15 @@ import pytest
 import torch
 import transformers
 
-from llama_jax.checkpoint_io import expected_param_shapes, load_params, read_model_config, save_params
-from llama_jax.config import ModelConfig
+from llama_jax.model.api import flat_param_shapes
+from llama_jax.convert.orbax_dirs import load_params, read_model_config, save_params
+from llama_jax.model.config import ModelConfig
 from llama_jax.convert import convert, read_checkpoint
 from llama_jax.convert.__main__ import main
 from llama_jax.convert.common import our_shape
-from llama_jax.params import flatten, params_from_torch, tensor_maps
-from llama_jax.train_step import apply_model
+from llama_jax.utils.trees import flatten
+from llama_jax.model.params import params_from_torch, tensor_maps
+from llama_jax.model.api import apply
 from oracle import hf_logits, hf_model
 
 BASE = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=96, norm_eps=1e-5, max_seq_len=64,
@@ -35,7 +37,7 @@ def random_params(cfg: ModelConfig, dtype: str = "fp32", seed: int = 0) -> dict:
     """Our pure-dict params with every entry random (norm scales included), in `dtype`."""
     rng = np.random.default_rng(seed)
     tree: dict = {}
-    for path, shape in expected_param_shapes(cfg).items():
+    for path, shape in flat_param_shapes(cfg).items():
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -64,7 +66,7 @@ def assert_bit_equal(got: dict, expected: dict):
 
 def test_shape_table_agrees_with_the_model():
     for cfg in CONFIGS.values():
-        expected = expected_param_shapes(cfg)
+        expected = flat_param_shapes(cfg)
         assert {m.ours: our_shape(m, cfg) for m in tensor_maps(cfg)} == expected
 
 
@@ -128,7 +130,7 @@ def _cast(tree, dtype):
 
 
 def _our_logits(cfg, params, tokens):
-    logits = jax.jit(lambda p, t: apply_model(cfg, p, t)[0])(params, jnp.asarray(tokens))
+    logits = jax.jit(lambda p, t: apply(cfg, p, t)[0])(params, jnp.asarray(tokens))
     assert logits.dtype == jnp.float32
     return np.asarray(logits)
 
@@ -263,7 +265,7 @@ PUBLISHED_PARAMS = {
 
 @pytest.mark.parametrize("preset", PUBLISHED_PARAMS)
 def test_published_params_json_matches_our_presets_both_ways(preset):
-    from llama_jax.config import load_model_config
+    from llama_jax.model.config import load_model_config
     from llama_jax.convert.meta import config_fields_from_params, params_from_config
 
     published = PUBLISHED_PARAMS[preset]
@@ -280,7 +282,7 @@ def test_published_params_json_matches_our_presets_both_ways(preset):
 
 
 def test_params_json_refuses_rope_scaling_meta_cannot_express():
-    from llama_jax.config import RopeScaling
+    from llama_jax.model.config import RopeScaling
     from llama_jax.convert.common import ConvertError
     from llama_jax.convert.meta import params_from_config
 

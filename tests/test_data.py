@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_jax.config_io import ConfigError
+from llama_jax.utils.config_io import ConfigError
 from llama_jax.data import DataConfig, SourceConfig, make_eval_batches, make_train_iterator, validation_text
 from llama_jax.data import corpus
 from llama_jax.data.sources import read_documents
-from llama_jax.tokenizer import train_sentencepiece, load_tokenizer
+from llama_jax.data.tokenizer import train_sentencepiece, load_tokenizer
 
 SEQ = 16
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -260,7 +260,7 @@ def test_default_config_is_the_builtin_corpus():
 
 def test_pipeline_runs_without_grain_or_tfds(text_dir):
     path, _ = text_dir
-    code = ("import sys; from llama_jax.tokenizer import load_tokenizer, train_sentencepiece;"
+    code = ("import sys; from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece;"
             "from llama_jax.data import DataConfig, SourceConfig, make_train_iterator;"
             f"cfg = DataConfig(sources=[SourceConfig(kind='text', path={str(path)!r})]);"
             f"tok = load_tokenizer(train_sentencepiece([{str(path / 'doc07.txt')!r}] * 20, 300, "

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from llama_jax.data import DataConfig, SourceConfig, make_eval_batches, make_train_iterator, validation_text
 from llama_jax.data import corpus
-from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 SOURCE_DIR: Path | None = None  # set by the fixture before preparing
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from flax import nnx
 
-from llama_jax.config import ModelConfig
+from llama_jax.model.config import ModelConfig
 from llama_jax.evaluation import tasks as tasks_mod
 from llama_jax.evaluation.generate import Generator, SamplingConfig, _next_token, warp_logits
 from llama_jax.evaluation.loading import place_model
 from llama_jax.evaluation.perplexity import evaluate_perplexity, strided_windows, token_logprobs
 from llama_jax.evaluation.scoring import TokenScorer, plan_batches
 from llama_jax.evaluation.tasks import Item, encode_pair, evaluate_task, load_jsonl_task, multiple_choice_metrics
-from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from oracle import hf_logits, hf_model, ours_from_hf
 
 VOCAB = 300
@@ -297,7 +297,7 @@ def test_command_line_on_a_hugging_face_directory(hf, tok, tmp_path, capsys):
 def test_params_directory_loads_with_its_tokenizer(hf, tok, model, tmp_path):
     """A llama_jax params directory (what `convert --to orbax` writes) loads onto a one-device mesh with
     the weights and tokenizer it was saved with; a tokenizer of another vocabulary is refused."""
-    from llama_jax.checkpoint_io import save_params
+    from llama_jax.convert.orbax_dirs import save_params
     from llama_jax.evaluation.loading import load_eval_model
 
     params = jax.tree.map(np.asarray, model.params)

@@ -8,8 +8,8 @@ import torch
 from flax import nnx
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from llama_jax.config import ModelConfig
-from llama_jax.config_io import ConfigError
+from llama_jax.model.config import ModelConfig
+from llama_jax.utils.config_io import ConfigError
 from llama_jax.evaluation.generate import Generator, SamplingConfig, _next_token, warp_logits
 from llama_jax.evaluation.loading import place_model
 from oracle import hf_model, ours_from_hf

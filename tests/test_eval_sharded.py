@@ -26,13 +26,13 @@ def worker(port: int, process_id: int) -> None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     import numpy as np
 
-    from llama_jax.config import ModelConfig
+    from llama_jax.model.config import ModelConfig
     from llama_jax.evaluation.generate import Generator, SamplingConfig
     from llama_jax.evaluation.loading import place_model
     from llama_jax.evaluation.perplexity import token_logprobs
     from llama_jax.evaluation.scoring import TokenScorer
-    from llama_jax.sharding import MeshConfig
-    from llama_jax.train_step import init_params
+    from llama_jax.parallel.mesh import MeshConfig
+    from llama_jax.model.api import init_params
 
     cfg = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=96,
                       dtype="float32", attention_impl="xla", max_seq_len=32)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_jax.host_memory import HUGE_PAGES, wanted_tunables
+from llama_jax.utils.host_memory import HUGE_PAGES, wanted_tunables
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables: Linux only")
@@ -19,7 +19,7 @@ PROBE = """
 import os, resource, sys
 sys.path.insert(0, {root!r})
 print("start", sys.argv[1:], os.environ.get("GLIBC_TUNABLES", ""), flush=True)
-from llama_jax.host_memory import tune_host_allocator
+from llama_jax.utils.host_memory import tune_host_allocator
 tune_host_allocator()
 import jax, jax.numpy as jnp
 x = jnp.ones((16, 1024, 1024), jnp.float32)  # 64 MiB: above glibc's largest mmap threshold

@@ -1,6 +1,6 @@
 """Pallas flash attention (GPU-style and TPU-style kernels, interpret mode on this CPU) vs the `xla` reference.
 
-Oracle: `llama_jax.attention.xla_attention` (explicit mask, one T x T array) on the same inputs upcast to
+Oracle: `llama_jax.model.attention.xla_attention` (explicit mask, one T x T array) on the same inputs upcast to
 fp32, forward and gradients (dq, dk, dv) through `jax.vjp` with a random cotangent. Tolerances: fp32 max
 abs error <= 2e-5; bf16 ||err|| / ||ref|| <= 2e-2 per tensor. Inputs are fresh random normals. Both
 interpret modes fill every output buffer with NaN before the kernel runs (checked below), so an output
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from llama_jax.attention import ATTENTION_IMPLS, attention, resolve_impl, xla_attention
+from llama_jax.model.attention import IMPLEMENTATIONS, attention, resolve_impl, xla_attention
 from llama_jax.kernels import common, flash_attention_gpu, flash_attention_tpu, gpu_flash, tpu_flash
 
 FLASH = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
@@ -245,7 +245,11 @@ def test_visited_pairs_formula():
 
 
 def test_auto_picks_the_backends_implementation():
-    assert resolve_impl("auto") == {"cpu": "xla", "gpu": "pallas_gpu", "tpu": "pallas_tpu"}[jax.default_backend()]
+    best = {"cpu": "xla", "gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+    assert resolve_impl("auto") == best[jax.default_backend()]
+    for platform, impl in best.items():  # what a program lowered for another platform gets
+        assert resolve_impl("auto", platform) == impl
+    assert IMPLEMENTATIONS["xla"].stores_scores and not IMPLEMENTATIONS["pallas_gpu"].stores_scores
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
@@ -253,7 +257,7 @@ def test_registered_implementations_match_reference(impl):
     """`attention(..., impl=...)` with default blocks; interpret mode is chosen automatically on a CPU."""
     q, k, v, _, seg = make_inputs(3, 2, 40, 4, 2, 64, jnp.float32, True)
     kernel = {"pallas_gpu": flash_attention_gpu, "pallas_tpu": flash_attention_tpu}[impl]
-    assert ATTENTION_IMPLS[impl].__wrapped__ is kernel
+    assert IMPLEMENTATIONS[impl].load().__wrapped__ is kernel
     assert_matches(attention(q, k, v, seg, impl=impl), xla_attention(q, k, v, seg), jnp.float32, "out")
 
 

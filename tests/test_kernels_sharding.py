@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from llama_jax.attention import attention, xla_attention
+    from llama_jax.model.attention import attention, xla_attention
     import llama_jax.kernels  # noqa: F401  (registers pallas_gpu / pallas_tpu)
 
     assert jax.device_count() == 8

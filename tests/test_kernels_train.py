@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llama_jax.config import ModelConfig
-from llama_jax.train_step import init_params, init_train_state, train_step
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.api import init_params
+from llama_jax.training.step import init_train_state, train_step
 
 CFG = ModelConfig(vocab_size=97, dim=128, n_layers=2, n_heads=4, n_kv_heads=1, ffn_hidden_dim=128,
                   dtype="float32", attention_impl="xla", max_seq_len=48)

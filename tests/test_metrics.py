@@ -6,8 +6,8 @@ import time
 import jax
 import numpy as np
 
-from llama_jax.config import ModelConfig
-from llama_jax.metrics import flops_per_token, measured_matmul_peak, peak_flops
+from llama_jax.model.config import ModelConfig
+from llama_jax.training.metrics import flops_per_token, measured_matmul_peak, peak_flops
 
 
 def test_flops_per_token_counts_every_matmul_parameter_and_attention():

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax.config import ModelConfig, RopeScaling
-from llama_jax.model import KVCache, create_model
+from llama_jax.model.config import ModelConfig, RopeScaling
+from llama_jax.model.transformer import KVCache
+from llama_jax.model.api import build
 from oracle import hf_logits, hf_model, ours_from_hf
 
 BASE = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=96, dtype="float32",
@@ -59,8 +60,8 @@ def test_rule_ffn_size_is_rounded_up_to_multiple_of():
 
 def test_scan_and_unrolled_layers_agree():
     cfg = CONFIGS["gqa"]
-    scanned = create_model(cfg, seed=3)
-    unrolled = create_model(cfg.replace(scan_layers=False), seed=3)
+    scanned = build(cfg, seed=3)
+    unrolled = build(cfg.replace(scan_layers=False), seed=3)
     tokens = jnp.asarray(random_tokens(cfg, 2, 19))
     a, _ = run(scanned, tokens)
     b, _ = run(unrolled, tokens)
@@ -68,7 +69,7 @@ def test_scan_and_unrolled_layers_agree():
 
 
 def _grads(cfg, tokens):
-    model = create_model(cfg, seed=5)
+    model = build(cfg, seed=5)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(params):
@@ -94,7 +95,7 @@ def test_remat_policies_give_identical_gradients(scan):
 @pytest.mark.parametrize("name", ["mha", "gqa", "rope_scaling"])
 def test_kv_cache_decoding_matches_full_forward(name):
     cfg = CONFIGS[name].replace(scan_layers=name != "mha")
-    model = create_model(cfg, seed=7)
+    model = build(cfg, seed=7)
     tokens = jnp.asarray(random_tokens(cfg, 2, 12))
     full, _ = run(model, tokens)
     cache = KVCache.create(cfg, batch=2, max_len=16)
@@ -110,7 +111,7 @@ def test_kv_cache_decoding_matches_full_forward(name):
 def test_left_padded_batch_decodes_like_each_prompt_alone():
     """Prompts of different lengths, left-padded (segment id 0), decode as if each ran alone."""
     cfg = CONFIGS["gqa"]
-    model = create_model(cfg, seed=8)
+    model = build(cfg, seed=8)
     long, short = random_tokens(cfg, 1, 9, seed=1)[0], random_tokens(cfg, 1, 4, seed=2)[0]
     pad = len(long) - len(short)
     tokens = jnp.asarray(np.stack([long, np.concatenate([np.zeros(pad, int), short])]))
@@ -127,7 +128,7 @@ def test_left_padded_batch_decodes_like_each_prompt_alone():
 
 def test_packed_documents_do_not_attend_to_each_other():
     cfg = CONFIGS["gqa"]
-    model = create_model(cfg, seed=9)
+    model = build(cfg, seed=9)
     doc_a, doc_b = random_tokens(cfg, 1, 6, seed=3)[0], random_tokens(cfg, 1, 5, seed=4)[0]
     packed = jnp.asarray(np.r_[doc_a, doc_b, [0, 0]])[None]
     segments = jnp.asarray([[1] * 6 + [2] * 5 + [0, 0]])
@@ -143,8 +144,8 @@ def test_packed_documents_do_not_attend_to_each_other():
 def test_bf16_compute_keeps_fp32_params_and_stays_close():
     cfg = CONFIGS["gqa"]
     tokens = jnp.asarray(random_tokens(cfg, 2, 16))
-    ref, _ = run(create_model(cfg, seed=2), tokens)
-    model = create_model(cfg.replace(dtype="bfloat16"), seed=2)
+    ref, _ = run(build(cfg, seed=2), tokens)
+    model = build(cfg.replace(dtype="bfloat16"), seed=2)
     got, _ = run(model, tokens)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert got.dtype == jnp.float32
@@ -154,10 +155,10 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close():
 
 def test_per_layer_cache_with_presliced_layers_matches_full_forward():
     """The decode loop's fast path (weights sliced once, one cache array per layer) changes nothing."""
-    from llama_jax.model import unstack_layers
+    from llama_jax.model.transformer import unstack_layers
 
     cfg = CONFIGS["gqa"].replace(scan_layers=False)
-    model = create_model(cfg, seed=7)
+    model = build(cfg, seed=7)
     tokens = jnp.asarray(random_tokens(cfg, 2, 9))
     full, _ = run(model, tokens)
     layers = unstack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param))["layers"], cfg.n_layers)
@@ -170,7 +171,7 @@ def test_per_layer_cache_with_presliced_layers_matches_full_forward():
     assert isinstance(cache.k, tuple) and len(cache.k) == cfg.n_layers
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="need scan_layers=False"):
-        create_model(cfg.replace(scan_layers=True))(tokens, cache=KVCache.create(cfg, 2, 12, per_layer=True))
+        build(cfg.replace(scan_layers=True))(tokens, cache=KVCache.create(cfg, 2, 12, per_layer=True))
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
@@ -182,7 +183,7 @@ def test_per_layer_cache_with_presliced_layers_matches_full_forward():
 def test_matmul_gradients_equal_autodiff_of_a_plain_product(dtype, tol, a_shape, b_shape, out_dtype):
     """`matmul`'s hand-written VJP (row-major transposes on the CPU below fp32) changes no gradient beyond
     rounding to `dtype`."""
-    from llama_jax.matmul import matmul
+    from llama_jax.model.cpu_fast_paths import matmul
 
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.normal(size=s), dtype) for s in (a_shape, b_shape))
@@ -206,7 +207,7 @@ def test_bf16_backward_pass_runs_every_product_in_bf16_on_cpu():
     import re
 
     cfg = CONFIGS["gqa"].replace(dtype="bfloat16", scan_layers=False)
-    graphdef, params = nnx.split(create_model(cfg, seed=0))
+    graphdef, params = nnx.split(build(cfg, seed=0))
     tokens = jnp.asarray(random_tokens(cfg, 2, 16))
 
     def loss(params):

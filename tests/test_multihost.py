@@ -1,6 +1,6 @@
 """Two OS processes × 4 CPU devices (jax.distributed on localhost, gloo collectives) train like one × 8.
 
-Each process runs this file as a script, joins through `llama_jax.distributed.initialize`, builds the
+Each process runs this file as a script, joins through `llama_jax.parallel.distributed.initialize`, builds the
 same data=2 × fsdp=2 × tensor=2 mesh, feeds only its own rows (`process_rows` + `make_global_batch`) and
 runs three steps. The oracle is one process with 8 devices running the same program on the whole batch.
 The processes are always killed and reaped, even when the test fails or times out.
@@ -29,11 +29,12 @@ def worker(process_id: int, num_processes: int, port: int) -> dict:
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
 
-    from llama_jax.config import ModelConfig
-    from llama_jax.distributed import DistributedConfig, initialize, is_main_process
-    from llama_jax.sharding import (MeshConfig, create_train_state, jit_train_step, make_global_batch, make_mesh,
-                                    process_rows, rules_for)
-    from llama_jax.train_step import OptimizerConfig, make_optimizer
+    from llama_jax.model.config import ModelConfig
+    from llama_jax.parallel.distributed import DistributedConfig, initialize, is_main_process
+    from llama_jax.parallel.mesh import MeshConfig, make_global_batch, make_mesh, process_rows
+    from llama_jax.training.step import create_train_state, jit_train_step
+    from llama_jax.parallel.rules import rules_for
+    from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
 
     mode = "on" if num_processes > 1 else "off"
     joined = initialize(DistributedConfig(mode=mode, coordinator_address=f"127.0.0.1:{port}" if port else None,

@@ -2,8 +2,8 @@
 tests/test_multihost.py runs a real two-process one)."""
 import pytest
 
-from llama_jax.config_io import ConfigError, from_dict
-from llama_jax.distributed import DistributedConfig, cluster_in_environment, initialize, is_main_process, should_join
+from llama_jax.utils.config_io import ConfigError, from_dict
+from llama_jax.parallel.distributed import DistributedConfig, cluster_in_environment, initialize, is_main_process, should_join
 
 LAUNCHER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
                  "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")

@@ -10,11 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.config import ModelConfig, load_model_config
-from llama_jax.plan import GIB, activation_bytes, plan_cli, state_bytes_per_device
-from llama_jax.sharding import RULE_PRESETS, rules_for
-from llama_jax.train_config import load_train_config
-from llama_jax.train_step import OptimizerConfig, batch_nll, init_params, make_optimizer
+from llama_jax.model.config import ModelConfig, load_model_config
+from llama_jax.training.plan import GIB, activation_bytes, plan_cli, state_bytes_per_device
+from llama_jax.parallel.rules import RULE_PRESETS, rules_for
+from llama_jax.training.config import load_train_config
+from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
+from llama_jax.training.step import batch_nll
+from llama_jax.model.api import init_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN_65B = ["model=llama1-65b", "mesh.fsdp=256", "devices=256", "global_batch_size=256", "seq_len=2048"]
@@ -65,7 +67,7 @@ def test_plan_cli_errors(capsys):
 
 def test_plan_module_entry_point():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "llama_jax.plan"] + PLAN_65B, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "llama_jax.training.plan"] + PLAN_65B, capture_output=True, text=True,
                           timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "gathered weights (transient)" in proc.stdout and "activations, remat=full" in proc.stdout

@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.config import ModelConfig
-from llama_jax.config_io import ConfigError
-from llama_jax.logical import active_rules, set_rules
-from llama_jax.sharding import (MeshConfig, activate, check_rules_use_mesh, create_train_state, device_grid,
-                                make_global_batch, make_mesh, opt_state_specs, param_specs,
-                                process_rows, rules_for, train_state_specs)
-from llama_jax.train_step import OptimizerConfig, init_params, make_optimizer
+from llama_jax.model.config import ModelConfig
+from llama_jax.utils.config_io import ConfigError
+from llama_jax.parallel.logical import active_rules, set_rules
+from llama_jax.parallel.mesh import MeshConfig, activate, device_grid, make_global_batch, make_mesh, process_rows
+from llama_jax.parallel.rules import check_rules_use_mesh, rules_for
+from llama_jax.training.step import create_train_state, train_state_specs
+from llama_jax.training.optimizer import opt_state_specs
+from llama_jax.model.api import param_specs
+from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
+from llama_jax.model.api import init_params
 
 CFG = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=64, dtype="float32",
                   attention_impl="xla", max_seq_len=32)

@@ -16,7 +16,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from llama_jax.data import corpus
-from llama_jax.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, builtin_tokenizer,
+from llama_jax.data.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, builtin_tokenizer,
                                  check_vocab_size, load_tokenizer, tokenizer_cli, train_sentencepiece)
 
 VOCAB = 600

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.config_io import ConfigError
-from llama_jax.train_config import load_train_config
-from llama_jax.trainer import TrainingDiverged, train
+from llama_jax.utils.config_io import ConfigError
+from llama_jax.training.config import load_train_config
+from llama_jax.training.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 300
@@ -45,7 +45,7 @@ def write_corpus(directory: Path) -> tuple[Path, Path]:
 
 def prepare(directory: Path) -> dict:
     """Corpus + tokenizer under `directory`; returns the config overrides that point at them."""
-    from llama_jax.tokenizer import train_sentencepiece
+    from llama_jax.data.tokenizer import train_sentencepiece
 
     train_dir, val_dir = write_corpus(directory / "corpus")
     tokenizer = directory / "tok.model"
@@ -162,7 +162,7 @@ def test_resume_reproduces_an_uninterrupted_run_bitwise(corpus, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    from llama_jax.checkpointing import RunCheckpoints
+    from llama_jax.training.checkpoints import RunCheckpoints
 
     with pytest.raises(TrainingDiverged, match=r"step \d+: the loss \(.*\) or gradient norm \(.*\) is not finite") as err:
         run_in_process(corpus, tmp_path / "run", checkpoint_every=1, **{"optimizer.peak_lr": "1.0e+30",
@@ -172,17 +172,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpu
     ckpts = RunCheckpoints(tmp_path / "run", keep=5)
     assert ckpts.latest_step() == bad_step - 1 and f"step {bad_step - 1}" in str(err.value)
     ckpts.close()
-    from llama_jax.checkpoint_io import load_params
+    from llama_jax.convert.orbax_dirs import load_params
 
     params = load_params(tmp_path / "run", load_train_config(tmp_path / "run" / "config.yaml").model)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 def test_init_from_starts_from_the_given_weights_with_a_fresh_optimizer(corpus, tmp_path):
-    from llama_jax.checkpoint_io import save_params
+    from llama_jax.convert.orbax_dirs import save_params
     from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
-    from llama_jax.tokenizer import load_tokenizer
-    from llama_jax.train_step import batch_nll, init_params
+    from llama_jax.data.tokenizer import load_tokenizer
+    from llama_jax.training.step import batch_nll
+    from llama_jax.model.api import init_params
 
     cfg = load_train_config(None, overrides(corpus, tmp_path / "run"))
     params = init_params(cfg.model, seed=123)
@@ -202,13 +203,13 @@ def test_init_from_starts_from_the_given_weights_with_a_fresh_optimizer(corpus, 
 
 def _no_compile(monkeypatch):
     """Make any attempt to build the train step fail: errors must come before compilation."""
-    from llama_jax import sharding
+    from llama_jax.training import loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("the train step was built before the error was reported")
 
-    monkeypatch.setattr(sharding, "jit_train_step", refuse)
-    monkeypatch.setattr(sharding, "create_train_state", refuse)
+    monkeypatch.setattr(loop, "jit_train_step", refuse)
+    monkeypatch.setattr(loop, "create_train_state", refuse)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -124,8 +124,8 @@ import json, sys
 sys.path.insert(0, "tests")
 import jax
 from pathlib import Path
-from llama_jax.train_config import load_train_config
-from llama_jax.trainer import train
+from llama_jax.training.config import load_train_config
+from llama_jax.training.loop import train
 from test_train import overrides
 
 corpus, tmp = json.loads(sys.argv[1]), Path(sys.argv[2])

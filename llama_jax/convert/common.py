@@ -10,14 +10,14 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from llama_jax.config import ModelConfig
-from llama_jax.params import TensorMap, tensor_maps
+from llama_jax.model import api
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.params import TensorMap, tensor_maps
+from llama_jax.utils import dtypes
 
 FORMATS = ("meta", "hf", "orbax")
-# Command-line / file spellings -> numpy dtype. Only these are accepted anywhere.
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
-CONFIG_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
-                      np.dtype(np.float16): "float16"}
+# Command-line spellings -> numpy dtype. Only these are accepted anywhere.
+DTYPES = {flag: dtypes.numpy_dtype(flag) for flag in dtypes.FLAG_NAMES}
 
 
 class ConvertError(ValueError):
@@ -26,7 +26,7 @@ class ConvertError(ValueError):
 
 def check_dtype(dtype, where: str) -> np.dtype:
     """`dtype` if it is one we convert (fp32/bf16/fp16), else a ConvertError naming `where`."""
-    if np.dtype(dtype) not in CONFIG_DTYPE_NAMES:
+    if dtypes.config_name(dtype) is None:
         raise ConvertError(f"{where}: unsupported dtype {np.dtype(dtype)}; expected float32, bfloat16 or float16")
     return np.dtype(dtype)
 
@@ -70,19 +70,14 @@ def contiguous(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def torch_shape(tmap: TensorMap, cfg: ModelConfig) -> tuple[int, ...]:
     """Shape of one (per-layer) tensor in torch layout ([out, in] for matrices)."""
-    d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim
-    module = tmap.ours[-2] if tmap.ours[-1] in ("kernel", "scale") else tmap.ours[-1]
-    shapes = {"tok_embeddings": (cfg.vocab_size, d), "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
-              "w1": (f, d), "w3": (f, d), "w2": (d, f), "attention_norm": (d,), "ffn_norm": (d,), "norm": (d,),
-              "output": (cfg.vocab_size, d)}
-    return shapes[module]
+    shape = our_shape(tmap, cfg)[1 if tmap.per_layer else 0:]
+    return shape[::-1] if tmap.transposed else shape
 
 
 def our_shape(tmap: TensorMap, cfg: ModelConfig) -> tuple[int, ...]:
-    """Shape of the full parameter in our tree (stacked over layers, [in, out] for matrices)."""
-    shape = torch_shape(tmap, cfg)
-    shape = shape[::-1] if tmap.transposed else shape
-    return ((cfg.n_layers,) if tmap.per_layer else ()) + shape
+    """Shape of the full parameter in our tree (stacked over layers, [in, out] for matrices). A tied
+    model's export writes an explicit output matrix: its shape is the untied model's."""
+    return api.flat_param_shapes(cfg.replace(tie_embeddings=False))[tmap.ours]
 
 
 def tensor_items(cfg: ModelConfig) -> Iterator[tuple[TensorMap, int | None]]:

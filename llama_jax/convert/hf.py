@@ -1,7 +1,7 @@
 """Hugging Face's format: `config.json` plus `model.safetensors` or index-sharded `model-*-of-*.safetensors`.
 
 HF keeps q/k rows in the half-split rotary layout, which is ours, so tensors only need transposing
-(`llama_jax.params`). A tied model (`tie_word_embeddings`) stores no `lm_head.weight`.
+(`llama_jax.model.params`). A tied model (`tie_word_embeddings`) stores no `lm_head.weight`.
 Shards are planned from the config before any tensor is read, so each one is streamed to disk.
 """
 from __future__ import annotations
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax.config import ModelConfig
+from llama_jax.model.config import ModelConfig
 from llama_jax.convert import safetensors_io
-from llama_jax.convert.common import CONFIG_DTYPE_NAMES, ConvertError, contiguous, torch_shape
-from llama_jax.params import (TensorMap, from_torch_layout, hf_config_dict, model_config_from_hf, tensor_maps,
+from llama_jax.convert.common import ConvertError, contiguous, torch_shape
+from llama_jax.utils.dtypes import config_name
+from llama_jax.model.params import (TensorMap, from_torch_layout, hf_config_dict, model_config_from_hf, tensor_maps,
                               to_torch_layout, torch_name)
 
 CONFIG_FILE = "config.json"
@@ -148,7 +149,7 @@ class HFWriter:
             raise RuntimeError(f"{self.directory}: wrote {self._shard + 1} of {len(self.plan)} planned files")
         config = hf_config_dict(self.cfg)
         # transformers 5 reads `dtype`; older readers (and serving stacks) read `torch_dtype`
-        config["dtype"] = config["torch_dtype"] = CONFIG_DTYPE_NAMES[self.dtype]
+        config["dtype"] = config["torch_dtype"] = config_name(self.dtype)
         (self.directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if len(self.files) > 1:
             total = sum(int(np.prod(s)) for shard in self.plan for _, s in shard) * self.dtype.itemsize

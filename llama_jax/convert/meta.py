@@ -1,7 +1,7 @@
 """Meta's release format: `params.json` and model-parallel shards `consolidated.NN.pth`.
 
 Each shard holds every tensor; the ones Meta splits for model parallelism are cut along the dimension
-`llama_jax.params.TensorMap.meta_split_dim` gives (q/k/v, w1/w3 and output by rows, wo and w2 by
+`llama_jax.model.params.TensorMap.meta_split_dim` gives (q/k/v, w1/w3 and output by rows, wo and w2 by
 columns, the embedding by columns in LLaMA 1/2 and by rows in LLaMA 3), norms are replicated.
 Reading memory-maps every shard (`torch.load(mmap=True, weights_only=True)`, which also refuses to
 unpickle anything but tensors) and concatenates one tensor at a time; the maps are reopened after every
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.model.config import ModelConfig, RopeScaling
 from llama_jax.convert.common import ConvertError, contiguous, tensor_items, torch_shape, torch_to_numpy
 from llama_jax.convert.torch_stream import StreamingTorchSave
-from llama_jax.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name
+from llama_jax.model.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth$")

@@ -1,4 +1,4 @@
-"""Our orbax checkpoints as a conversion source and target (layout: `llama_jax.checkpoint_io`).
+"""Our orbax checkpoints as a conversion source and target (layout: `llama_jax.convert.orbax_dirs`).
 
 Reading restores one stacked parameter at a time (orbax partial restore), so a stacked [n_layers, ...]
 group is the largest unit held. Writing saves each complete parameter as soon as its last layer
@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax import checkpoint_io
-from llama_jax.config import ModelConfig
-from llama_jax.convert.common import CONFIG_DTYPE_NAMES, ConvertError, check_dtype, copy_into, our_shape
-from llama_jax.params import TensorMap, flatten
+from llama_jax.convert import orbax_dirs as checkpoint_io
+from llama_jax.convert.common import ConvertError, check_dtype, copy_into, our_shape
+from llama_jax.model import api
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.params import TensorMap
+from llama_jax.utils.dtypes import config_name
+from llama_jax.utils.trees import flatten, set_path
 
 
 def is_orbax_dir(path: Path) -> bool:
@@ -34,7 +37,7 @@ class OrbaxReader:
             self.cfg = checkpoint_io.read_model_config(path)
             self.item = checkpoint_io.params_item_path(path)
             stored = checkpoint_io.stored_param_metadata(self.item)
-            checkpoint_io.check_param_shapes({p: m.shape for p, m in stored.items()}, self.cfg, str(self.item))
+            api.check_param_shapes({p: m.shape for p, m in stored.items()}, self.cfg, str(self.item))
         except (ValueError, FileNotFoundError) as e:
             raise ConvertError(str(e)) from None
         for p, meta in stored.items():
@@ -82,7 +85,7 @@ class ParamTreeBuilder:
 
     def __init__(self, cfg: ModelConfig, dtype: np.dtype):
         self.dtype = np.dtype(dtype)
-        self.cfg = cfg.replace(param_dtype=CONFIG_DTYPE_NAMES[self.dtype])
+        self.cfg = cfg.replace(param_dtype=config_name(self.dtype))
         self.params: dict = {}
         self._filling: dict[tuple[str, ...], np.ndarray] = {}
 
@@ -95,10 +98,7 @@ class ParamTreeBuilder:
             self.finished(tmap.ours, self._filling.pop(tmap.ours))
 
     def finished(self, path: tuple[str, ...], value: np.ndarray) -> None:
-        node = self.params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
+        set_path(self.params, path, value)
 
 
 class OrbaxWriter(ParamTreeBuilder):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax.config import ModelConfig, load_model_config
+from llama_jax.model.config import ModelConfig, load_model_config
 from llama_jax.convert.common import DTYPES, FORMATS, ConvertError, tensor_count, tensor_items
 from llama_jax.convert.hf import DEFAULT_SHARD_BYTES, HFReader, HFWriter, is_hf_dir
 from llama_jax.convert.meta import MetaReader, MetaWriter, is_meta_dir

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llama_jax.config_io import ConfigError
+from llama_jax.utils.config_io import ConfigError
 
 SOURCE_KINDS = ("builtin", "text", "jsonl", "tfds")
 BUILTIN_SPLITS = ("train", "validation")

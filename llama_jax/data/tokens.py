@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llama_jax.data.atomic import write_atomically
+from llama_jax.utils.files import write_atomically
 from llama_jax.data.config import SourceConfig
 from llama_jax.data.sources import read_documents, source_fingerprint
 

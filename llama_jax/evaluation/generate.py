@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.config_io import ConfigError
+from llama_jax.utils.config_io import ConfigError
 from llama_jax.evaluation.loading import EvalModel
-from llama_jax.model import KVCache, unstack_layers
-from llama_jax.train_step import apply_model
+from llama_jax.model import api
+from llama_jax.model.transformer import KVCache, unstack_layers
 
 PROMPT_BUCKET = 16
 
@@ -86,7 +86,7 @@ def _decode(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int,
     batch, prompt_len = tokens.shape
     pick = functools.partial(_next_token, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p)
     cfg = cfg.replace(scan_layers=False)
-    model = functools.partial(apply_model, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
+    model = functools.partial(api.apply, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
     cache = KVCache.create(cfg, batch, prompt_len + max_new, per_layer=True)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
     logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)

@@ -9,7 +9,6 @@ and across hosts. Evaluation batches are replicated inputs split by rows over th
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +16,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax.config import ModelConfig
-from llama_jax.logical import Rules
+from llama_jax.model import api
+from llama_jax.model.config import ModelConfig
+from llama_jax.parallel.logical import Rules
+from llama_jax.parallel.mesh import MeshConfig, activate, batch_sharding, make_mesh, replicated
+from llama_jax.parallel.rules import axis_product, rules_for
+from llama_jax.utils import dtypes
+from llama_jax.utils.trees import flatten
 
-DTYPE_FLAGS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+EVAL_DTYPES = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -38,33 +42,21 @@ class EvalModel:
         """Batches must have a multiple of this many rows (the devices the rows are split over)."""
         if self.mesh is None:
             return 1
-        from llama_jax.sharding import BATCH_AXES
-
-        return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+        return axis_product(dict(self.mesh.shape), batch_sharding(self.mesh, self.rules).spec[0])
 
     def place_rows(self, array: np.ndarray) -> jax.Array:
         """A host array holding the whole batch (identical on every process), split by rows."""
         if self.mesh is None:
             return jax.device_put(array)
-        from llama_jax.sharding import batch_sharding
-
         return _from_host(array, batch_sharding(self.mesh, self.rules))
 
     def out_sharding(self):
         """Results come back whole on every process (small: per-token scores or generated ids)."""
-        if self.mesh is None:
-            return None
-        from llama_jax.sharding import replicated
-
-        return replicated(self.mesh)
+        return None if self.mesh is None else replicated(self.mesh)
 
     def activate(self):
         """Mesh and rules in context while tracing, so the model's sharding constraints apply."""
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        from llama_jax.sharding import activate
-
-        return activate(self.mesh, self.rules)
+        return contextlib.nullcontext() if self.mesh is None else activate(self.mesh, self.rules)
 
 
 def _from_host(array: np.ndarray, sharding) -> jax.Array:
@@ -74,10 +66,8 @@ def _from_host(array: np.ndarray, sharding) -> jax.Array:
 
 
 def compute_dtype(flag: str) -> str:
-    """`--dtype` value (bf16 | fp32) as the config's dtype name."""
-    if flag not in DTYPE_FLAGS:
-        raise ValueError(f"--dtype {flag!r}: expected one of {sorted(DTYPE_FLAGS)}")
-    return DTYPE_FLAGS[flag]
+    """`--dtype` value (bf16 | fp32, or the config names) as the config's dtype name."""
+    return dtypes.config_name_of_flag(flag, EVAL_DTYPES)
 
 
 def place_model(cfg: ModelConfig, params: Any, *, dtype: str = "fp32", tokenizer=None,
@@ -87,20 +77,15 @@ def place_model(cfg: ModelConfig, params: Any, *, dtype: str = "fp32", tokenizer
     `dtype` sets both the compute dtype and the stored weight dtype: bf16 evaluation keeps bf16
     weights, halving memory and sparing a conversion on every matmul.
     """
-    from llama_jax.checkpoint_io import check_param_shapes
-    from llama_jax.params import flatten
-
     name = compute_dtype(dtype)
     cfg = cfg.replace(dtype=name, param_dtype=name)
-    check_param_shapes({path: tuple(np.shape(x)) for path, x in flatten(params).items()}, cfg, "checkpoint")
+    api.check_param_shapes({path: tuple(np.shape(x)) for path, x in flatten(params).items()}, cfg, "checkpoint")
     cast = jax.tree.map(lambda x: np.asarray(x).astype(cfg.weight_dtype, copy=False), params)
     if mesh_cfg is None:
         return EvalModel(cfg, jax.device_put(cast), tokenizer)
-    from llama_jax.sharding import make_mesh, param_shardings, rules_for
-
     mesh = make_mesh(mesh_cfg)
     rules = rules_for(mesh_cfg.strategy)
-    placed = jax.tree.map(_from_host, cast, param_shardings(cfg, mesh, rules))
+    placed = jax.tree.map(_from_host, cast, api.param_shardings(cfg, mesh, rules))
     return EvalModel(cfg, placed, tokenizer, mesh, rules)
 
 
@@ -112,8 +97,7 @@ def load_eval_model(path: str, *, dtype: str = "bf16", mesh_cfg=None, tokenizer_
     vocabulary must match the model's.
     """
     from llama_jax.convert import read_checkpoint
-    from llama_jax.sharding import MeshConfig
-    from llama_jax.tokenizer import check_vocab_size, load_tokenizer
+    from llama_jax.data.tokenizer import check_vocab_size, load_tokenizer
 
     compute_dtype(dtype)  # a bad flag fails before the checkpoint is read
     cfg, params, found_tokenizer = read_checkpoint(path, fmt)

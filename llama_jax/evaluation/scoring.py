@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.evaluation.loading import EvalModel
-from llama_jax.train_step import apply_model, token_nll
+from llama_jax.model import api
+from llama_jax.model.loss import token_nll
 
 MIN_BUCKET = 16
 
 
 def _token_scores(cfg, params, tokens, segment_ids):
-    logits, _ = apply_model(cfg, params, tokens, segment_ids=segment_ids)
+    logits, _ = api.apply(cfg, params, tokens, segment_ids=segment_ids)
     logits, targets = logits[:, :-1], tokens[:, 1:]
     return -token_nll(logits, targets), jnp.argmax(logits, axis=-1) == targets
 

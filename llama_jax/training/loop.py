@@ -7,7 +7,7 @@ is checked first (config, run directory, tokenizer, data, checkpoint shapes). Th
   step and data-iterator position: the run continues exactly where it stopped), else from `init_from`
   (weights only: fresh optimizer, step 0), else from random initialisation; it is created or read
   directly in its shards on the configured mesh;
-- each step feeds this process's rows of the global batch to `llama_jax.sharding.jit_train_step` (the
+- each step feeds this process's rows of the global batch to `llama_jax.training.step.jit_train_step` (the
   project's one train step), and the next batch is read and placed on the devices while they run it;
   the loss and gradient norm are checked every step, so a non-finite value stops the run before any
   bad state is saved;
@@ -30,17 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from llama_jax import sharding
-from llama_jax.checkpoint_io import check_param_shapes, load_params
-from llama_jax.checkpointing import RunCheckpoints, abstract_with_shardings
-from llama_jax.config_io import ConfigError, to_dict
-from llama_jax.distributed import initialize
-from llama_jax.metrics import MetricsLog, Progress, flops_per_token, format_values, peak_flops
-from llama_jax.model import param_count
-from llama_jax.profiling import StepProfiler
-from llama_jax.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
-from llama_jax.train_config import TrainConfig
-from llama_jax.train_step import TrainState, init_params, init_train_state, lr_schedule, make_optimizer
+from llama_jax.convert.orbax_dirs import load_params
+from llama_jax.model import api
+from llama_jax.training.checkpoints import RunCheckpoints, abstract_with_shardings
+from llama_jax.utils.config_io import ConfigError, to_dict
+from llama_jax.parallel.distributed import initialize
+from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, format_values, peak_flops
+from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
+from llama_jax.parallel.rules import rules_for
+from llama_jax.training.profiling import StepProfiler
+from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
+from llama_jax.training.config import TrainConfig
+from llama_jax.training.optimizer import lr_schedule, make_optimizer
+from llama_jax.training.step import (TrainState, create_train_state, init_train_state, jit_eval_step, jit_train_step,
+                                     train_state_shardings)
 
 
 class TrainingDiverged(RuntimeError):
@@ -127,7 +130,7 @@ class Evaluator:
         for batch in self._batches:
             num_bytes += int(batch["num_bytes"].sum())
             local = {k: v[self._rows] for k, v in batch.items() if k != "num_bytes"}
-            sums = jax.device_get(self._step(params, sharding.make_global_batch(local, self._mesh, self._rules)))
+            sums = jax.device_get(self._step(params, make_global_batch(local, self._mesh, self._rules)))
             nll += float(sums["nll_sum"])
             tokens += float(sums["tokens"])
         return {"loss": nll / max(tokens, 1.0), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
@@ -199,11 +202,11 @@ class _Preemption:
 
 def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rules, say) -> tuple[TrainState, dict]:
     """(state, meta) from the latest checkpoint, else from `init_from`, else random; always sharded."""
-    shardings = sharding.train_state_shardings(cfg.model, optimizer, mesh, rules)
+    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules)
     latest = ckpts.latest_step()
     if latest is not None:
-        check_param_shapes(ckpts.param_shapes(latest), cfg.model, f"checkpoint {ckpts.directory / str(latest)}")
-        abstract = jax.eval_shape(lambda: init_train_state(init_params(cfg.model), optimizer))
+        api.check_param_shapes(ckpts.param_shapes(latest), cfg.model, f"checkpoint {ckpts.directory / str(latest)}")
+        abstract = jax.eval_shape(lambda: init_train_state(api.init_params(cfg.model), optimizer))
         params, opt_state, meta = ckpts.restore(latest, abstract_with_shardings(abstract.params, shardings.params),
                                                 abstract_with_shardings(abstract.opt_state, shardings.opt_state))
         step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shardings.step)
@@ -212,12 +215,12 @@ def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rul
     if cfg.init_from:
         params = load_params(cfg.init_from, cfg.model, shardings=shardings.params)
         init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
-        with sharding.activate(mesh, rules):
+        with activate(mesh, rules):
             opt_state = init(params)
         say(f"initialised weights from {cfg.init_from} (fresh optimizer, step 0)")
         step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
         return TrainState(step=step, params=params, opt_state=opt_state), {}
-    return sharding.create_train_state(cfg.model, optimizer, mesh, rules, cfg.seed), {}
+    return create_train_state(cfg.model, optimizer, mesh, rules, cfg.seed), {}
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -239,13 +242,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     data = make_train_iterator(cfg.data, tokenizer, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size,
                                process_index=jax.process_index(), process_count=jax.process_count())
     say(f"training data ready in {time.perf_counter() - clock:.1f} s")
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.rules_for(cfg.mesh.strategy)
+    mesh = make_mesh(cfg.mesh)
+    rules = rules_for(cfg.mesh.strategy)
     optimizer = make_optimizer(cfg.optimizer, cfg.steps)
     schedule = lr_schedule(cfg.optimizer, cfg.steps)
     ckpts = RunCheckpoints(run_dir, keep=cfg.keep_checkpoints, keep_period=cfg.keep_period,
                            async_save=cfg.async_checkpointing)
-    say(f"model {param_count(cfg.model) / 1e6:,.1f} M parameters, mesh {dict(mesh.shape)} ({cfg.mesh.strategy}), "
+    say(f"model {api.param_count(cfg.model) / 1e6:,.1f} M parameters, mesh {dict(mesh.shape)} ({cfg.mesh.strategy}), "
         f"{cfg.steps} steps of {cfg.global_batch_size} × {cfg.seq_len} tokens, run_dir {run_dir}")
 
     start_time = time.perf_counter()
@@ -255,9 +258,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     first = int(meta.get("step", 0))
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
     log = MetricsLog(run_dir, enabled=main, resume_step=first)
-    step_fn = sharding.jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
+    step_fn = jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
                                       micro_batches=cfg.micro_batches)
-    eval_fn = sharding.jit_eval_step(cfg.model, mesh, rules)
+    eval_fn = jit_eval_step(cfg.model, mesh, rules)
     evaluator = None
     if cfg.eval_every:
         evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, cfg.eval_batches or None)
@@ -271,7 +274,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     def next_batch():
         """The next global batch on the devices, and the data position after it (what a checkpoint of
         the step that consumes it must record: the following batch is fetched before that save)."""
-        batch = sharding.make_global_batch(next(data), mesh, rules)
+        batch = make_global_batch(next(data), mesh, rules)
         return batch, data.get_state()
 
     def save(step: int) -> None:

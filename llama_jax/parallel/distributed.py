@@ -1,7 +1,7 @@
 """Join a multi-host job: every host runs the same program, JAX's coordinator connects them.
 
 Call `initialize(cfg.distributed)` first thing, before any other JAX call. Then `jax.devices()` lists
-the devices of all hosts, the mesh spans them (`llama_jax.sharding.make_mesh`), each host feeds its own
+the devices of all hosts, the mesh spans them (`llama_jax.parallel.mesh.make_mesh`), each host feeds its own
 rows (`make_global_batch`), only `is_main_process()` logs, and all hosts take part in checkpointing.
 
 Modes:
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import jax
 
-from llama_jax.config_io import ConfigError
+from llama_jax.utils.config_io import ConfigError
 
 MODES = ("auto", "on", "off")
 

@@ -12,11 +12,12 @@ Every transform works on one tensor at a time, so converters can stream checkpoi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.model.config import ModelConfig, RopeScaling
+from llama_jax.utils.trees import set_path
 
 
 @dataclass(frozen=True)
@@ -101,17 +102,6 @@ def torch_name(tmap: TensorMap, fmt: str, layer: int | None = None) -> str:
     return template.format(i=layer) if tmap.per_layer else template
 
 
-def iter_torch_tensors(params: Mapping, cfg: ModelConfig, fmt: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Our pure-dict params as (name, tensor) pairs in `fmt` layout, one tensor at a time."""
-    for tmap in tensor_maps(cfg):
-        value = _get(params, tmap.ours)
-        if tmap.per_layer:
-            for i in range(cfg.n_layers):
-                yield torch_name(tmap, fmt, i), to_torch_layout(np.asarray(value[i]), tmap, cfg, fmt)
-        else:
-            yield torch_name(tmap, fmt), to_torch_layout(np.asarray(value), tmap, cfg, fmt)
-
-
 def params_from_torch(get: Callable[[str], np.ndarray], cfg: ModelConfig, fmt: str) -> dict:
     """Our pure-dict params from a tensor getter by name in `fmt` layout (raises KeyError on a missing name)."""
     params: dict = {}
@@ -121,20 +111,8 @@ def params_from_torch(get: Callable[[str], np.ndarray], cfg: ModelConfig, fmt: s
                               for i in range(cfg.n_layers)])
         else:
             value = from_torch_layout(np.asarray(get(torch_name(tmap, fmt))), tmap, cfg, fmt)
-        _set(params, tmap.ours, value)
+        set_path(params, tmap.ours, value)
     return params
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
@@ -184,43 +162,3 @@ def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
     )
     fields.update(overrides)
     return ModelConfig(**fields)
-
-
-def flatten(params: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    """Nested pure-dict params as {path: array}."""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix + (str(key),)))
-        else:
-            flat[prefix + (str(key),)] = value
-    return flat
-
-
-def check_shapes(given: Mapping[tuple[str, ...], tuple[int, ...]],
-                 expected: Mapping[tuple[str, ...], tuple[int, ...]], source: str) -> None:
-    """Raise ValueError naming `source` and the first parameter that is missing, unexpected or misshapen."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing:
-        raise ValueError(f"{source}: parameter {'.'.join(missing[0])} is missing ({len(missing)} missing in all)")
-    if unexpected:
-        raise ValueError(f"{source}: unexpected parameter {'.'.join(unexpected[0])} ({len(unexpected)} in all)")
-    for path, shape in expected.items():
-        if tuple(given[path]) != tuple(shape):
-            raise ValueError(f"{source}: parameter {'.'.join(path)} has shape {tuple(given[path])}, "
-                             f"the config expects {tuple(shape)}")
-
-
-def assign_params(model, params: Mapping, *, source: str = "params") -> None:
-    """Load pure-dict `params` into `model`, first checking every name, shape and that nothing is missing.
-
-    The error names the parameter and both shapes, so a checkpoint for another config fails clearly.
-    """
-    from flax import nnx
-
-    state = nnx.state(model, nnx.Param)
-    expected = {path: tuple(leaf.shape) for path, leaf in flatten(nnx.to_pure_dict(state)).items()}
-    check_shapes({path: tuple(leaf.shape) for path, leaf in flatten(params).items()}, expected, source)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)

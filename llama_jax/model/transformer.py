@@ -4,7 +4,7 @@
            → RMSNorm → output (or the tied embedding) → logits
 
 No biases anywhere. Parameter names follow Meta's reference (`attention.wq`, `feed_forward.w1`,
-`attention_norm`, ...) so the checkpoint mappings in `llama_jax.params` read like a table. The rotary
+`attention_norm`, ...) so the checkpoint mappings in `llama_jax.model.params` read like a table. The rotary
 embedding uses the half-split layout (first half of each head's features paired with the second half,
 as in Hugging Face); Meta's checkpoints pair adjacent features and are permuted on import.
 
@@ -12,23 +12,24 @@ The layers are one `Block` whose parameters carry a leading `layers` axis. `scan
 with `jax.lax.scan` (compile time independent of depth); `False` unrolls a Python loop over the same
 stacked parameters, so both modes share checkpoints and produce identical outputs.
 
-Projections multiply 2-D activations, `(batch·length, features) @ W`: on XLA:CPU the rank-3 form misses
-the fast matmul in the backward pass (see shared/JAX_STACK.md).
+Projections multiply 2-D activations, `(batch·length, features) @ W`. The products, attention's inner
+products and the loss's target gather go through `cpu_fast_paths`, which lowers them in their plain form
+everywhere but on XLA:CPU. Build, apply and inspect the model through `llama_jax.model.api`.
 """
 from __future__ import annotations
 
 import math
 
 import flax.struct
-from jax.ad_checkpoint import checkpoint_name
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax.attention import attention
-from llama_jax.config import ModelConfig
-from llama_jax.logical import constrain
-from llama_jax.matmul import matmul
+from llama_jax.model.attention import attention
+from llama_jax.model.config import ModelConfig
+from llama_jax.parallel.logical import constrain
+from llama_jax.model.cpu_fast_paths import matmul
 
 MATMUL_CHECKPOINT_NAME = "linear_out"
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -209,7 +210,7 @@ class Transformer(nnx.Module):
         """tokens [batch, length] int. positions default to 0.. (or the cache's next slots).
 
         segment_ids [batch, length]: document ids for packed sequences, 0 for padding (see
-        `llama_jax.attention`). With a `cache`, this call's tokens fill the next slots and attend to
+        `llama_jax.model.attention`). With a `cache`, this call's tokens fill the next slots and attend to
         everything cached before them; the updated cache is returned.
         layer_params (unrolled layers only): each layer's parameters, sliced from the stacked ones once
         by the caller (`unstack_layers`) outside a decode loop: XLA:CPU does not hoist the slices out of
@@ -269,19 +270,3 @@ class Transformer(nnx.Module):
 def unstack_layers(layers, n_layers: int) -> list:
     """The stacked `layers` parameters as one tree per layer."""
     return [jax.tree.map(lambda a: a[i], layers) for i in range(n_layers)]
-
-
-def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A randomly initialised model (normal(0, init_std) matrices, unit norm scales)."""
-    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
-
-
-def abstract_model(cfg: ModelConfig) -> Transformer:
-    """The model with shapes and dtypes only: no weights are allocated."""
-    return nnx.eval_shape(lambda: create_model(cfg))
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """Exact number of parameters, computed without allocating any."""
-    state = nnx.state(abstract_model(cfg), nnx.Param)
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

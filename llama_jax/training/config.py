@@ -1,7 +1,7 @@
 """The training run's configuration: one dataclass holding every section, validated once at load.
 
 `python train.py [CONFIG.yaml] key=value ...` reads a YAML file (default `configs/train/default.yaml`),
-applies the overrides and builds `TrainConfig` with the project's one loader (`llama_jax.config_io`),
+applies the overrides and builds `TrainConfig` with the project's one loader (`llama_jax.utils.config_io`),
 so a typo or a contradiction fails before anything is compiled.
 
 The `model` section is a preset name (`model: tiny`), a mapping with an optional `preset` key plus field
@@ -16,12 +16,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_jax.config import CONFIG_DIR, ModelConfig, model_config_dict
-from llama_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
+from llama_jax.model.config import CONFIG_DIR, ModelConfig, model_config_dict
+from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
 from llama_jax.data import DataConfig
-from llama_jax.sharding import MeshConfig
-from llama_jax.distributed import DistributedConfig
-from llama_jax.train_step import OptimizerConfig
+from llama_jax.parallel.mesh import MeshConfig
+from llama_jax.parallel.distributed import DistributedConfig
+from llama_jax.training.optimizer import OptimizerConfig
 
 DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "train" / "default.yaml"
 PROGRESS_MODES = ("auto", "bar", "lines")
@@ -62,7 +62,7 @@ class TrainConfig:
     keep_period: int = 0  # also keep every step divisible by this forever (milestones); 0 = none
     async_checkpointing: bool = True
     progress: str = "auto"  # auto: a tqdm bar on a terminal, plain log lines otherwise
-    peak_flops_per_device: float = 0.0  # MFU denominator; 0 = the table in llama_jax.metrics
+    peak_flops_per_device: float = 0.0  # MFU denominator; 0 = the table in llama_jax.training.metrics
     profile_steps: int = 0  # trace this many steps with JAX's profiler into run_dir/profile; 0 = off
     profile_start_step: int = 3  # the first traced step (step 1 compiles)
 

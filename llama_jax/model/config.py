@@ -10,14 +10,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
-
-from llama_jax.attention import ATTENTION_IMPL_NAMES
-from llama_jax.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+from llama_jax.model.attention import ATTENTION_IMPL_NAMES
+from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+from llama_jax.utils.dtypes import CONFIG_NAMES, numpy_dtype
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 
 
@@ -83,8 +81,8 @@ class ModelConfig:
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("norm_eps, rope_theta and init_std must be > 0")
         for key in ("param_dtype", "dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ConfigError(f"{key}={getattr(self, key)!r}; expected one of {sorted(DTYPES)}")
+            if getattr(self, key) not in CONFIG_NAMES:
+                raise ConfigError(f"{key}={getattr(self, key)!r}; expected one of {sorted(CONFIG_NAMES)}")
         if self.attention_impl not in ATTENTION_IMPL_NAMES:
             raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPL_NAMES}")
         if self.remat not in REMAT_POLICIES:
@@ -110,11 +108,11 @@ class ModelConfig:
 
     @property
     def compute_dtype(self):
-        return DTYPES[self.dtype]
+        return numpy_dtype(self.dtype)
 
     @property
     def weight_dtype(self):
-        return DTYPES[self.param_dtype]
+        return numpy_dtype(self.param_dtype)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -30,8 +30,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import ModelConfig
-from llama_jax.model import param_count
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.api import param_count
 
 # Dense matmul peak FLOP/s per device, by a substring of `jax.Device.device_kind` (lower case), first
 # match wins. Vendor bf16 dense figures (SXM parts; TPU per chip). CPUs are measured, see above.

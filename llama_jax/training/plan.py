@@ -1,7 +1,7 @@
 """`plan`: will this model fit on that slice? Per-device memory from shapes alone, before asking for chips.
 
-    python train.py plan [CONFIG.yaml] key=value ... [devices=N] [device_memory_gib=80]
-    python -m llama_jax.plan configs/train/llama1-65b.yaml mesh.fsdp=256 devices=256
+    python train.py plan [CONFIG.yaml] key=value ... [devices=N] [device_memory_gib=80] [platform=gpu|tpu|cpu]
+    python -m llama_jax.training.plan configs/train/llama1-65b.yaml mesh.fsdp=256 devices=256
 
 Reads the same training config as `train.py` (model, mesh, optimizer, batch), builds the parameter and
 optimizer-state shardings with the very functions training uses, and counts each device's shard bytes;
@@ -22,15 +22,16 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
-from llama_jax.config import REMAT_POLICIES, ModelConfig
-from llama_jax.config_io import ConfigError, from_dict, parse_override
-from llama_jax.logical import Rules, logical_to_spec
-from llama_jax.model import param_count
-from llama_jax.sharding import (axis_product, check_rules_use_mesh, opt_state_specs, param_shapes, param_specs,
-                                rules_for)
-from llama_jax.train_step import make_optimizer
+from llama_jax.model.config import REMAT_POLICIES, ModelConfig
+from llama_jax.utils.config_io import ConfigError, from_dict, parse_override
+from llama_jax.parallel.logical import Rules, logical_to_spec
+from llama_jax.model import api
+from llama_jax.model.attention import IMPLEMENTATIONS, resolve_impl
+from llama_jax.parallel.rules import axis_product, check_rules_use_mesh, rules_for
+from llama_jax.training.optimizer import make_optimizer, opt_state_specs
 
 GIB = 1024 ** 3
+PLATFORMS = ("gpu", "tpu", "cpu")
 FP32 = 4
 
 
@@ -40,10 +41,13 @@ class PlanOptions:
 
     devices: int = 0  # 0: the mesh's fixed sizes, or this host's device count if an axis is -1
     device_memory_gib: float = 0.0  # 0: do not judge the fit
+    platform: str = "gpu"  # the devices planned for: decides what attention_impl=auto runs
 
     def __post_init__(self):
         if self.devices < 0 or self.device_memory_gib < 0:
             raise ConfigError("plan: devices and device_memory_gib must be >= 0")
+        if self.platform not in PLATFORMS:
+            raise ConfigError(f"plan: platform={self.platform!r}; expected one of {list(PLATFORMS)}")
 
 
 def _shard_bytes(shapes, specs, mesh_shape: dict[str, int]) -> int:
@@ -59,8 +63,8 @@ def _shard_bytes(shapes, specs, mesh_shape: dict[str, int]) -> int:
 def state_bytes_per_device(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, rules: Rules,
                            mesh_shape: dict[str, int]) -> dict[str, int]:
     """Exact bytes per device of parameters, gradients (sharded like the parameters) and optimizer state."""
-    shapes = param_shapes(model_cfg)
-    specs = param_specs(model_cfg, rules, mesh_shape)
+    shapes = api.param_shapes(model_cfg)
+    specs = api.param_specs(model_cfg, rules, mesh_shape)
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
     params = _shard_bytes(shapes, specs, mesh_shape)
     return {"params": params, "grads": params,
@@ -71,8 +75,8 @@ def gathered_weight_bytes(model_cfg: ModelConfig, rules: Rules, mesh_shape: dict
     """Transient bytes of FSDP: one layer's weights and the embedding/output gathered whole over `fsdp`,
     and their gradients before the reduce-scatter (2×). Zero when parameters are not fsdp-sharded."""
     whole = {**mesh_shape, "fsdp": 1}
-    shapes = param_shapes(model_cfg)
-    sharded, gathered = param_specs(model_cfg, rules, mesh_shape), param_specs(model_cfg, rules, whole)
+    shapes = api.param_shapes(model_cfg)
+    sharded, gathered = api.param_specs(model_cfg, rules, mesh_shape), api.param_specs(model_cfg, rules, whole)
 
     def extra(key):
         return _shard_bytes(shapes[key], gathered[key], whole) - _shard_bytes(shapes[key], sharded[key], mesh_shape)
@@ -87,7 +91,7 @@ def _split(rules: Rules, name: str, mesh_shape: dict[str, int]) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int], rows: int, seq_len: int,
-                     policy: str) -> int:
+                     policy: str, platform: str = "gpu") -> int:
     """Estimated activation bytes per device kept for the backward pass of one micro-batch.
 
     Per layer and token, in elements (tensor-split dims divided by their split; c = compute dtype bytes):
@@ -96,6 +100,8 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
       none          all of the above, the fp32 norm inputs (2·D·4), rotary q/k in fp32, the SwiGLU gate
                     and product (2·F/t·c), the attention output, and for the `xla` attention its fp32
                     scores and probabilities (2·H/t·T·4; a flash kernel keeps one row statistic instead).
+                    Which one `attention_impl` is comes from the attention registry (`auto` resolved
+                    for `platform`).
     Under `full` and `save_matmuls` the layer being differentiated recomputes its `none` set; once per
     step come the fp32 logits, their softmax and its gradient (3·V/t·4) and the embedding output.
     Within ~35% of XLA:CPU's own buffer assignment on small models (tests/test_sharding_plan.py).
@@ -109,7 +115,8 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
     layer_input = d * c
     matmul_outputs = ((d + 2 * kv_dim) / t_heads + 2 * d + 2 * f / t_mlp) * c
     heads = cfg.n_heads / t_heads
-    attention = 2 * heads * seq_len * FP32 if cfg.attention_impl == "xla" else heads * FP32
+    stores_scores = IMPLEMENTATIONS[resolve_impl(cfg.attention_impl, platform)].stores_scores
+    attention = 2 * heads * seq_len * FP32 if stores_scores else heads * FP32
     everything = (layer_input + matmul_outputs + 2 * d * FP32 + (d + kv_dim) / t_heads * FP32
                   + 2 * f / t_mlp * c + d / t_heads * c + attention)
     per_layer = {"none": everything, "save_matmuls": layer_input + matmul_outputs, "full": layer_input}[policy]
@@ -151,17 +158,19 @@ def render_plan(cfg, options: PlanOptions) -> str:
     state = state_bytes_per_device(model, make_optimizer(cfg.optimizer, cfg.steps), rules, mesh_shape)
     if cfg.micro_batches > 1:
         state["grads"] *= 2  # the accumulator plus the current micro-batch's gradients
-    acts = {p: activation_bytes(model, rules, mesh_shape, rows, cfg.seq_len, p) for p in REMAT_POLICIES}
+    acts = {p: activation_bytes(model, rules, mesh_shape, rows, cfg.seq_len, p, options.platform)
+            for p in REMAT_POLICIES}
+    impl = resolve_impl(model.attention_impl, options.platform)
     gathered = gathered_weight_bytes(model, rules, mesh_shape)
     total = sum(state.values()) + gathered + acts[model.remat]
 
     mesh_text = " × ".join(f"{a}={n}" for a, n in mesh_shape.items())
-    lines = [f"plan: {param_count(model) / 1e9:.2f} B parameters ({model.param_dtype}, compute {model.dtype}), "
+    lines = [f"plan: {api.param_count(model) / 1e9:.2f} B parameters ({model.param_dtype}, compute {model.dtype}), "
              f"{model.n_layers} layers, dim {model.dim}, vocab {model.vocab_size}",
              f"mesh: {mesh_text} ({n_devices} devices), strategy {cfg.mesh.strategy}",
              f"batch: {cfg.global_batch_size} rows × {cfg.seq_len} tokens in {cfg.micro_batches} micro-batch(es); "
-             f"attention {model.attention_impl} "
-             f"({'keeps T×T scores' if model.attention_impl == 'xla' else 'estimated as a flash kernel'})",
+             f"attention {model.attention_impl} on {options.platform}: {impl} "
+             f"({'keeps T×T scores' if IMPLEMENTATIONS[impl].stores_scores else 'O(T) memory per row'})",
              "", "rules (logical axis -> mesh axes):"]
     lines += [f"  {name:22s} {target if target else '-'}" for name, target in rules]
     rows_out = [("parameters", state["params"]), ("gradients", state["grads"]),
@@ -181,8 +190,8 @@ def render_plan(cfg, options: PlanOptions) -> str:
 
 
 def plan_cli(argv: list[str]) -> int:
-    """Entry point for `python train.py plan ...` and `python -m llama_jax.plan ...`."""
-    from llama_jax.train_config import load_train_config  # the training config's one loader
+    """Entry point for `python train.py plan ...` and `python -m llama_jax.training.plan ...`."""
+    from llama_jax.training.config import load_train_config  # the training config's one loader
 
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from llama_jax.params import flatten
+from llama_jax.utils.trees import flatten
 
 
 class RunCheckpoints:

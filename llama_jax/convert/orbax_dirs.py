@@ -22,9 +22,10 @@ from typing import Iterable, Mapping
 import numpy as np
 import yaml
 
-from llama_jax.config import ModelConfig
-from llama_jax.config_io import from_dict, load_yaml, to_dict
-from llama_jax.params import check_shapes, flatten
+from llama_jax.model.config import ModelConfig
+from llama_jax.utils.config_io import from_dict, load_yaml, to_dict
+from llama_jax.model import api
+from llama_jax.utils.trees import flatten, unflatten
 
 MODEL_CONFIG_FILE = "model.yaml"
 PARAMS_DIR = "params"
@@ -102,21 +103,6 @@ def params_item_path(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: neither a params directory nor a run directory")
 
 
-def expected_param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{parameter path: shape} of the model `cfg` describes (computed without allocating weights)."""
-    from flax import nnx
-
-    from llama_jax.model import abstract_model
-
-    state = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-    return {path: tuple(leaf.shape) for path, leaf in flatten(state).items()}
-
-
-def check_param_shapes(given: Mapping[tuple[str, ...], tuple[int, ...]], cfg: ModelConfig, source: str) -> None:
-    """Raise ValueError naming `source` and the first parameter that is missing, unexpected or misshapen."""
-    check_shapes(given, expected_param_shapes(cfg), source)
-
-
 def stored_param_metadata(item: Path) -> dict[tuple[str, ...], object]:
     """{path: orbax ArrayMetadata (shape, dtype)} of a params item, read without loading any array."""
     import orbax.checkpoint as ocp
@@ -126,23 +112,13 @@ def stored_param_metadata(item: Path) -> dict[tuple[str, ...], object]:
     return flatten(tree)
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def restore_numpy(item: Path, paths: Iterable[tuple[str, ...]]) -> dict:
     """The named parameters of a params item as numpy arrays in their stored dtype (others not read)."""
     import orbax.checkpoint as ocp
 
     paths = list(paths)
-    args = ocp.args.PyTreeRestore(item=_unflatten({p: 0 for p in paths}), partial_restore=True,
-                                  restore_args=_unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray)
+    args = ocp.args.PyTreeRestore(item=unflatten({p: 0 for p in paths}), partial_restore=True,
+                                  restore_args=unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray)
                                                            for p in paths}))
     return ocp.PyTreeCheckpointer().restore(item, args=args)
 
@@ -155,16 +131,16 @@ def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None)
     """
     item = params_item_path(path)
     stored = stored_param_metadata(item)
-    check_param_shapes({p: m.shape for p, m in stored.items()}, model_cfg, str(item))
+    api.check_param_shapes({p: m.shape for p, m in stored.items()}, model_cfg, str(item))
     dtype = model_cfg.weight_dtype
     if shardings is None:
         flat = flatten(restore_numpy(item, stored))
-        return _unflatten({p: np.asarray(v).astype(dtype, copy=False) for p, v in flat.items()})
+        return unflatten({p: np.asarray(v).astype(dtype, copy=False) for p, v in flat.items()})
     import jax
     import orbax.checkpoint as ocp
 
     target = jax.tree.map(lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, dtype, sharding=sharding),
-                          _unflatten(stored), shardings)
+                          unflatten(stored), shardings)
     return ocp.StandardCheckpointer().restore(item, target)
 
 
@@ -179,7 +155,7 @@ def save_params(path: str | os.PathLike, params: Mapping, model_cfg: ModelConfig
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
     flat = flatten(params)
-    check_param_shapes({p: tuple(np.shape(v)) for p, v in flat.items()}, model_cfg, "params to save")
+    api.check_param_shapes({p: tuple(np.shape(v)) for p, v in flat.items()}, model_cfg, "params to save")
     for p, v in flat.items():
         if np.dtype(v.dtype) != np.dtype(model_cfg.weight_dtype):
             raise ValueError(f"params to save: parameter {'.'.join(p)} is {np.dtype(v.dtype)}, "

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from llama_jax.data.atomic import write_atomically
+from llama_jax.utils.files import write_atomically
 
 # The trainer settings stored in LLaMA's tokenizer.model (its ModelProto's trainer_spec and
 # normalizer_spec), minus what only depends on the corpus size (input_sentence_size, num_threads).

@@ -16,19 +16,21 @@ The mask is causal: query i (key index q_offset + i) sees keys j <= q_offset + i
 ids are segment_ids[:, q_offset : q_offset + q_len].
 
 `xla` is the reference and the oracle for the kernels: scores and softmax in fp32, explicit mask, one
-[batch, heads, q_len, kv_len] array. The Pallas kernels (`pallas_gpu`, `pallas_tpu`) never build that
-array; they register themselves in `ATTENTION_IMPLS` from `llama_jax.kernels`.
+[batch, heads, q_len, kv_len] array. The Pallas kernels (`pallas_gpu`, `pallas_tpu`, from
+`llama_jax.kernels`) never build that array. `IMPLEMENTATIONS` is the one registry: the model config
+validates names against it, `plan` asks it which implementations keep the T×T scores, and `resolve_impl`
+maps `auto` to a platform's best.
 """
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from llama_jax.matmul import matmul
-
-ATTENTION_IMPL_NAMES = ("auto", "xla", "pallas_gpu", "pallas_tpu", "cudnn")
+from llama_jax.model.cpu_fast_paths import grouped_query_products
 
 
 def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None, q_offset: int = 0) -> jax.Array:
@@ -47,25 +49,16 @@ def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None, q_off
 def xla_attention(q, k, v, segment_ids=None, *, q_offset: int = 0):
     """Reference attention: fp32 scores and softmax, fully masked rows give zeros (never NaN).
 
-    Each kv head's query group is folded into the query axis ([batch, kv_heads, group·q_len, head_dim]),
-    so both products are plain rank-4 batched matmuls (XLA:CPU runs these ~2× faster than the rank-5
-    grouped form) and K/V are never repeated. `matmul` keeps their bf16 gradients off XLA:CPU's slow path.
+    Each kv head serves its group of query heads directly (K/V are never repeated).
     """
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv_heads = k.shape[1], k.shape[2]
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
-    group = n_heads // n_kv_heads
-    q_folded = (q.reshape(batch, q_len, n_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-                .reshape(batch, n_kv_heads, group * q_len, head_dim))
-    scores = matmul(q_folded, k.transpose(0, 2, 3, 1), jnp.float32)
-    scores = scores.reshape(batch, n_kv_heads, group, q_len, kv_len) * (1.0 / head_dim ** 0.5)
-    mask = attention_mask(q_len, kv_len, segment_ids, q_offset)[:, :, None]  # [b, 1, 1, q, s]
-    weights = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
-    weights = weights.reshape(batch, n_kv_heads, group * q_len, kv_len).astype(v.dtype)
-    out = matmul(weights, v.transpose(0, 2, 1, 3), jnp.float32)
+    mask = attention_mask(q_len, kv_len, segment_ids, q_offset)
+    out, mask = grouped_query_products(q, k, v, mask)  # [b, kv, group, q, d], mask [b, 1, 1, q, s]
     # A query with no visible key (padding) would average masked keys: zero it instead.
-    out = out.reshape(batch, n_kv_heads, group, q_len, head_dim) * jnp.any(mask, axis=-1)[..., None]
+    out = out * jnp.any(mask, axis=-1)[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, n_heads, head_dim).astype(q.dtype)
 
 
@@ -80,25 +73,42 @@ def cudnn_attention(q, k, v, segment_ids=None):
                                         implementation="cudnn")
 
 
-ATTENTION_IMPLS: dict[str, Callable] = {"xla": xla_attention, "cudnn": cudnn_attention}
+@dataclass(frozen=True)
+class AttentionImpl:
+    """One implementation: where its function lives and what the memory planner must know of it."""
+
+    name: str
+    function: str  # "module:attribute", imported on first use (the kernels load Pallas)
+    stores_scores: bool  # keeps the [q_len, kv_len] scores per head (the reference), else O(T) per row
+
+    def load(self) -> Callable:
+        module, attribute = self.function.split(":")
+        return getattr(importlib.import_module(module), attribute)
 
 
-def resolve_impl(name: str) -> str:
-    """Map `auto` to the backend's best implementation: a Pallas kernel on GPU/TPU, `xla` on CPU."""
+IMPLEMENTATIONS: dict[str, AttentionImpl] = {impl.name: impl for impl in (
+    AttentionImpl("xla", "llama_jax.model.attention:xla_attention", stores_scores=True),
+    AttentionImpl("cudnn", "llama_jax.model.attention:cudnn_attention", stores_scores=False),
+    AttentionImpl("pallas_gpu", "llama_jax.kernels:pallas_gpu", stores_scores=False),
+    AttentionImpl("pallas_tpu", "llama_jax.kernels:pallas_tpu", stores_scores=False),
+)}
+BEST_FOR_PLATFORM = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}
+ATTENTION_IMPL_NAMES = ("auto", *IMPLEMENTATIONS)
+
+
+def resolve_impl(name: str, platform: str | None = None) -> str:
+    """Map `auto` to the platform's best implementation (default: the running backend's): a Pallas
+    kernel on GPU/TPU, `xla` on CPU."""
     if name not in ATTENTION_IMPL_NAMES:
         raise ValueError(f"attention_impl={name!r}; expected one of {ATTENTION_IMPL_NAMES}")
     if name != "auto":
         return name
-    platform = jax.default_backend()
-    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+    return BEST_FOR_PLATFORM.get(platform or jax.default_backend(), "xla")
 
 
 def attention(q, k, v, segment_ids=None, *, impl: str = "xla", q_offset: int = 0):
     """Causal (grouped-query) attention by the named implementation; see the module docstring."""
-    name = resolve_impl(impl)
-    if name not in ATTENTION_IMPLS and name.startswith("pallas"):
-        from llama_jax import kernels  # noqa: F401  (registers the Pallas implementations)
     if q.shape[1] != k.shape[1]:
         # Decoding with a KV cache: only the reference handles q_len != kv_len.
         return xla_attention(q, k, v, segment_ids, q_offset=q_offset)
-    return ATTENTION_IMPLS[name](q, k, v, segment_ids)
+    return IMPLEMENTATIONS[resolve_impl(impl)].load()(q, k, v, segment_ids)

@@ -1,0 +1,2 @@
+"""Command-line entry points (`llama-jax-train`, `llama-jax-eval`, `llama-jax-convert`): argument parsing and
+exit codes only; the work happens in the packages below."""

@@ -1,0 +1,139 @@
+"""The one training step (loss, gradients, AdamW update) and the evaluation step, and their jitted forms.
+
+Pure functions of (state, batch): the single-device run, every mesh, and the training loop all jit these
+same functions (`jit_train_step`, `jit_eval_step`: explicit input and output shardings from the rules,
+the rules and mesh active while they trace), so there is never a second copy of the update rule.
+Optimizer-state shardings are derived from the parameters' (the moments mirror the parameter tree).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec
+
+from llama_jax.model import api
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.loss import token_nll
+from llama_jax.parallel.logical import Rules
+from llama_jax.parallel.mesh import batch_sharding, named, replicated, under
+from llama_jax.training.optimizer import opt_state_specs
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any
+    opt_state: Any
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def batch_nll(cfg: ModelConfig, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked NLL, number of loss tokens) of a packed batch (see `llama_jax.data`)."""
+    logits, _ = api.apply(cfg, params, batch["inputs"], positions=batch.get("positions"),
+                            segment_ids=batch.get("segment_ids"))
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
+
+
+def _split_micro_batches(batch: dict, n: int) -> dict:
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
+               micro_batches: int = 1) -> tuple[TrainState, dict]:
+    """One AdamW update on the mean token loss of `batch`.
+
+    With `micro_batches` > 1 the rows are processed in equal chunks whose gradient *sums* are
+    accumulated and divided by the total token count at the end: the same update as one large batch,
+    at the activation memory of one chunk.
+    """
+    nll_grad = jax.value_and_grad(lambda p, b: batch_nll(model_cfg, p, b), has_aux=True)
+
+    if micro_batches == 1:
+        (nll_sum, tokens), grad_sum = nll_grad(state.params, batch)
+    else:
+        def accumulate(carry, micro):
+            (nll, count), grads = nll_grad(state.params, micro)
+            acc_nll, acc_count, acc_grads = carry
+            return (acc_nll + nll, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (nll_sum, tokens, grad_sum), _ = jax.lax.scan(
+            accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), _split_micro_batches(batch, micro_batches))
+
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+    if schedule is not None:
+        metrics["lr"] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict, *, model_cfg: ModelConfig) -> dict:
+    """Sums over a batch, to be added across batches: NLL (nats), loss tokens."""
+    nll_sum, tokens = batch_nll(model_cfg, params, batch)
+    return {"nll_sum": nll_sum, "tokens": tokens}
+
+
+def train_state_specs(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, rules: Rules,
+                      mesh_shape: dict[str, int]) -> TrainState:
+    """PartitionSpecs of the whole state on a mesh of `mesh_shape` (no devices needed)."""
+    params = api.param_specs(model_cfg, rules, mesh_shape)
+    return TrainState(step=PartitionSpec(), params=params, opt_state=opt_state_specs(params, optimizer, model_cfg))
+
+
+def train_state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                          rules: Rules) -> TrainState:
+    return named(mesh, train_state_specs(model_cfg, optimizer, rules, dict(mesh.shape)))
+
+
+def create_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       rules: Rules, seed: int = 0) -> TrainState:
+    """Random parameters and fresh optimizer state, each created directly in its shards.
+
+    The initialiser is one jitted program whose outputs carry the target shardings, so XLA computes
+    only each device's slice (partitionable threefry): nothing is ever whole on one device or host, and
+    the values equal a single-device `api.init_params(model_cfg, seed)`.
+    """
+    shardings = train_state_shardings(model_cfg, optimizer, mesh, rules)
+    init = jax.jit(lambda: init_train_state(api.init_params(model_cfg, seed), optimizer), out_shardings=shardings)
+    return under(mesh, rules, init)()
+
+
+def jit_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules,
+                   *, schedule: optax.Schedule | None = None, micro_batches: int = 1,
+                   donate: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`train_step` jitted for `mesh`: `(state, batch) -> (state, metrics)`.
+
+    The state keeps its shardings from step to step; with `donate` its old buffers are reused for the
+    new one (do not touch the input state after the call). Metrics come back replicated.
+    """
+    state_sh = train_state_shardings(model_cfg, optimizer, mesh, rules)
+    step = functools.partial(train_step, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
+                             micro_batches=micro_batches)
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh, rules)),
+                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,) if donate else ())
+    return under(mesh, rules, jitted)
+
+
+def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, rules: Rules) -> Callable[[Any, dict], dict]:
+    """`eval_step` jitted for `mesh`: `(params, batch) -> {nll_sum, tokens}`."""
+    step = functools.partial(eval_step, model_cfg=model_cfg)
+    jitted = jax.jit(step, in_shardings=(api.param_shardings(model_cfg, mesh, rules), batch_sharding(mesh, rules)),
+                     out_shardings=replicated(mesh))
+    return under(mesh, rules, jitted)
