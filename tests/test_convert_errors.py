@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama_jax.convert import ConvertError, convert
-from llama_jax.convert.__main__ import main
+from llama_jax.cli.convert import main
 from llama_jax.convert.safetensors_io import read_header
 from test_convert import CONFIGS, save_random
 

@@ -276,7 +276,7 @@ def test_command_line_on_a_hugging_face_directory(hf, tok, tmp_path, capsys):
 
     task = tmp_path / "toy.jsonl"
     task.write_text(json.dumps({"context": "The cat", "choices": ["sat on a mat", "ran far"], "label": 0}) + "\n")
-    assert cli.main(["tasks", str(ckpt), "--tasks", str(task), "--output_dir", str(tmp_path / "out"), *common]) == 0
+    assert cli.main(["tasks", str(ckpt), "--tasks", str(task), "--output-dir", str(tmp_path / "out"), *common]) == 0
     assert json.loads(capsys.readouterr().out)["toy"]["n"] == 1
     record = json.loads((tmp_path / "out" / "toy.jsonl").read_text())
     refs = []
@@ -285,7 +285,7 @@ def test_command_line_on_a_hugging_face_directory(hf, tok, tmp_path, capsys):
         refs.append(hf_token_logprobs(hf, whole)[0][len(tok.encode("The cat")) - 1:].sum())
     np.testing.assert_allclose(record["loglikelihoods"], refs, atol=TOL, rtol=0)
 
-    assert cli.main(["generate", str(ckpt), "--prompt", "The cat", "--max_new_tokens", "5", "--ignore_eos",
+    assert cli.main(["generate", str(ckpt), "--prompt", "The cat", "--max-new-tokens", "5", "--ignore-eos",
                      *common]) == 0
     out = json.loads(capsys.readouterr().out)
     prompt = tok.encode("The cat")
@@ -321,3 +321,19 @@ def test_command_line_reports_bad_input(tmp_path, capsys):
     assert "missing.txt does not exist" in capsys.readouterr().err
     assert cli.main(["tasks", str(tmp_path), "--tasks", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_old_underscore_flags_still_work_with_a_deprecation_warning(capsys):
+    """One flag style (`--kebab-case`); the underscore spellings stay as hidden aliases for one release."""
+    from llama_jax.cli.eval import _parser
+
+    parser = _parser()
+    new = parser.parse_args(["generate", "ckpt", "--max-new-tokens", "7", "--no-bos", "--prompt-file", "p.txt"])
+    assert capsys.readouterr().err == ""
+    old = parser.parse_args(["generate", "ckpt", "--max_new_tokens", "7", "--no_bos", "--prompt_file", "p.txt"])
+    err = capsys.readouterr().err
+    assert vars(old) == vars(new)
+    assert "--max_new_tokens is deprecated and will be removed; use --max-new-tokens" in err
+    assert "--no_bos is deprecated" in err and "--prompt_file is deprecated" in err
+    generate_help = parser._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "--max-new-tokens" in generate_help and "--max_new_tokens" not in generate_help
