@@ -16,6 +16,8 @@ import pytest
 from test_train import (ROOT, child_env, losses_from_jsonl, overrides, persistent_compilation_cache, prepare,
                         run_in_process, run_python)
 
+pytestmark = pytest.mark.slow  # subprocesses with several (simulated) devices or processes
+
 # Runs train.py in a child whose orbax commit of one step blocks forever after all of its data is written
 # (just before the rename that makes it visible), announcing it in a marker file: the parent then
 # SIGKILLs the child in the middle of that save.
