@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 from llama_jax.data import DataConfig, make_train_iterator  # noqa: E402

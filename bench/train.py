@@ -36,9 +36,7 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 
 import jax  # noqa: E402

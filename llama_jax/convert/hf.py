@@ -15,6 +15,7 @@ from llama_jax.model.config import ModelConfig
 from llama_jax.convert import safetensors_io
 from llama_jax.convert.common import ConvertError, contiguous, torch_shape
 from llama_jax.utils.dtypes import config_name
+from llama_jax.utils.files import tokenizer_files
 from llama_jax.model.params import (TensorMap, from_torch_layout, hf_config_dict, model_config_from_hf, tensor_maps,
                               to_torch_layout, torch_name)
 
@@ -76,7 +77,7 @@ class HFReader:
         self._validate()
         embedding = self.entries[torch_name(tensor_maps(self.cfg)[0], "hf")]
         self.dtype = safetensors_io.tensor_dtype(embedding[0], "model.embed_tokens.weight", embedding[1])
-        self.tokenizer_files = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+        self.tokenizer_files = tokenizer_files(path)
 
     def _validate(self) -> None:
         expected = {}

@@ -20,6 +20,7 @@ from llama_jax.model.config import ModelConfig, RopeScaling
 from llama_jax.convert.common import ConvertError, contiguous, tensor_items, torch_shape, torch_to_numpy
 from llama_jax.convert.torch_stream import StreamingTorchSave
 from llama_jax.model.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name
+from llama_jax.utils.files import tokenizer_files
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -191,7 +192,7 @@ class MetaReader:
         self.maps = {m.ours: m for m in tensor_maps(self.cfg, meta_embedding_split_dim=self.embedding_split_dim)}
         self._validate()
         self.dtype = torch_to_numpy(first["tok_embeddings.weight"][:0]).dtype
-        self.tokenizer_files = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+        self.tokenizer_files = tokenizer_files(path)
 
     def _validate(self) -> None:
         n = len(self.shards.paths)

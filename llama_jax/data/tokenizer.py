@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from llama_jax.utils.files import write_atomically
+from llama_jax.utils.files import tokenizer_files, write_atomically
 
 # The trainer settings stored in LLaMA's tokenizer.model (its ModelProto's trainer_spec and
 # normalizer_spec), minus what only depends on the corpus size (input_sentence_size, num_threads).
@@ -202,11 +202,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """
     p = Path(path)
     if p.is_dir():
-        candidates = [p / "tokenizer.model", p / "tokenizer.json"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
+        found = tokenizer_files(p)
+        if not found:
             raise FileNotFoundError(f"{p}: directory has neither tokenizer.model nor tokenizer.json")
-        p = found
+        p = found[0]
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer file {p} does not exist")
     if p.suffix == ".json":
