@@ -13,7 +13,7 @@ import numpy as np
 
 from llama_jax.model.config import ModelConfig
 from llama_jax.convert import safetensors_io
-from llama_jax.convert.common import ConvertError, contiguous, torch_shape
+from llama_jax.convert.common import ConvertError, contiguous, read_json_object, torch_shape
 from llama_jax.utils.dtypes import config_name
 from llama_jax.utils.files import tokenizer_files
 from llama_jax.model.params import (TensorMap, from_torch_layout, hf_config_dict, model_config_from_hf, tensor_maps,
@@ -55,10 +55,8 @@ class HFReader:
     def __init__(self, path: Path, base: ModelConfig):
         self.path = path
         config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise ConvertError(f"{config_path}: missing (not a Hugging Face checkpoint directory)")
+        hf = read_json_object(config_path, "Hugging Face")
         try:
-            hf = json.loads(config_path.read_text())
             fields = {k: getattr(model_config_from_hf(hf), k) for k in (
                 "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_dim", "norm_eps", "rope_theta",
                 "rope_scaling", "max_seq_len", "tie_embeddings")}
