@@ -103,8 +103,25 @@ def test_unsupported_dtype_in_safetensors(sources, tmp_path):
     assert entry in header
     raw[8:8 + size] = header.replace(entry, entry.replace("F32", "I32")).encode()  # same length
     path.write_bytes(bytes(raw))
-    assert read_header(path)["model.norm.weight"]["dtype"] == "I32"
+    with pytest.raises(ConvertError, match="model.norm.weight has unsupported dtype I32"):
+        read_header(path)
     assert_fails(hf, tmp_path / "out", "model.safetensors", "model.norm.weight", "I32", to="orbax")
+
+
+def test_overlapping_safetensors_ranges_are_refused(sources, tmp_path):
+    """Layer 1's q_proj pointing at layer 0's bytes was once read as data (a model with wq[1] == wq[0])."""
+    hf = copy_of(sources, "hf", tmp_path)
+    path = hf / "model.safetensors"
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header["model.layers.1.self_attn.q_proj.weight"]["data_offsets"] = \
+        header["model.layers.0.self_attn.q_proj.weight"]["data_offsets"]
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+    assert_fails(hf, tmp_path / "out", "model.safetensors", "q_proj.weight", "data_offsets", to="orbax")
+    assert main([str(hf), str(tmp_path / "out2"), "--to", "hf", "--no-progress"]) != 0
+    assert not (tmp_path / "out2").exists()
 
 
 def test_requested_dtype_must_be_known(sources, tmp_path):
