@@ -1,5 +1,6 @@
 """Bad input to the converter: a clear error naming the file and tensor, and nothing left at DST."""
 import json
+import os
 import shutil
 
 import pytest
@@ -186,3 +187,22 @@ def test_wrong_source_format_names_the_missing_file(sources, tmp_path):
     assert_fails(sources / "meta", tmp_path / "out", "config.json", "missing", to="orbax", src_format="hf")
     assert_fails(sources / "hf", tmp_path / "out", "params.json", "missing", to="orbax", src_format="meta")
     assert_fails(sources / "hf", tmp_path / "out", "model.yaml", to="meta", src_format="orbax")
+
+
+def test_a_killed_conversions_leftovers_are_removed_by_the_next_one(sources, tmp_path, capsys):
+    """SIGKILL leaves `.DST.convert-tmp-HOST-PID`; the next conversion to DST removes it (its process is
+    dead) and says so, and keeps a live process's directory and another host's."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dst = socket.gethostname(), tmp_path / "out"
+    stale = tmp_path / f".out.convert-tmp-{host}-{int(dead.stdout)}"
+    live = tmp_path / f".out.convert-tmp-{host}-{os.getppid()}"
+    other_host = tmp_path / f".out.convert-tmp-elsewhere-{int(dead.stdout)}"
+    for d in (stale, live, other_host):
+        (d / "partial").mkdir(parents=True)
+    convert(sources / "hf", dst, to="orbax", progress=False)
+    assert dst.is_dir() and not stale.exists() and live.exists() and other_host.exists()
+    assert f"warning: removed {stale}, left by a process that no longer runs" in capsys.readouterr().err

@@ -3,8 +3,11 @@ files that travel with every checkpoint directory."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -36,14 +39,42 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path, purpose: str) -> list[Path]:
+    """Remove the temporary siblings of `path` left by dead processes of this host (a killed conversion
+    leaves `.NAME.PURPOSE-HOST-PID`); those of live processes or other hosts are kept. Returns the removed."""
+    host, removed = socket.gethostname(), []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.{purpose}-*"):
+        owner_host, _, pid = candidate.name.rpartition("-")
+        if owner_host.endswith(f".{purpose}-{host}") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, purpose: str = "tmp") -> Iterator[Path]:
     """Yield a fresh hidden sibling of `path` to fill; it is renamed to `path` when the block ends, and
-    removed if the block raises, so `path` exists only complete. `path` must not exist."""
+    removed if the block raises, so `path` exists only complete. `path` must not exist.
+
+    The sibling is named `.NAME.PURPOSE-HOST-PID`; leftovers of killed processes on this host are
+    removed first, with a warning on stderr.
+    """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
-    tmp = path.parent / f".{path.name}.{purpose}-{os.getpid()}"
+    for stale in remove_stale_siblings(path, purpose):
+        print(f"warning: removed {stale}, left by a process that no longer runs", file=sys.stderr)
+    tmp = path.parent / f".{path.name}.{purpose}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
