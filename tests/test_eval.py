@@ -16,7 +16,7 @@ from llama_jax.model.config import ModelConfig
 from llama_jax.evaluation import tasks as tasks_mod
 from llama_jax.evaluation.generate import Generator, SamplingConfig, _next_token, warp_logits
 from llama_jax.evaluation.loading import place_model
-from llama_jax.evaluation.perplexity import evaluate_perplexity, strided_windows, token_logprobs
+from llama_jax.evaluation.perplexity import evaluate_perplexity, rolling_windows, strided_windows, token_logprobs
 from llama_jax.evaluation.scoring import TokenScorer, plan_batches
 from llama_jax.evaluation.tasks import Item, encode_pair, evaluate_task, load_jsonl_task, multiple_choice_metrics
 from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -95,6 +95,32 @@ def test_strided_windows_predict_every_token_once(n, context, stride):
         assert first - begin >= min(context - stride, first)  # context before the first scored token
         seen += range(first, end)
     assert seen == list(range(1, n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 17, 18, 33, 34, 100, 513])
+@pytest.mark.parametrize("context", [1, 2, 16, 512])
+def test_rolling_windows_are_lm_evaluation_harness_token_for_token(n, context):
+    """Our windows over [BOS] + tokens, as (context, continuation) token lists, are exactly what
+    lm-eval's get_rolling_token_windows(context_len=1) + make_disjoint_window give for the tokens
+    with BOS as the prefix token."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    bos, tokens = 1, list(range(100, 100 + n))
+    doc = [bos] + tokens
+    ours = [(doc[begin:first], doc[first:end]) for begin, end, first in rolling_windows(len(doc), context)]
+    theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, bos, context, context_len=1)]
+    assert ours == [(list(a), list(b)) for a, b in theirs]
+
+
+def test_rolling_perplexity_equals_brute_force(hf, scorer):
+    """Each token scored alone by transformers with the context lm-eval's windows give it."""
+    rng = np.random.default_rng(6)
+    doc = rng.integers(0, VOCAB, 70)
+    (got,) = token_logprobs(scorer, [doc], context_len=16)
+    expected = [hf_token_logprobs(hf, doc[max(0, end - 17):j + 1])[0][-1]
+                for begin, end, first in rolling_windows(len(doc), 16) for j in range(first, end)]
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+    assert len(got) == len(doc) - 1
 
 
 def test_bad_stride_is_refused():

@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--split", default="validation", help="TFDS split")
     add_flag(ppl, "--data-dir", default="", help="TFDS data_dir holding the prepared dataset")
     add_flag(ppl, "--context-len", type=int, default=None, help="window length (default: max_seq_len)")
-    ppl.add_argument("--stride", type=int, default=None, help="tokens predicted per window after the first "
-                     "(default: context_len - 1)")
+    ppl.add_argument("--stride", type=int, default=None, help="classic strided windows beginning every STRIDE "
+                     "tokens (default: lm-evaluation-harness's rolling windows)")
     add_flag(ppl, "--batch-size", type=int, default=8)
     ppl.add_argument("--output", default=None, help="also write the results to this JSON file")
 
@@ -129,7 +129,7 @@ def run_perplexity(args, emit) -> None:
     scorer = TokenScorer(model, batch_size=args.batch_size, max_len=context_len)
     result = evaluate_perplexity(scorer, texts, model.tokenizer, context_len=context_len, stride=args.stride,
                                  bos=not args.no_bos).as_dict()
-    result.update(context_len=context_len, stride=args.stride or context_len - 1)
+    result.update(context_len=context_len, windows="rolling" if args.stride is None else f"stride {args.stride}")
     emit(result, args.output)
 
 
