@@ -18,7 +18,8 @@ from llama_jax.evaluation.generate import Generator, SamplingConfig, _next_token
 from llama_jax.evaluation.loading import place_model
 from llama_jax.evaluation.perplexity import evaluate_perplexity, rolling_windows, strided_windows, token_logprobs
 from llama_jax.evaluation.scoring import TokenScorer, plan_batches
-from llama_jax.evaluation.tasks import Item, encode_pair, evaluate_task, load_jsonl_task, multiple_choice_metrics
+from llama_jax.evaluation.suite import load_task_file, load_tasks
+from llama_jax.evaluation.tasks import Item, encode_pair, evaluate_task, multiple_choice_metrics
 from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from oracle import hf_logits, hf_model, ours_from_hf
 
@@ -190,7 +191,7 @@ def test_toy_task_scores_match_transformers(hf, tok, scorer, tmp_path):
             {"context": "Question: " + sentence(rng, 3) + "\nAnswer:", "choices": ["yes", "no"], "label": 0}]
     path = tmp_path / "toy.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    items = load_jsonl_task(str(path))
+    items = load_task_file(str(path)).items
     assert [i.id for i in items] == ["a", "2"]
     metrics, records = evaluate_task(scorer, tok, items)
     correct = []
@@ -217,9 +218,9 @@ def test_bad_task_files_name_the_problem(tmp_path):
     for line, message in cases.items():
         (tmp_path / "bad.jsonl").write_text(line + "\n")
         with pytest.raises(ValueError, match=message):
-            load_jsonl_task(str(tmp_path / "bad.jsonl"))
+            load_task_file(str(tmp_path / "bad.jsonl"))
     with pytest.raises(ValueError, match="unknown task 'nope'"):
-        tasks_mod.load_task("nope")
+        load_tasks(["nope"])
 
 
 def test_catalog_records_map_to_lm_eval_prompts():
@@ -266,15 +267,16 @@ def test_prepared_tfds_piqa_is_read_offline(tmp_path):
                 yield i, {"id": f"p{i}", "goal": f"goal {i}", "sol1": "a", "sol2": f"b{i}", "label": i % 2}
 
     Piqa(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    name, items = tasks_mod.load_task("piqa", data_dir=str(tmp_path))
+    (task,) = load_tasks(["piqa"], data_dir=str(tmp_path))
+    name, items = task.name, task.items
     by_id = {item.id: item for item in items}  # TFDS stores records in its own shuffled order
     assert name == "piqa" and sorted(by_id) == ["p0", "p1", "p2"]
     assert [by_id[f"p{i}"].label for i in range(3)] == [0, 1, 0]
     assert by_id["p1"].contexts[0] == "Question: goal 1\nAnswer:" and by_id["p1"].continuations == (" a", " b1")
     with pytest.raises(ValueError, match="no split 'test'"):
-        tasks_mod.load_task("piqa", data_dir=str(tmp_path), split="test")
+        load_tasks(["piqa"], data_dir=str(tmp_path), split="test")
     with pytest.raises(ValueError, match="not prepared"):
-        tasks_mod.load_task("hellaswag", data_dir=str(tmp_path))
+        load_tasks(["hellaswag"], data_dir=str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------- command line

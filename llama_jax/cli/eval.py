@@ -57,15 +57,26 @@ def _parser() -> argparse.ArgumentParser:
     add_flag(ppl, "--batch-size", type=int, default=8)
     ppl.add_argument("--output", default=None, help="also write the results to this JSON file")
 
-    tasks = sub.add_parser("tasks", help="zero-shot multiple choice: acc and acc_norm")
+    tasks = sub.add_parser("tasks", help="multiple choice, generative and code tasks, zero- or few-shot")
     _common(tasks)
-    tasks.add_argument("--tasks", required=True, help="comma-separated catalog names and/or .jsonl files")
+    tasks.add_argument("--tasks", required=True, help="comma-separated catalog names and/or .jsonl/.yaml task files")
     add_flag(tasks, "--data-dir", default=None, help="TFDS data_dir holding the prepared datasets")
     tasks.add_argument("--split", default=None, help="split for every TFDS task (default: each task's own)")
     tasks.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     add_flag(tasks, "--batch-size", type=int, default=16)
     add_flag(tasks, "--max-len", type=int, default=None, help="longest sequence (default: max_seq_len)")
     add_flag(tasks, "--output-dir", default=None, help="write results.json and TASK.jsonl (per item) here")
+    add_flag(tasks, "--num-fewshot", type=int, default=None, help="examples in front of each item (default: "
+             "each task's own, 0 for files)")
+    add_flag(tasks, "--fewshot-seed", type=int, default=1234, help="seed of the few-shot draw (lm-eval's default)")
+    tasks.add_argument("--samples", type=int, default=1, help="completions per generative/code item (maj@k, pass@k)")
+    tasks.add_argument("--temperature", type=float, default=0.0, help="0: greedy (needs --samples 1)")
+    add_flag(tasks, "--top-k", type=int, default=0, help="0: off")
+    add_flag(tasks, "--top-p", type=float, default=1.0, help="1: off")
+    tasks.add_argument("--seed", type=int, default=0, help="sampling seed of the first sample (then +1 each)")
+    add_flag(tasks, "--max-new-tokens", type=int, default=None, help="generation length (default: each task's)")
+    add_flag(tasks, "--code-timeout", type=float, default=10.0, help="seconds per generated program")
+    add_flag(tasks, "--code-workers", type=int, default=0, help="programs run at once (default: CPU count)")
 
     gen = sub.add_parser("generate", help="sample text with a KV cache")
     _common(gen)
@@ -134,21 +145,28 @@ def run_perplexity(args, emit) -> None:
 
 
 def run_tasks(args, emit) -> None:
-    from llama_jax.evaluation.scoring import TokenScorer
-    from llama_jax.evaluation.tasks import evaluate_task, load_task
+    from llama_jax.evaluation.runner import RunOptions, TaskRunner, prepare
+    from llama_jax.evaluation.sandbox import Limits
+    from llama_jax.evaluation.suite import load_tasks
 
+    options = RunOptions(num_fewshot=args.num_fewshot, fewshot_seed=args.fewshot_seed, limit=args.limit,
+                         samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         bos=not args.no_bos,
+                         code_limits=Limits(timeout_s=args.code_timeout, cpu_s=max(1, int(args.code_timeout))),
+                         code_workers=args.code_workers)
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
-    loaded = [load_task(s, data_dir=args.data_dir, split=args.split) for s in specs]
-    model = _load(args)
-    scorer = TokenScorer(model, batch_size=args.batch_size, max_len=args.max_len)
+    prepared = [prepare(t, options) for t in load_tasks(specs, data_dir=args.data_dir, split=args.split)]
+    model = _load(args)  # every task, prompt and item was checked above
+    runner = TaskRunner(model, options, max_len=args.max_len)
     results, out_dir = {}, Path(args.output_dir) if args.output_dir else None
-    for name, items in loaded:
-        metrics, records = evaluate_task(scorer, model.tokenizer, items[:args.limit], bos=not args.no_bos)
-        results[name] = metrics
+    for p in prepared:
+        metrics, records = runner.run(p)
+        results[p.task.name] = metrics
         if out_dir is not None and emit.main:
             out_dir.mkdir(parents=True, exist_ok=True)
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            (out_dir / f"{name}.jsonl").write_text(lines, encoding="utf-8")
+            (out_dir / f"{p.task.name}.jsonl").write_text(lines, encoding="utf-8")
     emit(results, str(out_dir / "results.json") if out_dir else None)
 
 

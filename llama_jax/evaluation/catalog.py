@@ -169,10 +169,12 @@ _GENERATIVE = {  # name: (TFDS dataset, split, few-shot split, mapper, settings,
 CATALOG = sorted([*TFDS_TASKS, "race", *_GENERATIVE, "mmlu", "humaneval", "mbpp"])
 
 
-def load_catalog_task(name: str, *, data_dir: str | None = None) -> list[Task]:
-    """The task(s) a catalog name stands for (`mmlu`: one per subject)."""
+def load_catalog_task(name: str, *, data_dir: str | None = None, split: str | None = None) -> list[Task]:
+    """The task(s) a catalog name stands for (`mmlu`: one per subject); `split` overrides the split of
+    the zero-shot multiple-choice TFDS tasks."""
     if name in TFDS_TASKS:
-        return [Task(name, "multiple_choice", tuple(load_tfds_task(name, data_dir=data_dir)), source=name)]
+        items = load_tfds_task(name, data_dir=data_dir, split=split)
+        return [Task(name, "multiple_choice", tuple(items), source=name)]
     if name == "race":
         records = _records("race/high", "test", data_dir)
         return [Task(name, "multiple_choice", tuple(race_item(i, r) for i, r in enumerate(records)), source="race/high")]

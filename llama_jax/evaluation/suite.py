@@ -206,7 +206,7 @@ def load_task_file(path: str) -> Task:
     return Task(p.stem, kind, tuple(items), TaskSettings(), None, path)
 
 
-def load_tasks(specs: Sequence[str], *, data_dir: str | None = None) -> list[Task]:
+def load_tasks(specs: Sequence[str], *, data_dir: str | None = None, split: str | None = None) -> list[Task]:
     """Tasks by catalog name or file path, in order (`mmlu` stands for one task per subject)."""
     from llama_jax.evaluation.catalog import load_catalog_task
 
@@ -215,7 +215,7 @@ def load_tasks(specs: Sequence[str], *, data_dir: str | None = None) -> list[Tas
         if spec.endswith((".jsonl", ".yaml", ".yml")):
             tasks.append(load_task_file(spec))
         else:
-            tasks += load_catalog_task(spec, data_dir=data_dir)
+            tasks += load_catalog_task(spec, data_dir=data_dir, split=split)
     return tasks
 
 
