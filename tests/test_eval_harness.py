@@ -169,3 +169,32 @@ def test_fewshot_prompts_are_lm_eval_byte_for_byte(tmp_path):
     for k in (1, 3, 6):
         assert build_prompts(mc_task, k, 1234) == lm_eval_contexts(tmp_path / "lm", "mc_local", k)
     assert build_prompts(mc_task, 2, 1234, limit=3) == lm_eval_contexts(tmp_path / "lm", "mc_local", 2, limit=3)
+
+
+def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
+    """`eval.py harness` on a Hugging Face directory: the stock gsm8k YAML included and pointed at a local
+    file (its prompt and filters run offline), results and per-sample logs written; an unknown task is
+    refused before any model is loaded."""
+    import importlib
+
+    import lm_eval.tasks as stock
+
+    cli = importlib.import_module("eval")
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}.\n#### {2 * i}"} for i in range(4)]
+    (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gsm8k_yaml = os.path.join(os.path.dirname(stock.__file__), "gsm8k", "gsm8k.yaml")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gsm_tiny.yaml").write_text(
+        f"include: {gsm8k_yaml}\ntask: gsm_tiny\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {tmp_path / 'gsm.jsonl'}\n    test: {tmp_path / 'gsm.jsonl'}\n"
+        "generation_kwargs:\n  until: ['Question:']\n  do_sample: false\n  max_gen_toks: 6\n")
+    common = ["--dtype", "fp32", "--distributed", "off", "--include-path", str(tmp_path / "tasks")]
+    assert cli.main(["harness", str(hf_dir), "--tasks", "gsm_tiny", "--num-fewshot", "1", "--limit", "3",
+                     "--output-dir", str(tmp_path / "out"), *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["results"]["gsm_tiny"]) >= {"exact_match,strict-match", "exact_match,flexible-extract"}
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples_gsm_tiny.jsonl").read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == [0, 0, 1, 1, 2, 2]  # one record per document and filter
+    assert all(json.dumps(s["arguments"]).count("Question: ") == 2 for s in samples)  # 1 shot + the question
+    assert cli.main(["harness", str(hf_dir), "--tasks", "no_such_task", *common]) == 2
+    assert "unknown lm-eval task 'no_such_task'" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 (`llama-jax-eval` and `python eval.py` are the same program.)
 
     llama-jax-eval perplexity CHECKPOINT --data FILE_DIR_OR_GLOB [--data more.jsonl] [--stride 1024]
-    llama-jax-eval tasks CHECKPOINT --tasks piqa,hellaswag,my_task.jsonl --data-dir ~/tensorflow_datasets
+    llama-jax-eval tasks CHECKPOINT --tasks piqa,gsm8k,humaneval,my_task.yaml --data-dir ~/tensorflow_datasets
+    llama-jax-eval harness CHECKPOINT --tasks gsm8k --include-path my_tasks/ --num-fewshot 5 --limit 50
     llama-jax-eval generate CHECKPOINT --prompt "The capital of France is" [--temperature 0.8 --top-p 0.9]
 
 CHECKPOINT is a llama_jax run directory, a params directory (`convert --to orbax`), or a Meta or Hugging
@@ -77,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     add_flag(tasks, "--max-new-tokens", type=int, default=None, help="generation length (default: each task's)")
     add_flag(tasks, "--code-timeout", type=float, default=10.0, help="seconds per generated program")
     add_flag(tasks, "--code-workers", type=int, default=0, help="programs run at once (default: CPU count)")
+
+    harness = sub.add_parser("harness", help="lm-evaluation-harness tasks with llama_jax as the model")
+    _common(harness)
+    harness.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    add_flag(harness, "--include-path", default=None, help="directory of extra lm-eval task YAMLs")
+    add_flag(harness, "--num-fewshot", type=int, default=None, help="default: each task's own")
+    harness.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    add_flag(harness, "--output-dir", default=None, help="write results.json and samples_TASK.jsonl here")
+    add_flag(harness, "--batch-size", type=int, default=16)
+    add_flag(harness, "--max-gen-toks", type=int, default=256, help="generation length unless a task sets it")
+    add_flag(harness, "--fewshot-seed", type=int, default=1234)
+    harness.add_argument("--seed", type=int, default=0, help="sampling seed of the first repeat")
 
     gen = sub.add_parser("generate", help="sample text with a KV cache")
     _common(gen)
@@ -170,6 +183,44 @@ def run_tasks(args, emit) -> None:
     emit(results, str(out_dir / "results.json") if out_dir else None)
 
 
+def _task_manager(names: list[str], include_path: str | None):
+    """lm-eval's TaskManager: only `include_path`'s tasks when they cover `names` (instant), else with
+    lm-eval's stock tasks too; unknown names are refused before a model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_defaults=False, include_path=include_path) if include_path else None
+    if manager is None or any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include_path)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task {unknown[0]!r} (stock tasks"
+                         f"{' and ' + include_path if include_path else ''})")
+    return manager
+
+
+def run_harness(args, emit) -> None:
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    from llama_jax.evaluation.harness import lm_class
+
+    names = [s.strip() for s in args.tasks.split(",") if s.strip()]
+    manager = _task_manager(names, args.include_path)
+    lm = lm_class()(model=_load(args), batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed,
+                    add_bos_token=not args.no_bos)
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
+                                  task_manager=manager, log_samples=bool(args.output_dir),
+                                  fewshot_random_seed=args.fewshot_seed, confirm_run_unsafe_code=True)
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir is not None and emit.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for task, samples in out.pop("samples", {}).items():
+            lines = "".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n" for s in samples)
+            (out_dir / f"samples_{task}.jsonl").write_text(lines, encoding="utf-8")
+    emit(json.loads(json.dumps({"results": out["results"], "n-samples": out.get("n-samples", {})},
+                               default=handle_non_serializable)), str(out_dir / "results.json") if out_dir else None)
+
+
 def run_generate(args, emit) -> None:
     from llama_jax.evaluation.generate import Generator, SamplingConfig
 
@@ -208,7 +259,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from llama_jax.utils.config_io import ConfigError
 
-    run = {"perplexity": run_perplexity, "tasks": run_tasks, "generate": run_generate}[args.command]
+    run = {"perplexity": run_perplexity, "tasks": run_tasks, "harness": run_harness,
+           "generate": run_generate}[args.command]
     try:
         run(args, _Emitter())
     except (ConfigError, ValueError, FileNotFoundError) as e:
