@@ -198,3 +198,45 @@ def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
     assert all(json.dumps(s["arguments"]).count("Question: ") == 2 for s in samples)  # 1 shot + the question
     assert cli.main(["harness", str(hf_dir), "--tasks", "no_such_task", *common]) == 2
     assert "unknown lm-eval task 'no_such_task'" in capsys.readouterr().err
+
+
+def test_eval_py_tasks_generative_and_code(hf_dir, ours, tmp_path, capsys):
+    """Native generative and code tasks: completions are the backend's greedy text (itself equal to lm-eval
+    HF's above), exact match and pass@1 follow from them."""
+    import importlib
+
+    cli = importlib.import_module("eval")
+    gen = [{"type": "generate", "context": f"Question: {q}\nAnswer:", "answers": [a]}
+           for q, a in (("The cat sat", "on a mat"), ("Dogs ran", "far"), ("Birds sang", "in trees"))]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    code = [{"type": "code", "prompt": "def f(x):\n", "tests": "def check(c):\n    assert c(1) == 1\n",
+             "entry_point": "f", "id": "c0"}]
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in code))
+    (tmp_path / "qa.yaml").write_text("test: qa.jsonl\nnum_fewshot: 1\n")  # a code task has no shots to draw
+    args = ["tasks", str(hf_dir), "--tasks", f"{tmp_path / 'qa.yaml'},{tmp_path / 'code.jsonl'}", "--max-new-tokens", "6", "--dtype", "fp32", "--distributed", "off", "--output-dir", str(tmp_path / "o")]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    records = [json.loads(x) for x in (tmp_path / "o" / "qa.jsonl").read_text().splitlines()]
+    want = ours.generate_until(requests("generate_until", [(r["prompt"], {"until": ["\n\n"], "max_gen_toks": 6})
+                                                           for r in records]))
+    assert [r["completions"][0] for r in records] == want
+    assert result["qa"] == {"exact_match": float(np.mean([r["correct"][0] for r in records])), "n": 3}
+    assert result["code"] == {"pass@1": 0.0, "n": 1}  # a random model writes no working function
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"type": "generate", "context": "q", "answers": []}'], r"qa.jsonl:1: item 1 has no answers"),
+    (['{"type": "code", "prompt": "p", "tests": "t"}'], r"qa.jsonl:1: code item 1 has no entry point"),
+    (['{"type": "generate", "context": "q", "answers": ["a"]}', "{not json"], r"qa.jsonl:2: not valid JSON"),
+    (['{"type": "generate", "context": "q", "answers": ["a"]}'] * 2, r"--num-fewshot 5 is larger than the example pool"),
+])
+def test_bad_task_input_exits_2_before_loading_any_model(tmp_path, capsys, lines, message):
+    import importlib
+    import re
+
+    cli = importlib.import_module("eval")
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    missing_checkpoint = str(tmp_path / "no_checkpoint")  # never reached: input is checked first
+    assert cli.main(["tasks", missing_checkpoint, "--tasks", str(tmp_path / "qa.jsonl"), "--num-fewshot", "5"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "task qa" in err and err.count("\n") == 1
