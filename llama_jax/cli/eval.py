@@ -2,7 +2,8 @@
 (`llama-jax-eval` and `python eval.py` are the same program.)
 
     llama-jax-eval perplexity CHECKPOINT --data FILE_DIR_OR_GLOB [--data more.jsonl] [--stride 1024]
-    llama-jax-eval tasks CHECKPOINT --tasks piqa,hellaswag,my_task.jsonl --data-dir ~/tensorflow_datasets
+    llama-jax-eval tasks CHECKPOINT --tasks piqa,gsm8k,humaneval,my_task.yaml --data-dir ~/tensorflow_datasets
+    llama-jax-eval harness CHECKPOINT --tasks gsm8k --include-path my_tasks/ --num-fewshot 5 --limit 50
     llama-jax-eval generate CHECKPOINT --prompt "The capital of France is" [--temperature 0.8 --top-p 0.9]
 
 CHECKPOINT is a llama_jax run directory, a params directory (`convert --to orbax`), or a Meta or Hugging
@@ -52,20 +53,43 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--split", default="validation", help="TFDS split")
     add_flag(ppl, "--data-dir", default="", help="TFDS data_dir holding the prepared dataset")
     add_flag(ppl, "--context-len", type=int, default=None, help="window length (default: max_seq_len)")
-    ppl.add_argument("--stride", type=int, default=None, help="tokens predicted per window after the first "
-                     "(default: context_len - 1)")
+    ppl.add_argument("--stride", type=int, default=None, help="classic strided windows beginning every STRIDE "
+                     "tokens (default: lm-evaluation-harness's rolling windows)")
     add_flag(ppl, "--batch-size", type=int, default=8)
     ppl.add_argument("--output", default=None, help="also write the results to this JSON file")
 
-    tasks = sub.add_parser("tasks", help="zero-shot multiple choice: acc and acc_norm")
+    tasks = sub.add_parser("tasks", help="multiple choice, generative and code tasks, zero- or few-shot")
     _common(tasks)
-    tasks.add_argument("--tasks", required=True, help="comma-separated catalog names and/or .jsonl files")
+    tasks.add_argument("--tasks", required=True, help="comma-separated catalog names and/or .jsonl/.yaml task files")
     add_flag(tasks, "--data-dir", default=None, help="TFDS data_dir holding the prepared datasets")
     tasks.add_argument("--split", default=None, help="split for every TFDS task (default: each task's own)")
     tasks.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     add_flag(tasks, "--batch-size", type=int, default=16)
     add_flag(tasks, "--max-len", type=int, default=None, help="longest sequence (default: max_seq_len)")
     add_flag(tasks, "--output-dir", default=None, help="write results.json and TASK.jsonl (per item) here")
+    add_flag(tasks, "--num-fewshot", type=int, default=None, help="examples in front of each item (default: "
+             "each task's own, 0 for files)")
+    add_flag(tasks, "--fewshot-seed", type=int, default=1234, help="seed of the few-shot draw (lm-eval's default)")
+    tasks.add_argument("--samples", type=int, default=1, help="completions per generative/code item (maj@k, pass@k)")
+    tasks.add_argument("--temperature", type=float, default=0.0, help="0: greedy (needs --samples 1)")
+    add_flag(tasks, "--top-k", type=int, default=0, help="0: off")
+    add_flag(tasks, "--top-p", type=float, default=1.0, help="1: off")
+    tasks.add_argument("--seed", type=int, default=0, help="sampling seed of the first sample (then +1 each)")
+    add_flag(tasks, "--max-new-tokens", type=int, default=None, help="generation length (default: each task's)")
+    add_flag(tasks, "--code-timeout", type=float, default=10.0, help="seconds per generated program")
+    add_flag(tasks, "--code-workers", type=int, default=0, help="programs run at once (default: CPU count)")
+
+    harness = sub.add_parser("harness", help="lm-evaluation-harness tasks with llama_jax as the model")
+    _common(harness)
+    harness.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    add_flag(harness, "--include-path", default=None, help="directory of extra lm-eval task YAMLs")
+    add_flag(harness, "--num-fewshot", type=int, default=None, help="default: each task's own")
+    harness.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    add_flag(harness, "--output-dir", default=None, help="write results.json and samples_TASK.jsonl here")
+    add_flag(harness, "--batch-size", type=int, default=16)
+    add_flag(harness, "--max-gen-toks", type=int, default=256, help="generation length unless a task sets it")
+    add_flag(harness, "--fewshot-seed", type=int, default=1234)
+    harness.add_argument("--seed", type=int, default=0, help="sampling seed of the first repeat")
 
     gen = sub.add_parser("generate", help="sample text with a KV cache")
     _common(gen)
@@ -129,27 +153,72 @@ def run_perplexity(args, emit) -> None:
     scorer = TokenScorer(model, batch_size=args.batch_size, max_len=context_len)
     result = evaluate_perplexity(scorer, texts, model.tokenizer, context_len=context_len, stride=args.stride,
                                  bos=not args.no_bos).as_dict()
-    result.update(context_len=context_len, stride=args.stride or context_len - 1)
+    result.update(context_len=context_len, windows="rolling" if args.stride is None else f"stride {args.stride}")
     emit(result, args.output)
 
 
 def run_tasks(args, emit) -> None:
-    from llama_jax.evaluation.scoring import TokenScorer
-    from llama_jax.evaluation.tasks import evaluate_task, load_task
+    from llama_jax.evaluation.runner import RunOptions, TaskRunner, prepare
+    from llama_jax.evaluation.sandbox import Limits
+    from llama_jax.evaluation.suite import load_tasks
 
+    options = RunOptions(num_fewshot=args.num_fewshot, fewshot_seed=args.fewshot_seed, limit=args.limit,
+                         samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         bos=not args.no_bos,
+                         code_limits=Limits(timeout_s=args.code_timeout, cpu_s=max(1, int(args.code_timeout))),
+                         code_workers=args.code_workers)
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
-    loaded = [load_task(s, data_dir=args.data_dir, split=args.split) for s in specs]
-    model = _load(args)
-    scorer = TokenScorer(model, batch_size=args.batch_size, max_len=args.max_len)
+    prepared = [prepare(t, options) for t in load_tasks(specs, data_dir=args.data_dir, split=args.split)]
+    model = _load(args)  # every task, prompt and item was checked above
+    runner = TaskRunner(model, options, max_len=args.max_len)
     results, out_dir = {}, Path(args.output_dir) if args.output_dir else None
-    for name, items in loaded:
-        metrics, records = evaluate_task(scorer, model.tokenizer, items[:args.limit], bos=not args.no_bos)
-        results[name] = metrics
+    for p in prepared:
+        metrics, records = runner.run(p)
+        results[p.task.name] = metrics
         if out_dir is not None and emit.main:
             out_dir.mkdir(parents=True, exist_ok=True)
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            (out_dir / f"{name}.jsonl").write_text(lines, encoding="utf-8")
+            (out_dir / f"{p.task.name}.jsonl").write_text(lines, encoding="utf-8")
     emit(results, str(out_dir / "results.json") if out_dir else None)
+
+
+def _task_manager(names: list[str], include_path: str | None):
+    """lm-eval's TaskManager: only `include_path`'s tasks when they cover `names` (instant), else with
+    lm-eval's stock tasks too; unknown names are refused before a model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_defaults=False, include_path=include_path) if include_path else None
+    if manager is None or any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include_path)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task {unknown[0]!r} (stock tasks"
+                         f"{' and ' + include_path if include_path else ''})")
+    return manager
+
+
+def run_harness(args, emit) -> None:
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    from llama_jax.evaluation.harness import lm_class
+
+    names = [s.strip() for s in args.tasks.split(",") if s.strip()]
+    manager = _task_manager(names, args.include_path)
+    lm = lm_class()(model=_load(args), batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed,
+                    add_bos_token=not args.no_bos)
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
+                                  task_manager=manager, log_samples=bool(args.output_dir),
+                                  fewshot_random_seed=args.fewshot_seed, confirm_run_unsafe_code=True)
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir is not None and emit.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for task, samples in out.pop("samples", {}).items():
+            lines = "".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n" for s in samples)
+            (out_dir / f"samples_{task}.jsonl").write_text(lines, encoding="utf-8")
+    emit(json.loads(json.dumps({"results": out["results"], "n-samples": out.get("n-samples", {})},
+                               default=handle_non_serializable)), str(out_dir / "results.json") if out_dir else None)
 
 
 def run_generate(args, emit) -> None:
@@ -190,7 +259,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from llama_jax.utils.config_io import ConfigError
 
-    run = {"perplexity": run_perplexity, "tasks": run_tasks, "generate": run_generate}[args.command]
+    run = {"perplexity": run_perplexity, "tasks": run_tasks, "harness": run_harness,
+           "generate": run_generate}[args.command]
     try:
         run(args, _Emitter())
     except (ConfigError, ValueError, FileNotFoundError) as e:
