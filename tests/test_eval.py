@@ -18,7 +18,8 @@ from llama_jax.evaluation.generate import Generator, SamplingConfig, _next_token
 from llama_jax.evaluation.loading import place_model
 from llama_jax.evaluation.perplexity import evaluate_perplexity, rolling_windows, strided_windows, token_logprobs
 from llama_jax.evaluation.scoring import TokenScorer, plan_batches
-from llama_jax.evaluation.suite import load_task_file, load_tasks
+from llama_jax.evaluation.catalog import load_tasks
+from llama_jax.evaluation.suite import load_task_file
 from llama_jax.evaluation.tasks import Item, encode_pair, evaluate_task, multiple_choice_metrics
 from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from oracle import hf_logits, hf_model, ours_from_hf

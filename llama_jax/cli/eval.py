@@ -160,7 +160,7 @@ def run_perplexity(args, emit) -> None:
 def run_tasks(args, emit) -> None:
     from llama_jax.evaluation.runner import RunOptions, TaskRunner, prepare
     from llama_jax.evaluation.sandbox import Limits
-    from llama_jax.evaluation.suite import load_tasks
+    from llama_jax.evaluation.catalog import load_tasks
 
     options = RunOptions(num_fewshot=args.num_fewshot, fewshot_seed=args.fewshot_seed, limit=args.limit,
                          samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

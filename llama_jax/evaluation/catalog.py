@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Sequence
 
 from llama_jax.evaluation.code_exec import CodeItem
 from llama_jax.evaluation.fewshot import Example
-from llama_jax.evaluation.suite import GenItem, Task, TaskSettings
+from llama_jax.evaluation.suite import GenItem, Task, TaskSettings, load_task_file
 from llama_jax.evaluation.tasks import TFDS_TASKS, _text, load_tfds_task, shared_context_item
 
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -193,3 +194,13 @@ def load_catalog_task(name: str, *, data_dir: str | None = None, split: str | No
         return [mbpp_task(data_dir)]
     raise ValueError(f"unknown task {name!r}: expected one of {CATALOG} or a .jsonl/.yaml task file")
 
+
+def load_tasks(specs: Sequence[str], *, data_dir: str | None = None, split: str | None = None) -> list[Task]:
+    """Tasks by catalog name or file path, in order (`mmlu` stands for one task per subject)."""
+    tasks = []
+    for spec in specs:
+        if spec.endswith((".jsonl", ".yaml", ".yml")):
+            tasks.append(load_task_file(spec))
+        else:
+            tasks += load_catalog_task(spec, data_dir=data_dir, split=split)
+    return tasks

@@ -12,6 +12,7 @@ drawn, every program run in the sandbox.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -80,6 +81,14 @@ class TaskRunner:
         self.model, self.options = model, options
         self.scorer = TokenScorer(model, batch_size=options.batch_size, max_len=max_len)
         self._generators: dict[tuple, Generator] = {}
+
+    def use_params(self, params) -> None:
+        """Score with `params` from now on. They must have the shapes and shardings of the model's own
+        (training passes its current weights at each evaluation): the compiled programs are reused."""
+        self.model = dataclasses.replace(self.model, params=params)
+        self.scorer.model = self.model
+        for generator in self._generators.values():
+            generator.model = self.model
 
     def _generator(self, max_new: int) -> Generator:
         o = self.options

@@ -206,19 +206,6 @@ def load_task_file(path: str) -> Task:
     return Task(p.stem, kind, tuple(items), TaskSettings(), None, path)
 
 
-def load_tasks(specs: Sequence[str], *, data_dir: str | None = None, split: str | None = None) -> list[Task]:
-    """Tasks by catalog name or file path, in order (`mmlu` stands for one task per subject)."""
-    from llama_jax.evaluation.catalog import load_catalog_task
-
-    tasks = []
-    for spec in specs:
-        if spec.endswith((".jsonl", ".yaml", ".yml")):
-            tasks.append(load_task_file(spec))
-        else:
-            tasks += load_catalog_task(spec, data_dir=data_dir, split=split)
-    return tasks
-
-
 # ---------------------------------------------------------------------------------------- prompting
 
 def build_prompts(task: Task, num_fewshot: int | None = None, seed: int = DEFAULT_SEED,

@@ -28,6 +28,29 @@ PROGRESS_MODES = ("auto", "bar", "lines")
 
 
 @dataclass(frozen=True)
+class TaskEvalConfig:
+    """Tasks scored during training (`eval_tasks`): the paper's accuracy-over-training figure.
+
+    Empty `tasks` (the default): nothing is loaded, built or run. The tasks are read and every prompt is
+    built when the run starts, so an unknown name or a bad task file fails before the train step compiles.
+    """
+
+    tasks: list[str] = field(default_factory=list)  # catalog names and/or .jsonl/.yaml task files
+    limit: int | None = None  # the first N items of each task; null: all
+    num_fewshot: int | None = None  # null: each task's own default
+    batch_size: int = 16
+    data_dir: str | None = None  # TFDS data_dir of catalog tasks
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval_tasks.limit must be >= 1 (or null: all items), got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"eval_tasks.num_fewshot must be >= 0 (or null), got {self.num_fewshot}")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval_tasks.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; the resolved copy is written to `run_dir/config.yaml`.
 
@@ -57,6 +80,8 @@ class TrainConfig:
     eval_batches: int = 0  # batches per periodic evaluation; 0 = the whole validation split
     eval_batch_size: int = 0  # 0 = global_batch_size
     final_eval: bool = True  # a full pass over the validation split at the end, compared with gzip -9
+    eval_tasks: TaskEvalConfig = field(default_factory=TaskEvalConfig)
+    task_eval_every: int = 0  # score eval_tasks every N steps (and at the last step); 0 = at the last step only
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     keep_period: int = 0  # also keep every step divisible by this forever (milestones); 0 = none
@@ -72,7 +97,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("stop_at_step", "eval_every", "eval_batches", "eval_batch_size", "keep_period", "profile_steps"):
+        for key in ("stop_at_step", "eval_every", "eval_batches", "eval_batch_size", "keep_period", "profile_steps",
+                    "task_eval_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.profile_steps and self.profile_start_step > self.steps:
@@ -89,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"progress={self.progress!r}; expected one of {list(PROGRESS_MODES)}")
         if not (math.isfinite(self.peak_flops_per_device) and self.peak_flops_per_device >= 0):
             raise ConfigError(f"peak_flops_per_device must be >= 0, got {self.peak_flops_per_device}")
+        if self.task_eval_every and not self.eval_tasks.tasks:
+            raise ConfigError(f"task_eval_every={self.task_eval_every} but eval_tasks.tasks names no task")
         if not self.run_dir:
             raise ConfigError("run_dir must name a directory")
 

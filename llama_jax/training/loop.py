@@ -40,6 +40,7 @@ from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, fo
 from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.profiling import StepProfiler
+from llama_jax.training.task_eval import TaskEval
 from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.optimizer import lr_schedule, make_optimizer
@@ -270,6 +271,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     say = functools.partial(print, flush=True) if main else lambda *_: None
     run_dir = prepare_run_dir(cfg)
     check_same_model(run_dir, cfg)
+    task_eval = TaskEval.prepare(cfg)  # bad tasks fail here, before anything compiles
     clock = time.perf_counter()
     tokenizer = load_run_tokenizer(cfg)
     say(f"tokenizer {tokenizer.path} (vocab {tokenizer.vocab_size}) ready in {time.perf_counter() - clock:.1f} s")
@@ -304,6 +306,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     evaluator = None
     if cfg.eval_every:
         evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, cfg.eval_batches or None)
+    if task_eval:
+        task_eval.bind(cfg, tokenizer, mesh, rules)
 
     profiler = StepProfiler(run_dir / "profile", cfg.profile_start_step, cfg.profile_steps)
     window = _Window(cfg)
@@ -316,6 +320,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         the step that consumes it must record: the following batch is fetched before that save)."""
         batch = make_global_batch(next(data), mesh, rules)
         return batch, data.get_state()
+
+    def timed(evaluate, params):
+        """`evaluate(params)`, its time left out of the throughput."""
+        eval_start = time.perf_counter()
+        values = evaluate(params)
+        window.exclude(time.perf_counter() - eval_start)
+        return values
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -353,11 +364,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                 window.reset()
             progress.update(step, values, log=log_now)
             if evaluator and step % cfg.eval_every == 0 and step != cfg.last_step:
-                eval_start = time.perf_counter()
-                val = evaluator(state.params)
+                val = timed(evaluator, state.params)
                 log.write(step, "eval", val)
                 progress.message(f"step {step} validation | {format_values(val)}")
-                window.exclude(time.perf_counter() - eval_start)
+            if task_eval and task_eval.due(step):
+                for task, values in timed(task_eval, state.params).items():
+                    log.write(step, f"eval/{task}", values)
+                    progress.message(f"step {step} eval/{task} | {format_values(values)}")
             if step % cfg.checkpoint_every == 0 or step == cfg.last_step:
                 save(step)
             if preemption.requested:
