@@ -40,6 +40,7 @@ from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, fo
 from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.profiling import StepProfiler
+from llama_jax.training.run_lock import RunLock
 from llama_jax.training.task_eval import TaskEval
 from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.training.config import TrainConfig
@@ -265,11 +266,16 @@ def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rul
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) the training run `cfg.run_dir` up to `cfg.last_step`."""
+    """Run (or resume) the training run `cfg.run_dir` up to `cfg.last_step`, holding its lock."""
     initialize(cfg.distributed)
     main = jax.process_index() == 0
     say = functools.partial(print, flush=True) if main else lambda *_: None
     run_dir = prepare_run_dir(cfg)
+    with RunLock(run_dir, heartbeat_s=cfg.lock_heartbeat_s, stale_after_s=cfg.lock_stale_after_s, say=say):
+        return _train_locked(cfg, run_dir, main, say)
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResult:
     check_same_model(run_dir, cfg)
     task_eval = TaskEval.prepare(cfg)  # bad tasks fail here, before anything compiles
     clock = time.perf_counter()
