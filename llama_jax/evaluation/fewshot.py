@@ -45,14 +45,6 @@ class FewShotFormat:
         return self.description + body + text
 
 
-def check_pool(task: str, k: int, pool_size: int, *, own_items: bool) -> None:
-    """Refuse K larger than the examples available to every item (one fewer from a task's own items)."""
-    available = pool_size - 1 if own_items else pool_size
-    if k > available:
-        where = "its other items" if own_items else "its few-shot examples"
-        raise ValueError(f"task {task}: --num-fewshot {k} is larger than the example pool ({available} in {where})")
-
-
 def draw_shots(items: Sequence[Example | None], k: int, fmt: FewShotFormat, pool: Sequence[Example], *,
                own: bool, seed: int = DEFAULT_SEED) -> list[list[Example]]:
     """The K examples of each of `items`, in order. `own`: the pool is the task's own items (each item

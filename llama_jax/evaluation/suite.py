@@ -23,10 +23,12 @@ solution shown in few-shot examples.) Or a task YAML naming such a file and the 
     max_new_tokens: 32
 
 Catalog names (`catalog.py`) build the same `Task`. Everything is checked when the task is loaded and its
-prompts built, before a model is compiled; errors name the task, the file and line or the item.
+prompts built, before a model is compiled; every problem with the input is a `TaskError` (one line naming
+the task, the file and line or the item), never another exception from deeper down.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -35,11 +37,16 @@ from typing import Sequence
 
 from llama_jax.evaluation.answers import ANSWER_FORMATS
 from llama_jax.evaluation.code_exec import CODE_LAYOUTS, CodeItem
-from llama_jax.evaluation.fewshot import DEFAULT_SEED, Example, FewShotFormat, check_pool, draw_shots
+from llama_jax.evaluation.fewshot import DEFAULT_SEED, Example, FewShotFormat, draw_shots
 from llama_jax.evaluation.tasks import Item, shared_context_item
 from llama_jax.utils.config_io import ConfigError, from_dict, load_yaml
 
 KINDS = ("multiple_choice", "generate", "code")
+
+
+class TaskError(ConfigError):
+    """Bad task input (an unknown name, a malformed file, item or setting): the one exception type the
+    task readers raise, so callers report it as a user error (one line, exit 2) and nothing else is."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,7 @@ def _string(record: dict, key: str, where: str, *, required: bool = True, empty:
     if value is None and not required:
         return None
     if not isinstance(value, str) or (not empty and not value):
-        raise ValueError(f"{where}: key {key!r} must be a{'' if empty else ' non-empty'} string, got {value!r}")
+        raise TaskError(f"{where}: key {key!r} must be a{'' if empty else ' non-empty'} string, got {value!r}")
     return value
 
 
@@ -107,23 +114,23 @@ def _parse_item(kind: str, record: dict, item_id: str, where: str):
     if kind == "multiple_choice":
         context, choices, label = _string(record, "context", where), record.get("choices"), record.get("label")
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
-            raise ValueError(f"{where}: key 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
+            raise TaskError(f"{where}: key 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
         if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(choices)):
-            raise ValueError(f"{where}: key 'label' must be an integer in [0, {len(choices)}), got {label!r}")
+            raise TaskError(f"{where}: key 'label' must be an integer in [0, {len(choices)}), got {label!r}")
         return shared_context_item(item_id, context, choices, label)
     if kind == "generate":
         context, answers = _string(record, "context", where), record.get("answers")
         if not (isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)):
-            raise ValueError(f"{where}: item {item_id} has no answers: key 'answers' must be a non-empty list of "
+            raise TaskError(f"{where}: item {item_id} has no answers: key 'answers' must be a non-empty list of "
                              f"non-empty strings, got {answers!r}")
         target = _string(record, "target", where, required=False) or answers[0]
         return GenItem(item_id, context, tuple(answers), target)
     layout = record.get("layout", "humaneval")
     if layout not in CODE_LAYOUTS:
-        raise ValueError(f"{where}: key 'layout' must be one of {list(CODE_LAYOUTS)}, got {layout!r}")
+        raise TaskError(f"{where}: key 'layout' must be one of {list(CODE_LAYOUTS)}, got {layout!r}")
     entry = record.get("entry_point")
     if not (isinstance(entry, str) and entry.isidentifier()):
-        raise ValueError(f"{where}: code item {item_id} has no entry point: key 'entry_point' must name a "
+        raise TaskError(f"{where}: code item {item_id} has no entry point: key 'entry_point' must name a "
                          f"function, got {entry!r}")
     return CodeItem(item_id, _string(record, "prompt", where), _string(record, "tests", where, empty=False),
                     entry, layout), _string(record, "target", where, required=False)
@@ -132,13 +139,15 @@ def _parse_item(kind: str, record: dict, item_id: str, where: str):
 def read_items(path: str, task: str) -> tuple[str, list, list[str | None]]:
     """(kind, items, code solutions for few-shot) of a task JSONL file; strict, errors name file:line."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"task {task}: file {path} does not exist")
-    kind, items, solutions = None, [], []
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"task {task}: {path} is not UTF-8 text ({e.reason})") from e
+        raise TaskError(f"task {task}: {path} is not UTF-8 text ({e.reason})") from None
+    except FileNotFoundError:
+        raise TaskError(f"task {task}: file {path} does not exist") from None
+    except (OSError, ValueError) as e:  # a directory, unreadable, a NUL in the name
+        raise TaskError(f"task {task}: cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    kind, items, solutions = None, [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -146,25 +155,27 @@ def read_items(path: str, task: str) -> tuple[str, list, list[str | None]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+            raise TaskError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise TaskError(f"{where}: JSON nested too deeply") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            raise TaskError(f"{where}: expected a JSON object, got {type(record).__name__}")
         line_kind = record.get("type", "multiple_choice")
         if line_kind not in KINDS:
-            raise ValueError(f"{where}: key 'type' must be one of {list(KINDS)}, got {line_kind!r}")
+            raise TaskError(f"{where}: key 'type' must be one of {list(KINDS)}, got {line_kind!r}")
         if kind is not None and line_kind != kind:
-            raise ValueError(f"{where}: type {line_kind!r} differs from the file's first item ({kind!r})")
+            raise TaskError(f"{where}: type {line_kind!r} differs from the file's first item ({kind!r})")
         kind = line_kind
         raw_id = record.get("id", number)
         if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
-            raise ValueError(f"{where}: key 'id' must be a string or an integer, got {raw_id!r}")
+            raise TaskError(f"{where}: key 'id' must be a string or an integer, got {raw_id!r}")
         parsed = _parse_item(kind, record, str(raw_id), where)
         if kind == "code":
             parsed, solution = parsed
             solutions.append(solution)
         items.append(parsed)
     if not items:
-        raise ValueError(f"task {task}: {path} holds no items")
+        raise TaskError(f"task {task}: {path} holds no items")
     return kind, items, solutions
 
 
@@ -176,7 +187,7 @@ def examples_of(kind: str, items: Sequence, solutions: Sequence[str | None] = ()
         return [Example(i.context, i.target) for i in items]
     missing = [i.id for i, s in zip(items, solutions) if s is None]
     if missing or not solutions:
-        raise ValueError(f"task {task}: code item {missing[0] if missing else items[0].id} has no 'target' "
+        raise TaskError(f"task {task}: code item {missing[0] if missing else items[0].id} has no 'target' "
                          f"solution to show as a few-shot example")
     return [Example(i.prompt, s) for i, s in zip(items, solutions)]
 
@@ -186,22 +197,26 @@ def load_task_file(path: str) -> Task:
     p = Path(path)
     if p.suffix in (".yaml", ".yml"):
         try:
-            settings = from_dict(TaskSettings, load_yaml(p))
-        except (ConfigError, FileNotFoundError) as e:
-            raise ValueError(f"task file {path}: {e}") from e
+            data = load_yaml(p)
+            bad_key = next((k for k in data if not isinstance(k, str)), None)
+            if bad_key is not None:
+                raise ConfigError(f"{path}: key {bad_key!r} is not a name")
+            settings = from_dict(TaskSettings, data)
+        except (ConfigError, ValueError, RecursionError) as e:  # ValueError: FewShotFormat's sampler check
+            raise TaskError(f"task {p.stem}: {e}") from None
         name = settings.task or p.stem
         if not settings.test:
-            raise ValueError(f"task {name}: {path} names no 'test' file of items")
+            raise TaskError(f"task {name}: {path} names no 'test' file of items")
         kind, items, _ = read_items(str(p.parent / settings.test), name)
         pool = None
         if settings.fewshot:
             pool_kind, pool_items, solutions = read_items(str(p.parent / settings.fewshot), name)
             if pool_kind != kind:
-                raise ValueError(f"task {name}: few-shot file holds {pool_kind} items, the test file {kind}")
+                raise TaskError(f"task {name}: few-shot file holds {pool_kind} items, the test file {kind}")
             pool = tuple(examples_of(kind, pool_items, solutions, name))
         return Task(name, kind, tuple(items), settings, pool, path)
     if p.suffix != ".jsonl":
-        raise ValueError(f"task file {path}: expected a .jsonl or .yaml file")
+        raise TaskError(f"task file {path}: expected a .jsonl or .yaml file")
     kind, items, _ = read_items(path, p.stem)
     return Task(p.stem, kind, tuple(items), TaskSettings(), None, path)
 
@@ -214,24 +229,40 @@ def build_prompts(task: Task, num_fewshot: int | None = None, seed: int = DEFAUL
     the shared context). A task without a few-shot pool draws from all its items, never the item itself."""
     k = task.settings.num_fewshot if num_fewshot is None else num_fewshot
     fmt = task.fewshot_format
-    texts = [_item_text(task.kind, item) for item in task.items[:limit]]
+    texts = [_item_text(task, item) for item in task.items[:limit]]
     if not k:
         return [fmt.description + t for t in texts]
     own = task.pool is None
     if own and task.kind == "code":
-        raise ValueError(f"task {task.name}: few-shot code prompts need a few-shot file with solutions")
-    check_pool(task.name, k, len(task.items) if own else len(task.pool), own_items=own)
+        raise TaskError(f"task {task.name}: few-shot code prompts need a few-shot file with solutions")
     pool = examples_of(task.kind, task.items) if own else task.pool
-    shots = draw_shots(pool[:len(texts)] if own else [None] * len(texts), k, fmt, pool, own=own, seed=seed)
+    items = pool[:len(texts)] if own else [None] * len(texts)
+    _check_pool(task.name, k, pool, items if own else None)
+    shots = draw_shots(items, k, fmt, pool, own=own, seed=seed)
     return [fmt.render(s, t) for s, t in zip(shots, texts)]
 
 
-def _item_text(kind: str, item) -> str:
-    if kind == "multiple_choice":
+def _check_pool(task: str, k: int, pool: Sequence[Example], own_items: Sequence[Example] | None) -> None:
+    """Refuse K larger than the examples available to every item. From a task's own items, an item's
+    examples are the others that differ from it (every copy of a repeated item is left out, as lm-eval
+    does): one fewer than the pool, or fewer still where items repeat."""
+    if own_items is None:
+        available, where = len(pool), "its few-shot examples"
+    else:
+        copies = collections.Counter(pool)
+        fewest = min(own_items, key=lambda x: len(pool) - copies[x])
+        available = len(pool) - copies[fewest]
+        where = "its other items" if copies[fewest] == 1 else f"the items that differ from {fewest.text[:40]!r}"
+    if k > available:
+        raise TaskError(f"task {task}: --num-fewshot {k} is larger than the example pool ({available} in {where})")
+
+
+def _item_text(task: Task, item) -> str:
+    if task.kind == "multiple_choice":
         if len(set(item.contexts)) != 1:
-            raise ValueError(f"item {item.id}: few-shot prompts need one shared context")
+            raise TaskError(f"task {task.name}: item {item.id}: few-shot prompts need one shared context")
         return item.contexts[0]
-    return item.context if kind == "generate" else item.prompt
+    return item.context if task.kind == "generate" else item.prompt
 
 
 def with_prompts(task: Task, prompts: Sequence[str]) -> tuple:
