@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama_jax.convert import ConvertError, convert, open_reader
-from test_convert import CONFIGS, save_random
+from llama_jax.convert import ConvertError, open_reader
+from test_convert import CONFIGS, exported_sources
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=True)
@@ -21,11 +21,7 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz_sources")
-    src, _, _ = save_random(root, "ours", CONFIGS["mha"])
-    convert(src, root / "meta", to="meta", model_parallel=1, progress=False)
-    convert(src, root / "hf", to="hf", progress=False)
-    return root
+    return exported_sources(tmp_path_factory.mktemp("fuzz_sources"), model_parallel=1)
 
 
 def opens_or_convert_error(path, fmt):
