@@ -35,3 +35,20 @@ def ours_from_hf(hf: transformers.LlamaForCausalLM, cfg: ModelConfig):
 def hf_logits(hf: transformers.LlamaForCausalLM, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return hf(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def lm_eval_task(task_dir, name: str, num_fewshot: int | None = None, limit: int | None = None, seed: int = 1234):
+    """lm-evaluation-harness's task `name` from the YAMLs in `task_dir` (stock tasks only where a YAML there
+    includes them), its requests built with few-shot seed `seed`: (task, instances in document order)."""
+    import warnings
+
+    from lm_eval.tasks import TaskManager
+
+    with warnings.catch_warnings():  # load_task_or_group is deprecated in 0.4.13 but returns the task itself
+        warnings.simplefilter("ignore", DeprecationWarning)
+        task = TaskManager(include_defaults=False, include_path=str(task_dir)).load_task_or_group([name])[name]
+    if num_fewshot is not None:
+        task.set_config("num_fewshot", num_fewshot)
+    task.set_fewshot_seed(seed)
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    return task, sorted(task.instances, key=lambda inst: (inst.doc_id, inst.idx))

@@ -2,7 +2,7 @@
 (HFLM on transformers' LlamaForCausalLM, fp32, the same weights and tokenizer.json, offline), and
 few-shot prompts byte for byte against lm-eval's for the same task, seed and K."""
 import json
-import warnings
+import re
 import os
 
 import numpy as np
@@ -16,7 +16,7 @@ from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa
 from llama_jax.evaluation.loading import place_model  # noqa: E402
 from llama_jax.evaluation.suite import build_prompts, load_task_file  # noqa: E402
 from llama_jax.model.config import ModelConfig  # noqa: E402
-from oracle import hf_model, ours_from_hf  # noqa: E402
+from oracle import hf_model, lm_eval_task, ours_from_hf  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -120,16 +120,9 @@ def test_sampled_repeats_get_distinct_seeds(ours):
 # ----------------------------------------------------------------------------------- few-shot prompts
 
 def lm_eval_contexts(task_dir, name, k, limit=None):
-    from lm_eval.tasks import TaskManager
-
-    with warnings.catch_warnings():  # load_task_or_group is deprecated in 0.4.13 but returns the task itself
-        warnings.simplefilter("ignore", DeprecationWarning)
-        task = TaskManager(include_defaults=False, include_path=str(task_dir)).load_task_or_group([name])[name]
-    task.set_config("num_fewshot", k)
-    task.set_fewshot_seed(1234)
-    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    _, instances = lm_eval_task(task_dir, name, k, limit)
     by_doc = {}
-    for inst in task.instances:
+    for inst in instances:
         by_doc.setdefault(inst.doc_id, inst.args[0])
     return [by_doc[i] for i in sorted(by_doc)]
 
@@ -222,3 +215,38 @@ def test_eval_py_tasks_generative_and_code(hf_dir, ours, tmp_path, capsys):
     assert [r["completions"][0] for r in records] == want
     assert result["qa"] == {"exact_match": float(np.mean([r["correct"][0] for r in records])), "n": 3}
     assert result["code"] == {"pass@1": 0.0, "n": 1}  # a random model writes no working function
+
+
+def test_maj_at_k_through_lm_eval_votes_over_k_distinct_samples(ours, tmp_path):
+    """`repeats: k` with sampling and lm-eval's majority_vote filter, run by lm_eval.simple_evaluate on the
+    llama_jax backend: every document gets exactly k responses, they are distinct samples (one seed each),
+    the filtered answer is the most common of the k extracted answers (first seen on ties) and exact match
+    is the share of documents whose vote is the target."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    k, docs = 5, 6
+    rows = [{"question": f"The cat {word}", "answer": letter} for word, letter in zip(WORDS, "tseoarn"[:docs])]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "maj.yaml").write_text(
+        f"task: maj\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'qa.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        f"repeats: {k}\ngeneration_kwargs:\n  until: ['\\n']\n  do_sample: true\n  temperature: 1.0\n"
+        "  max_gen_toks: 4\nmetric_list:\n  - metric: exact_match\nfilter_list:\n  - name: maj\n    filter:\n"
+        "      - function: regex\n        regex_pattern: '([a-z])'\n      - function: majority_vote\n"
+        "      - function: take_first\n")
+    out = lm_eval.simple_evaluate(model=ours, tasks=["maj"], log_samples=True, fewshot_random_seed=1234,
+                                  task_manager=TaskManager(include_defaults=False, include_path=str(tmp_path / "tasks")))
+    samples = sorted(out["samples"]["maj"], key=lambda s: s["doc_id"])
+    assert [s["doc_id"] for s in samples] == list(range(docs))
+    votes = []
+    for sample in samples:
+        (responses,) = sample["resps"]  # one request, its k responses
+        assert len(responses) == k and len(set(responses)) > 1  # k samples, not k copies of one
+        extracted = [m.group(1) if (m := re.search("([a-z])", r)) else "[invalid]" for r in responses]
+        counts = {a: extracted.count(a) for a in extracted}  # insertion order: first seen wins ties
+        vote = max(counts, key=counts.get)
+        assert sample["filtered_resps"] == [vote]
+        votes.append(vote == sample["target"])
+    assert out["results"]["maj"]["exact_match,maj"] == pytest.approx(np.mean(votes), abs=1e-12)

