@@ -1,7 +1,8 @@
 """llama_jax as an lm-evaluation-harness model, registered as "llama_jax".
 
 `lm_class()` imports lm-eval (only then: the model code never needs it) and returns the `TemplateLM`
-subclass, registered so `lm_eval --model llama_jax --model_args pretrained=CHECKPOINT` works too.
+subclass, registered: once it has been called, `lm_eval.simple_evaluate(model="llama_jax",
+model_args="pretrained=CHECKPOINT")` works too (the `lm_eval` command line does not import llama_jax).
 Requests of one type arrive together and are batched here:
 
 - loglikelihood: lm-eval's own encoding of (context, continuation) pairs (TemplateLM), then
