@@ -69,6 +69,30 @@ def test_rows_stop_at_eos_like_transformers(hf, model, prompts, hf_tokens):
     assert got[0][-1] == eos and len(got[0]) <= 4
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_stop_conditions_end_generation_early_with_the_same_tokens(model, prompts, temperature):
+    """Rows checked every `check_every` tokens: each is a prefix of the uninterrupted run's row, ending at
+    the first check after its stop condition held (or where the run ends), and the run ends at the check
+    where every row has stopped."""
+    sampling = SamplingConfig(max_new_tokens=40, temperature=temperature, seed=3, stop_at_eos=False)
+    gen = Generator(model, sampling, pad_id=0)
+    full = gen(prompts).tokens
+    every = 4
+    for stop_after in ({0: 6, 1: 2, 2: 30}, {0: 3, 1: 9, 2: 1}):  # a row's stop holds from this many tokens on
+        asked = []
+
+        def stop(tokens):
+            row = next(r for r, f in enumerate(full) if f[:len(tokens)] == tokens)  # rows differ from token 1
+            asked.append(len(tokens))
+            return len(tokens) >= stop_after[row]
+
+        got = gen(prompts, stop=stop, check_every=every).tokens
+        checks = [1 + every * j for j in range(10)]  # after the first token, then every 4
+        for i, (f, g) in enumerate(zip(full, got)):
+            assert g == f[:next(c for c in checks if c >= stop_after[i])]
+        assert max(asked) == max(len(g) for g in got) < sampling.max_new_tokens  # the run ended early
+
+
 def test_top_1_sampling_is_greedy(model, prompts, hf_tokens):
     sampled = Generator(model, SamplingConfig(max_new_tokens=NEW, temperature=1.3, top_k=1, seed=7,
                                               stop_at_eos=False), pad_id=0)(prompts).tokens

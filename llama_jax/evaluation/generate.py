@@ -4,7 +4,10 @@ Prompts are left-padded to a common length, a power of two (at least 16) so that
 (padding has segment id 0, positions count real tokens only), prefilled in one forward pass that fills the cache, then decoded one token per step inside a
 `lax.while_loop`. The whole loop is one compiled program: no per-token dispatch, and bf16 weights are
 not re-converted on every token. A row stops at EOS (later slots hold the pad id); the loop stops when
-every row has stopped or `max_new_tokens` are out.
+every row has stopped or `max_new_tokens` are out. Stop strings (lm-eval's `until`) are text, not
+tokens: with a stop condition the same loop runs `CHECK_EVERY` tokens at a time (prefill and advance as
+two programs, the state passed between them), the host marks the rows whose text holds a stop string
+as done, and generation ends as soon as all are; the tokens are those of one uninterrupted run.
 
 Sampling follows Hugging Face's order: temperature, then top-k, then top-p (nucleus: keep the fewest
 most likely tokens whose probability reaches top_p); temperature 0 is greedy decoding (argmax).
@@ -14,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ from llama_jax.model import api
 from llama_jax.model.transformer import KVCache, unstack_layers
 
 MIN_PROMPT_BUCKET = 16
+CHECK_EVERY = 16  # tokens decoded between two checks of the callers' stop conditions
 
 
 @dataclass(frozen=True)
@@ -76,27 +80,38 @@ def _next_token(logits, key, temperature, *, greedy: bool, top_k: int, top_p: fl
     return jax.random.categorical(key, warped, axis=-1).astype(jnp.int32)
 
 
-def _decode(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int, greedy: bool, top_k: int,
-            top_p: float, eos_id: int, pad_id: int):
-    """Prefill the left-padded prompts, then decode up to `max_new` tokens in a while loop.
+def _model(cfg, params):
+    """The model on layers unrolled over weights sliced once, before any loop: inside a loop XLA:CPU
+    would otherwise copy every weight (and, without one cache array per layer, the cache) every token."""
+    cfg = cfg.replace(scan_layers=False)
+    return cfg, functools.partial(api.apply, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
 
-    Layers run unrolled on weights sliced once, before the loop, with one cache array per layer:
-    inside the loop XLA:CPU would otherwise copy every weight and the whole cache on every token.
-    """
+
+def _prefill(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int, greedy: bool, top_k: int,
+             top_p: float, eos_id: int, pad_id: int):
+    """Prefill the left-padded prompts and pick the first new token: the decode state
+    (step, last token, its position, cache, new tokens [batch, max_new], done rows)."""
     batch, prompt_len = tokens.shape
     pick = functools.partial(_next_token, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p)
-    cfg = cfg.replace(scan_layers=False)
-    model = functools.partial(api.apply, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
+    cfg, model = _model(cfg, params)
     cache = KVCache.create(cfg, batch, prompt_len + max_new, per_layer=True)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
     logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
     first = pick(logits[:, -1], jax.random.fold_in(key, 0))
     out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first)
     done = (first == eos_id) if eos_id >= 0 else jnp.zeros((batch,), bool)
+    return jnp.int32(1), first, positions[:, -1] + 1, cache, out, done
+
+
+def _advance(cfg, params, state, temperature, key, until, *, greedy: bool, top_k: int, top_p: float, eos_id: int,
+             pad_id: int, **_):
+    """Decode one token per step in a while loop until step `until` or every row is done."""
+    pick = functools.partial(_next_token, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p)
+    _, model = _model(cfg, params)
 
     def running(state):
         step, _, _, _, _, done = state
-        return (step < max_new) & ~jnp.all(done)
+        return (step < until) & ~jnp.all(done)
 
     def step_fn(state):
         step, token, position, cache, out, done = state
@@ -107,8 +122,13 @@ def _decode(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int,
             done = done | (token == eos_id)
         return step + 1, token, position + 1, cache, out, done
 
-    state = (jnp.int32(1), first, positions[:, -1] + 1, cache, out, done)
-    return jax.lax.while_loop(running, step_fn, state)[4]
+    return jax.lax.while_loop(running, step_fn, state)
+
+
+def _decode(cfg, params, tokens, segment_ids, temperature, key, **kw):
+    """Prefill, then decode up to `max_new` tokens: the whole generation as one program."""
+    state = _prefill(cfg, params, tokens, segment_ids, temperature, key, **kw)
+    return _advance(cfg, params, state, temperature, key, kw["max_new"], **kw)[4]
 
 
 @dataclass(frozen=True)
@@ -138,9 +158,12 @@ class Generator:
         if not sampling.stop_at_eos:
             self.eos_id = -1
         self.compiled: dict[tuple[int, int], object] = {}
-        self._fn = jax.jit(functools.partial(
-            _decode, model.cfg, max_new=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
-            top_p=sampling.top_p, eos_id=self.eos_id, pad_id=self.pad_id), out_shardings=model.out_sharding())
+        static = dict(max_new=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
+                      top_p=sampling.top_p, eos_id=self.eos_id, pad_id=self.pad_id)
+        self._fn = jax.jit(functools.partial(_decode, model.cfg, **static), out_shardings=model.out_sharding())
+        # The same generation in pieces, for stop conditions checked on the host between them.
+        self._prefill = jax.jit(functools.partial(_prefill, model.cfg, **static))
+        self._advance = jax.jit(functools.partial(_advance, model.cfg, **static))
 
     @property
     def max_prompt_len(self) -> int:
@@ -170,10 +193,16 @@ class Generator:
         return (self.model.params, self.model.place_rows(tokens), self.model.place_rows(segments),
                 jnp.float32(self.sampling.temperature or 1.0), jax.random.key(seed))
 
-    def __call__(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None, rows: int = 0) -> Generation:
+    def __call__(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None, rows: int = 0,
+                 stop: Callable[[list[int]], bool] | None = None, check_every: int = CHECK_EVERY) -> Generation:
         """New tokens for each prompt; `seed` overrides the sampling seed, `rows` pads the batch to at
-        least that many rows (so batches of one evaluation share one compiled program)."""
+        least that many rows (so batches of one evaluation share one compiled program). `stop(new tokens)`:
+        a row is finished once it says so; it is asked every `check_every` tokens, between compiled
+        decoding runs, and generation ends when every row is finished (rows may run a little past their
+        stop: callers cut the text)."""
         args = self._inputs(prompts, self.sampling.seed if seed is None else seed, rows)
+        if stop is not None:
+            return self._generate_checked(args, len(prompts), stop, check_every)
         shape = args[1].shape
         compile_seconds = 0.0
         if shape not in self.compiled:
@@ -183,14 +212,43 @@ class Generator:
             compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         out = np.asarray(self.compiled[shape](*args))
-        seconds = time.perf_counter() - start
+        return Generation(self._cut_at_eos(out[:len(prompts)]), time.perf_counter() - start, compile_seconds)
+
+    def _cut_at_eos(self, out: np.ndarray) -> list[list[int]]:
         tokens = []
-        for row in out[:len(prompts)]:
+        for row in out:
             row = row.tolist()
             if self.eos_id in row:
                 row = row[:row.index(self.eos_id) + 1]
             tokens.append(row)
-        return Generation(tokens, seconds, compile_seconds)
+        return tokens
+
+    def _generate_checked(self, args, n: int, stop, check_every: int) -> Generation:
+        """Prefill, then decode `check_every` tokens at a time, marking rows whose tokens `stop` accepts
+        as done, until all are (filler rows count as done) or max_new_tokens are out."""
+        params, _, _, temperature, key = args
+        max_new = self.sampling.max_new_tokens
+        start = time.perf_counter()
+        ends = np.full(n, max_new)  # where the rows the host stopped end (later slots hold the pad id)
+        with self.model.activate():
+            state = self._prefill(*args)
+            step = 1
+            while True:
+                step_now, token, position, cache, out, done = state
+                new = np.asarray(out)[:n, :step]
+                finished = np.asarray(done).copy()
+                finished[n:] = True
+                for i in np.flatnonzero(~finished[:n]):
+                    if stop(self._cut_at_eos(new[i:i + 1])[0]):
+                        finished[i], ends[i] = True, step
+                if finished.all() or step >= max_new:
+                    break
+                step = min(step + check_every, max_new)
+                done = jax.device_put(finished, done.sharding)
+                state = self._advance(params, (step_now, token, position, cache, out, done), temperature, key,
+                                      jnp.int32(step))
+        tokens = [row[:end] for row, end in zip(self._cut_at_eos(new), ends)]
+        return Generation(tokens, time.perf_counter() - start, 0.0)
 
 
 def cut_at_stops(text: str, until: Sequence[str]) -> str:
@@ -204,14 +262,17 @@ def cut_at_stops(text: str, until: Sequence[str]) -> str:
 def generate_texts(generator: Generator, prompts: Sequence[Sequence[int]], *, until: Sequence[str] = (),
                    batch_size: int = 8, seed: int | None = None) -> list[str]:
     """Completion text of each token prompt, cut at `until`: prompts sorted by length (longest first)
-    and decoded `batch_size` at a time; prompts too long for the context lose tokens on the left."""
+    and decoded `batch_size` at a time, a batch ending once every row has written a stop string (or
+    EOS); prompts too long for the context lose tokens on the left."""
     tok = generator.model.tokenizer
+    stops = [s for s in until if s]
+    stop = (lambda tokens: any(s in tok.decode(tokens) for s in stops)) if stops else None
     prompts = [list(p)[-generator.max_prompt_len:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        result = generator([prompts[i] for i in chunk], seed=seed, rows=batch_size)
+        result = generator([prompts[i] for i in chunk], seed=seed, rows=batch_size, stop=stop)
         for i, tokens in zip(chunk, result.tokens):
             texts[i] = cut_at_stops(tok.decode(tokens), until)
     return texts

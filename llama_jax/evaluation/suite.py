@@ -201,7 +201,7 @@ def load_task_file(path: str) -> Task:
     if p.suffix in (".yaml", ".yml"):
         try:
             data = load_yaml(p)
-            bad_key = next((k for k in data if not isinstance(k, str)), None)
+            bad_key = next((k for k in data if not (isinstance(k, str) and k.isidentifier())), None)
             if bad_key is not None:
                 raise ConfigError(f"{path}: key {bad_key!r} is not a name")
             settings = from_dict(TaskSettings, data)
