@@ -97,7 +97,8 @@ def lm_class():
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
             keep = self.max_length + 1
             sequences = [(ctx + cont)[-keep:] for _, ctx, cont in requests]
-            scored = self.scorer.score(sequences)
+            tails = [min(len(cont), len(seq) - 1) for (_, _, cont), seq in zip(requests, sequences)]
+            scored = self.scorer.score(sequences, tails=tails)  # only the continuations' predictions
             out = []
             for (_, _, cont), (logp, greedy) in zip(requests, scored):
                 out.append((float(logp[-len(cont):].sum()), bool(greedy[-len(cont):].all())))

@@ -26,10 +26,11 @@ from llama_jax.model.loss import token_nll
 MIN_BUCKET = 16
 
 
-def _token_scores(cfg, params, tokens, segment_ids):
-    """tokens [rows, width + 1]: the model reads the first `width`, each predicting the next."""
-    logits, _ = api.apply(cfg, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1])
-    targets = tokens[:, 1:]
+def _token_scores(cfg, params, tokens, segment_ids, read=None):
+    """tokens [rows, width + 1]: the model reads the first `width`, each predicting the next; `read`
+    [rows, n]: the input positions whose predictions are wanted (default all)."""
+    logits, _ = api.apply(cfg, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1], logits_at=read)
+    targets = tokens[:, 1:] if read is None else jnp.take_along_axis(tokens, read + 1, axis=1)
     return -token_nll(logits, targets), jnp.argmax(logits, axis=-1) == targets
 
 
@@ -81,9 +82,11 @@ class TokenScorer:
                              f"{model.cfg.max_seq_len}]")
         self._fn = jax.jit(functools.partial(_token_scores, model.cfg), out_shardings=model.out_sharding())
 
-    def score(self, sequences: Sequence[Sequence[int]], groups: Sequence[Sequence[int]] | None = None
-              ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(log-probabilities float64 [n-1], is-argmax bool [n-1]) for each sequence of n >= 2 tokens."""
+    def score(self, sequences: Sequence[Sequence[int]], groups: Sequence[Sequence[int]] | None = None,
+              tails: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(log-probabilities float64 [n-1], is-argmax bool [n-1]) for each sequence of n >= 2 tokens;
+        with `tails`, only the last tails[i] of each (a continuation's): the model's output layer then
+        runs on those positions alone (a power-of-two count per batch, at least MIN_BUCKET)."""
         seqs = [np.asarray(s, np.int32) for s in sequences]
         for i, s in enumerate(seqs):
             if len(s) < 2:
@@ -96,10 +99,18 @@ class TokenScorer:
             for row, i in enumerate(batch):
                 tokens[row, :len(seqs[i])] = seqs[i]
                 segments[row, :len(seqs[i])] = 1
+            read = None
+            if tails is not None:
+                n = min(length_bucket(max(tails[i] for i in batch), self.max_len), width - 1)
+                ends = np.zeros(self.rows, np.int32)
+                ends[:len(batch)] = [len(seqs[i]) - 1 for i in batch]
+                read = np.maximum(ends[:, None] - n + np.arange(n, dtype=np.int32), 0)  # the last n inputs
             with self.model.activate():
                 logp, greedy = self._fn(self.model.params, self.model.place_rows(tokens),
-                                        self.model.place_rows(segments))
+                                        self.model.place_rows(segments),
+                                        None if read is None else self.model.place_rows(read))
             logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
             for row, i in enumerate(batch):
-                results[i] = (logp[row, :len(seqs[i]) - 1], greedy[row, :len(seqs[i]) - 1])
+                keep = slice(None, len(seqs[i]) - 1) if tails is None else slice(-tails[i], None)
+                results[i] = (logp[row, keep], greedy[row, keep])
         return results

@@ -173,7 +173,7 @@ def choice_scores(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos:
             sequences.append((ctx + cont)[-scorer.max_len:])
             spans.append(len(cont))
         groups.append(group)
-    scored = scorer.score(sequences, groups)
+    scored = scorer.score(sequences, groups, tails=spans)
     out = []
     for group in groups:
         lls = np.array([scored[s][0][-spans[s]:].sum() for s in group])

@@ -206,7 +206,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                 layer_params: list | None = None):
+                 layer_params: list | None = None, logits_at: jax.Array | None = None):
         """tokens [batch, length] int. positions default to 0.. (or the cache's next slots).
 
         segment_ids [batch, length]: document ids for packed sequences, 0 for padding (see
@@ -215,6 +215,9 @@ class Transformer(nnx.Module):
         layer_params (unrolled layers only): each layer's parameters, sliced from the stacked ones once
         by the caller (`unstack_layers`) outside a decode loop: XLA:CPU does not hoist the slices out of
         the loop and would otherwise copy every weight on every token.
+        logits_at [batch, n] int: only the logits at these positions, [batch, n, vocab] (scoring a
+        continuation reads a few positions: the output layer, a large share of a small model's work,
+        then runs on those only).
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -254,13 +257,17 @@ class Transformer(nnx.Module):
             if cache is not None:
                 kv = tuple(zip(*outputs)) if per_layer_cache else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
+        read = length
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+            read = logits_at.shape[1]
         x = self.norm(x)
-        x2d = x.reshape(batch * length, cfg.dim)
+        x2d = x.reshape(batch * read, cfg.dim)
         if self.output is None:
             logits = matmul(x2d, self.tok_embeddings[...].astype(cfg.compute_dtype).T)
         else:
             logits = self.output(x2d)
-        logits = logits.astype(jnp.float32).reshape(batch, length, cfg.vocab_size)
+        logits = logits.astype(jnp.float32).reshape(batch, read, cfg.vocab_size)
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         if cache is not None:
             cache = KVCache(kv[0], kv[1], segment_ids, start + length)
