@@ -16,7 +16,7 @@ qasper = pytest.importorskip("lm_eval.tasks.qasper.metrics")
 from lm_eval.api.metrics import exact_match_hf_evaluate  # noqa: E402
 from lm_eval.filters.extraction import RegexFilter  # noqa: E402
 
-FUZZ = settings(max_examples=400, deadline=None)
+FUZZ = settings(max_examples=200, deadline=None)
 # gsm8k.yaml's filters and metric settings
 STRICT = RegexFilter(regex_pattern=r"#### (\-?[0-9\.\,]+)", group_select=0, fallback="[invalid]")
 FLEXIBLE = RegexFilter(regex_pattern=r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1, fallback="[invalid]")

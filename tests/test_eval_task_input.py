@@ -121,8 +121,8 @@ def check_mutated_bytes(tmp_path, name, edits, cut):
 
 
 MUTATED = dict(name=st.sampled_from(MUTABLE), edits=mutations, cut=st.none() | st.integers(0, 400))
-test_mutated_task_files_raise_only_task_errors = fuzz(300)(given(**MUTATED)(check_mutated_bytes))
-test_mutated_task_files_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(3000)(given(**MUTATED)(
+test_mutated_task_files_raise_only_task_errors = fuzz(200)(given(**MUTATED)(check_mutated_bytes))
+test_mutated_task_files_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(2000)(given(**MUTATED)(
     check_mutated_bytes)))
 
 # Structurally valid but wrong: JSON and YAML values of every type where the readers expect others.
@@ -150,8 +150,8 @@ def check_wrong_items(tmp_path, records, raw_line):
 
 WRONG_ITEMS = dict(records=st.lists(item_records() | values, min_size=0, max_size=4),
                    raw_line=st.none() | st.text(max_size=20) | st.just("[" * 5000))
-test_wrong_items_raise_only_task_errors = fuzz(300)(given(**WRONG_ITEMS)(check_wrong_items))
-test_wrong_items_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(3000)(given(**WRONG_ITEMS)(
+test_wrong_items_raise_only_task_errors = fuzz(200)(given(**WRONG_ITEMS)(check_wrong_items))
+test_wrong_items_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(2000)(given(**WRONG_ITEMS)(
     check_wrong_items)))
 
 yaml_keys = st.sampled_from((*YAML, "num_shots")) | st.integers(0, 3) | st.text(max_size=4)
@@ -168,8 +168,8 @@ WRONG_YAML = dict(changes=st.dictionaries(yaml_keys, values | st.sampled_from(("
                                                                               "mc.jsonl", "code.jsonl", ".", "first_n"))
                                           | st.integers(-2, 40), max_size=4),
                   dropped=st.sets(st.sampled_from(tuple(YAML)), max_size=2))
-test_wrong_yaml_settings_raise_only_task_errors = fuzz(300)(given(**WRONG_YAML)(check_wrong_yaml))
-test_wrong_yaml_settings_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(3000)(given(**WRONG_YAML)(
+test_wrong_yaml_settings_raise_only_task_errors = fuzz(200)(given(**WRONG_YAML)(check_wrong_yaml))
+test_wrong_yaml_settings_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(2000)(given(**WRONG_YAML)(
     check_wrong_yaml)))
 
 
