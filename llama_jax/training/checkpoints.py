@@ -1,7 +1,8 @@
 """A training run's checkpoints: orbax CheckpointManager under `RUN/checkpoints/`, one step per directory.
 
 Each step directory holds three items: `params` (the model's pure dict), `opt_state` (optax state, same
-tree as the parameters it mirrors) and `meta` (JSON: step, data-iterator state, seed). Every process
+tree as the parameters it mirrors) and `meta` (JSON: step, data-iterator state, seed, spike detector;
+read back by `checkpoint_meta.read_meta`, which checks every field). Every process
 calls `save` and `restore` (orbax writes and reads each process's shards cooperatively); saves are
 asynchronous, so training continues while the arrays are written.
 
@@ -22,6 +23,7 @@ no longer sees it) so that the previous step becomes the latest.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -32,6 +34,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from llama_jax.training.checkpoint_meta import read_meta
 from llama_jax.utils.trees import flatten
 
 
@@ -98,10 +101,16 @@ class RunCheckpoints:
                 return f"file {path} changed since it was saved (CRC-32 differs)"
         return None
 
-    def set_aside(self, step: int) -> Path:
-        """Rename a damaged step out of orbax's sight (`<step>.corrupt-<time>`); the previous step becomes
-        the latest. Process 0 renames; every process then reopens the manager."""
-        target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    def set_aside(self, step: int, why: str = "corrupt") -> Path:
+        """Rename a step out of orbax's sight (`<step>.<why>-<time>`, e.g. damaged or saved during a loss
+        spike); the previous step becomes the latest. Process 0 renames; every process then reopens the
+        manager."""
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        target = self.directory / f"{step}.{why}-{stamp}"
+        for n in itertools.count(1):  # the same step set aside twice within a second (repeated rollbacks)
+            if not target.exists():
+                break
+            target = self.directory / f"{step}.{why}-{stamp}-{n}"
         if jax.process_index() == 0:
             os.rename(self.directory / str(step), target)
             (self.integrity_dir / f"{step}.json").unlink(missing_ok=True)
@@ -119,10 +128,10 @@ class RunCheckpoints:
 
     def restore(self, step: int, target_params: Any, target_opt_state: Any) -> tuple[Any, Any, dict]:
         """(params, opt_state, meta) of `step`, read into the targets' shapes, dtypes and shardings."""
+        meta = read_meta(self.directory / str(step), step)  # strict, and names the file (orbax's JSON would not)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target_params), opt_state=ocp.args.StandardRestore(target_opt_state),
-            meta=ocp.args.JsonRestore()))
-        return restored["params"], restored["opt_state"], dict(restored["meta"])
+            params=ocp.args.StandardRestore(target_params), opt_state=ocp.args.StandardRestore(target_opt_state)))
+        return restored["params"], restored["opt_state"], meta
 
     def wait(self) -> None:
         """Block until every started save is complete on disk, and record its files."""

@@ -22,6 +22,7 @@ from llama_jax.data import DataConfig
 from llama_jax.parallel.mesh import MeshConfig
 from llama_jax.parallel.distributed import DistributedConfig
 from llama_jax.training.optimizer import OptimizerConfig
+from llama_jax.training.spikes import SpikeConfig
 
 DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "train" / "default.yaml"
 PROGRESS_MODES = ("auto", "bar", "lines")
@@ -40,6 +41,7 @@ class TrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)  # loss-spike rollback; off by default
     run_dir: str = "runs/default"
     steps: int = 1000
     stop_at_step: int = 0  # end this invocation (with a checkpoint) after this step; 0 = at `steps`
@@ -93,6 +95,10 @@ class TrainConfig:
             raise ConfigError(f"peak_flops_per_device must be >= 0, got {self.peak_flops_per_device}")
         if not self.run_dir:
             raise ConfigError("run_dir must name a directory")
+        if self.spikes.enabled and self.keep_checkpoints * self.checkpoint_every <= self.spikes.patience:
+            raise ConfigError(f"spikes.patience={self.spikes.patience} needs a checkpoint from before a spike to "
+                              f"roll back to: keep_checkpoints × checkpoint_every "
+                              f"({self.keep_checkpoints} × {self.checkpoint_every}) must exceed it")
         if not 0 < self.lock_heartbeat_s < self.lock_stale_after_s:
             raise ConfigError(f"lock_heartbeat_s={self.lock_heartbeat_s} must be > 0 and below "
                               f"lock_stale_after_s={self.lock_stale_after_s}")

@@ -41,6 +41,7 @@ from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.profiling import StepProfiler
 from llama_jax.training.run_lock import RunLock
+from llama_jax.training.spikes import Spike, SpikeDetector, describe_spike
 from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.optimizer import lr_schedule, make_optimizer
@@ -247,9 +248,9 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
     return None
 
 
-def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rules, say) -> tuple[TrainState, dict]:
+def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, shardings, mesh, rules,
+                   say) -> tuple[TrainState, dict]:
     """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded."""
-    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules)
     restored = _restore_newest_intact(cfg, ckpts, shardings, optimizer, say)
     if restored is not None:
         return restored
@@ -298,9 +299,13 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         f"{cfg.steps} steps of {cfg.global_batch_size} × {cfg.seq_len} tokens, run_dir {run_dir}")
 
     start_time = time.perf_counter()
-    state, meta = _initial_state(cfg, ckpts, optimizer, mesh, rules, say)
+    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules)
+    state, meta = _initial_state(cfg, ckpts, optimizer, shardings, mesh, rules, say)
+    spikes = SpikeDetector(cfg.spikes)
     if "data" in meta:
         data.set_state(meta["data"])
+    if "spikes" in meta:
+        spikes.set_state(meta["spikes"])
     first = int(meta.get("step", 0))
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
     log = MetricsLog(run_dir, enabled=main, resume_step=first)
@@ -327,12 +332,49 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         nonlocal last_saved
         if last_saved == step:
             return
-        ckpts.save(step, state.params, state.opt_state, {"step": step, "data": data_position, "seed": cfg.seed})
+        ckpts.save(step, state.params, state.opt_state,
+                   {"step": step, "data": data_position, "seed": cfg.seed, "spikes": spikes.get_state()})
         last_saved = step
 
+    def roll_back(spike: Spike) -> TrainState:
+        """PaLM's remedy: restore the newest checkpoint from before the spike and continue on the data after
+        the spike's last batch (the batches since that checkpoint are skipped); log it as an event."""
+        nonlocal last_saved
+        ckpts.wait()
+        if len(rollbacks) >= cfg.spikes.max_rollbacks or not any(s < spike.first_step for s in ckpts.steps()):
+            raise TrainingDiverged(
+                f"step {spike.step}: {describe_spike(spike, cfg.spikes)}, and "
+                + (f"spikes.max_rollbacks={cfg.spikes.max_rollbacks} rollbacks were already made" if rollbacks
+                   else f"no checkpoint from before step {spike.first_step} is left in {ckpts.directory} to roll back to")
+                + "; stopping (lower optimizer.peak_lr or check the data)")
+        for bad in [s for s in ckpts.steps() if s >= spike.first_step]:
+            say(f"checkpoint step {bad} was saved during the spike; moved to {ckpts.set_aside(bad, 'spike')}")
+        restored, meta = _restore_newest_intact(cfg, ckpts, shardings, optimizer, say)
+        good = int(meta["step"])
+        skipped = [meta["data"]["batch"], data_position["batch"] - 1]  # data_position: after the spike's last batch
+        data.set_state(data_position)
+        spikes.set_state(meta.get("spikes", {"recent": [], "streak": []}))
+        rollbacks.append(spike)
+        del result.losses[max(0, good - first):]
+        result.first_step, result.last_step = min(result.first_step, good + 1), good
+        last_saved = good
+        window.reset()
+        log.rewind(good)
+        event = {"detected_at_step": spike.step, "first_anomalous_step": spike.first_step, "loss": spike.loss,
+                 "loss_mean": spike.loss_mean, "grad_norm": spike.grad_norm, "grad_norm_mean": spike.grad_norm_mean,
+                 "rolled_back_to_step": good, "skipped_batches": skipped}
+        log.write(good, "spike", event)
+        progress.message(f"step {spike.step}: {describe_spike(spike, cfg.spikes)}; rolled back to step {good}, "
+                         f"skipping data batches {skipped[0]}–{skipped[1]} (rollback {len(rollbacks)} of at most "
+                         f"{cfg.spikes.max_rollbacks})")
+        return restored
+
+    rollbacks: list[Spike] = []
     try:
+        step = first
         upcoming = next_batch() if first < cfg.last_step else None
-        for step in range(first + 1, cfg.last_step + 1):
+        while step < cfg.last_step:
+            step += 1
             profiler.step_starting(step)
             batch, data_position = upcoming
             state, metrics = step_fn(state, batch)  # dispatched: the devices work while the host fetches
@@ -347,6 +389,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
                     f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; stopping. The last good checkpoint "
                     f"is {'step ' + str(good) + ' in ' + str(ckpts.directory) if good is not None else 'none'} "
                     f"(lower optimizer.peak_lr or check the data, then restart to resume from it)")
+            spike = spikes.observe(step, loss, grad_norm)
+            if spike is not None:
+                state = roll_back(spike)
+                step = result.last_step
+                upcoming = next_batch()  # the batch after the spike's last one
+                continue
             result.losses.append(loss)
             result.last_step = step
             if window.add(loss):

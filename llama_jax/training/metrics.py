@@ -90,7 +90,11 @@ class MetricsLog:
         self._file = self._writer = None
         if not enabled:
             return
-        path = run_dir / "metrics.jsonl"
+        self._run_dir = run_dir
+        self._open(resume_step)
+
+    def _open(self, resume_step: int) -> None:
+        path = self._run_dir / "metrics.jsonl"
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -98,7 +102,13 @@ class MetricsLog:
         self._file = path.open("a")
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        self._writer = SummaryWriter(str(self._run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def rewind(self, step: int) -> None:
+        """Forget the records after `step` (training was rolled back to it), as a resume from it would."""
+        if self.enabled:
+            self.close()
+            self._open(step)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
