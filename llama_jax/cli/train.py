@@ -9,13 +9,17 @@ Rerunning the same command resumes the run from its latest checkpoint.
     python train.py tokenizer --data DIR --vocab-size 32000 --output tok
     python train.py plan model=llama1-65b mesh.fsdp=256   # memory per device, nothing allocated
 
-Exit status: 0 done (or stopped at stop_at_step), 1 training diverged (NaN/inf), 2 bad configuration or
-input, 143 preempted by SIGTERM after saving a checkpoint.
+Errors are one line; `--debug` (anywhere) adds the tracebacks, also those of orbax's threads.
+
+Exit status: 0 done (or stopped at stop_at_step), 1 training diverged (NaN/inf, or a loss spike with no
+rollback left), 2 bad configuration or input, or an I/O error such as a full disk (the previous
+checkpoint is intact), 143 preempted by SIGTERM after saving a checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from llama_jax.cli.flags import add_flag, run_program
 
@@ -57,6 +61,8 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in ("tokenizer", "plan"):
         return _subcommand(argv[0], argv[1:])
     config_path = None
@@ -69,17 +75,21 @@ def main(argv: list[str]) -> int:
         return 2
 
     from llama_jax.utils.config_io import ConfigError
+    from llama_jax.training.checkpoints import CheckpointSaveError
     from llama_jax.training.config import load_train_config
     from llama_jax.training.loop import TrainingDiverged, train
 
+    if not debug:
+        from llama_jax.cli.quiet import hide_library_tracebacks
+
+        hide_library_tracebacks()
     try:
         result = train(load_train_config(config_path, argv))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError, CheckpointSaveError, TrainingDiverged) as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, TrainingDiverged) else 2
     return 143 if result.status == "preempted" else 0
 
 

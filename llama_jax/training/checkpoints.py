@@ -23,6 +23,7 @@ no longer sees it) so that the previous step becomes the latest.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -38,6 +39,26 @@ from llama_jax.training.checkpoint_meta import read_meta
 from llama_jax.utils.trees import flatten
 
 
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, I/O error); one line naming the step, the cause and the intact
+    previous step. Raised by `save`, `wait` and `close` once orbax reports the failure."""
+
+
+def _cause(error: BaseException) -> str:
+    """The OSError at the root of `error` ("[Errno 28] No space left on device: 'PATH'"), else its first line."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return str(e)
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:1000] if lines else ''}"
+
+
 class RunCheckpoints:
     """Save and restore (params, opt_state, meta) of a run; keeps the last `keep` steps plus milestones."""
 
@@ -48,6 +69,8 @@ class RunCheckpoints:
             max_to_keep=keep, keep_period=keep_period or None, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
         self._manager = self._open()
+        self._saving: int | None = None  # the step whose save may still be in flight
+        self._failed: CheckpointSaveError | None = None
 
     def _open(self) -> ocp.CheckpointManager:
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
@@ -65,9 +88,27 @@ class RunCheckpoints:
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
         """Start saving `step` (returns once the arrays are copied off; writing continues in the background)."""
         self.wait()  # the previous save is complete: record its files before the next one starts
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self._saving = step
+        with self._failures():
+            self._manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+
+    @contextlib.contextmanager
+    def _failures(self):
+        """Any exception while saving (in this thread or reported from orbax's) becomes one
+        CheckpointSaveError, raised again by every later call: a failed save is not retried."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types for an I/O failure)
+            intact = [s for s in self.steps() if s != self._saving]
+            self._failed = CheckpointSaveError(
+                f"saving checkpoint step {self._saving} in {self.directory} failed: {_cause(e)}; "
+                + (f"the previous checkpoint (step {intact[-1]}) is intact: free space or fix the cause, then "
+                   f"rerun to resume from it" if intact else "no earlier checkpoint exists"))
+            raise self._failed from e
 
     def _record_integrity(self) -> None:
         """Sizes and CRC-32s of the files of every finished step that has no record yet (process 0)."""
@@ -135,12 +176,16 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         """Block until every started save is complete on disk, and record its files."""
-        self._manager.wait_until_finished()
-        self._record_integrity()
+        with self._failures():
+            self._manager.wait_until_finished()
+            self._record_integrity()
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            if self._failed is None:
+                self._manager.close()
 
 
 def _crc32(path: Path) -> int:

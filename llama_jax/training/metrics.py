@@ -114,8 +114,11 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: say which file (the OSError of a write names none)
+            raise OSError(e.errno, e.strerror, self._file.name) from None
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._writer.add_scalar(f"{kind}/{key}", value, step)
