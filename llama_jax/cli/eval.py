@@ -143,13 +143,24 @@ def _load(args):
                            fmt=args.format)
 
 
+def check_window_flags(context_len: int | None, stride: int | None, batch_size: int) -> None:
+    """--context-len, --stride and --batch-size as the window schemes need them, before anything is read
+    (0 is not "the default": it is refused like any other impossible value)."""
+    for flag, value, least in (("--context-len", context_len, 2), ("--stride", stride, 1), ("--batch-size", batch_size, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if stride is not None and context_len is not None and stride >= context_len:
+        raise ValueError(f"--stride must be below --context-len ({context_len}), got {stride}")
+
+
 def run_perplexity(args, emit) -> None:
     from llama_jax.evaluation.perplexity import evaluate_perplexity
     from llama_jax.evaluation.scoring import TokenScorer
 
+    check_window_flags(args.context_len, args.stride, args.batch_size)
     texts = _read_texts(args)  # bad data fails before the checkpoint is read
     model = _load(args)
-    context_len = args.context_len or model.cfg.max_seq_len
+    context_len = model.cfg.max_seq_len if args.context_len is None else args.context_len
     scorer = TokenScorer(model, batch_size=args.batch_size, max_len=context_len)
     result = evaluate_perplexity(scorer, texts, model.tokenizer, context_len=context_len, stride=args.stride,
                                  bos=not args.no_bos).as_dict()
