@@ -9,7 +9,7 @@ import torch
 from llama_jax.convert import ConvertError, convert
 from llama_jax.cli.convert import main
 from llama_jax.convert.safetensors_io import read_header
-from test_convert import CONFIGS, save_random
+from test_convert import CONFIGS, exported_sources, save_random
 
 
 class NotATensor:
@@ -19,11 +19,7 @@ class NotATensor:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """A Meta export with 2 shards and an HF export of one small model (copied before each mutation)."""
-    root = tmp_path_factory.mktemp("sources")
-    src, _, _ = save_random(root, "ours", CONFIGS["mha"])
-    convert(src, root / "meta", to="meta", model_parallel=2, progress=False)
-    convert(src, root / "hf", to="hf", progress=False)
-    return root
+    return exported_sources(tmp_path_factory.mktemp("sources"), model_parallel=2)
 
 
 def copy_of(sources, name, tmp_path):
