@@ -169,10 +169,10 @@ def test_unknown_params_json_key_and_preset_mismatch(sources, tmp_path):
     assert_fails(meta, tmp_path / "out", "params.json", "moe_experts", to="hf")
 
 
-def test_cli_reports_the_error_and_exits_nonzero(sources, tmp_path, capsys):
+def test_cli_reports_the_error_and_exits_2(sources, tmp_path, capsys):
     meta = copy_of(sources, "meta", tmp_path)
     (meta / "consolidated.00.pth").unlink()
-    assert main(["--to", "hf", "--no-progress", str(meta), str(tmp_path / "out")]) == 1
+    assert main(["--to", "hf", "--no-progress", str(meta), str(tmp_path / "out")]) == 2
     assert "consolidated.00.pth" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert main(["--to", "orbax", "--no-progress", str(sources / "hf"), str(tmp_path / "out")]) == 0
