@@ -93,6 +93,20 @@ def test_a_spike_rolls_back_and_skips_the_window(corpus, edited_data, tmp_path, 
     assert aside == set_aside
 
 
+def test_a_run_resumed_after_a_rollback_continues_exactly(corpus, edited_data, tmp_path):  # noqa: F811
+    """The checkpoints saved after a rollback record the data position past the skipped batches and the
+    detector's history: stopping at step 12 and resuming gives the oracle's losses again."""
+    edited_data(drop=[8, 9])
+    oracle = run_in_process(corpus, tmp_path / "oracle", steps=STEPS, checkpoint_every=100).losses
+    edited_data(poison=POISONED)
+    settings = {"steps": STEPS, "checkpoint_every": 4, **DETECTION["loss"], "spikes.window": 3, "spikes.patience": 2}
+    stopped = run_in_process(corpus, tmp_path / "run", stop_at_step=12, **settings)
+    resumed = run_in_process(corpus, tmp_path / "run", **settings)
+    assert stopped.status == "stopped" and resumed.first_step == 13
+    assert stopped.losses + resumed.losses == oracle
+    assert losses_from_jsonl(tmp_path / "run") == dict(enumerate(oracle, 1))
+
+
 def test_the_same_garbage_without_detection_is_trained_on(corpus, edited_data, tmp_path):  # noqa: F811
     """The injected spike is real: without detection the losses of steps 9 and 10 jump."""
     edited_data(poison=POISONED)
