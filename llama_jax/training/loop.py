@@ -11,7 +11,8 @@ is checked first (config, run directory, tokenizer, data, checkpoint shapes). Th
 - each step feeds this process's rows of the global batch to `llama_jax.training.step.jit_train_step` (the
   project's one train step), and the next batch is read and placed on the devices while they run it;
   the loss and gradient norm are checked every step, so a non-finite value stops the run before any
-  bad state is saved;
+  bad state is saved, and, with `spikes` configured, a loss spike rolls the run back to the last
+  checkpoint before it and skips the data since (`llama_jax.training.spikes`);
 - checkpoints are saved asynchronously every `checkpoint_every` steps, at the end, and when SIGTERM
   (preemption) arrives; metrics go to the terminal, `metrics.jsonl` and TensorBoard (process 0 only).
 """
