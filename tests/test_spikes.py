@@ -49,15 +49,31 @@ class EditedStream:
         self.inner.set_state(state)
 
 
+def edit_data(monkeypatch, poison=(), drop=()):
+    """Make the next runs' training data an EditedStream of the real one."""
+    real = llama_jax.data.make_train_iterator
+    monkeypatch.setattr(llama_jax.data, "make_train_iterator", lambda *a, **k: EditedStream(real(*a, **k), poison, drop))
+
+
 @pytest.fixture
 def edited_data(monkeypatch):
     """Call with (poison, drop) to make the next runs' training data an EditedStream."""
-    real = llama_jax.data.make_train_iterator
+    return lambda poison=(), drop=(): edit_data(monkeypatch, poison, drop)
 
-    def edit(poison=(), drop=()):
-        monkeypatch.setattr(llama_jax.data, "make_train_iterator",
-                            lambda *a, **k: EditedStream(real(*a, **k), poison, drop))
-    return edit
+
+@pytest.fixture(scope="module")
+def oracle(corpus, tmp_path_factory):  # noqa: F811
+    """oracle(drop): the losses of an uninterrupted run, without detection, whose stream lacks `drop`."""
+    cache = {}
+
+    def losses(drop):
+        if tuple(drop) not in cache:
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                edit_data(monkeypatch, drop=drop)
+                cache[tuple(drop)] = run_in_process(corpus, tmp_path_factory.mktemp("oracle") / "run", steps=STEPS,
+                                                    checkpoint_every=100).losses
+        return cache[tuple(drop)]
+    return losses
 
 
 DETECTION = {
@@ -68,19 +84,18 @@ DETECTION = {
 
 @pytest.mark.parametrize("checkpoint_every, rolled_back_to, set_aside", [(4, 8, []), (3, 6, ["9"])])
 @pytest.mark.parametrize("signal", sorted(DETECTION))
-def test_a_spike_rolls_back_and_skips_the_window(corpus, edited_data, tmp_path, capsys, signal, checkpoint_every,
-                                                 rolled_back_to, set_aside):  # noqa: F811
+def test_a_spike_rolls_back_and_skips_the_window(corpus, edited_data, oracle, tmp_path, capsys, signal,  # noqa: F811
+                                                 checkpoint_every, rolled_back_to, set_aside):
     """checkpoint_every=3 also saves step 9, inside the spike: it is set aside, and step 6 used."""
     skipped = list(range(rolled_back_to, POISONED[-1] + 1))  # the batches of steps rolled_back_to + 1 .. 10
-    edited_data(drop=skipped)
-    oracle = run_in_process(corpus, tmp_path / "oracle", steps=STEPS, checkpoint_every=100)
+    want = oracle(skipped)
     edited_data(poison=POISONED)
     run = tmp_path / "run"
     result = run_in_process(corpus, run, steps=STEPS, checkpoint_every=checkpoint_every, **DETECTION[signal],
                             **{"spikes.window": 3, "spikes.patience": 2})
     assert result.status == "completed" and result.first_step == 1
-    assert result.losses == oracle.losses  # bitwise: the same updates on the same data
-    assert losses_from_jsonl(run) == dict(enumerate(oracle.losses, 1))
+    assert result.losses == want  # bitwise: the same updates on the same data
+    assert losses_from_jsonl(run) == dict(enumerate(want, 1))
     events = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "spike"]
     assert len(events) == 1
     assert events[0]["detected_at_step"] == 10 and events[0]["first_anomalous_step"] == 9
@@ -93,18 +108,17 @@ def test_a_spike_rolls_back_and_skips_the_window(corpus, edited_data, tmp_path, 
     assert aside == set_aside
 
 
-def test_a_run_resumed_after_a_rollback_continues_exactly(corpus, edited_data, tmp_path):  # noqa: F811
+def test_a_run_resumed_after_a_rollback_continues_exactly(corpus, edited_data, oracle, tmp_path):  # noqa: F811
     """The checkpoints saved after a rollback record the data position past the skipped batches and the
     detector's history: stopping at step 12 and resuming gives the oracle's losses again."""
-    edited_data(drop=[8, 9])
-    oracle = run_in_process(corpus, tmp_path / "oracle", steps=STEPS, checkpoint_every=100).losses
+    want = oracle([8, 9])
     edited_data(poison=POISONED)
     settings = {"steps": STEPS, "checkpoint_every": 4, **DETECTION["loss"], "spikes.window": 3, "spikes.patience": 2}
     stopped = run_in_process(corpus, tmp_path / "run", stop_at_step=12, **settings)
     resumed = run_in_process(corpus, tmp_path / "run", **settings)
     assert stopped.status == "stopped" and resumed.first_step == 13
-    assert stopped.losses + resumed.losses == oracle
-    assert losses_from_jsonl(tmp_path / "run") == dict(enumerate(oracle, 1))
+    assert stopped.losses + resumed.losses == want
+    assert losses_from_jsonl(tmp_path / "run") == dict(enumerate(want, 1))
 
 
 def test_the_same_garbage_without_detection_is_trained_on(corpus, edited_data, tmp_path):  # noqa: F811
