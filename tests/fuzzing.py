@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-EXAMPLES = 300
+EXAMPLES = 200
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=True)
                            | st.text(max_size=5), lambda c: st.lists(c, max_size=3) | st.dictionaries(
                                st.text(max_size=5), c, max_size=3), max_leaves=6)
