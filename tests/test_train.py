@@ -139,8 +139,9 @@ def test_loss_decreases_and_metrics_are_written(corpus, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu_cpu_measured"):
         assert all(np.isfinite(r[key]) for r in train_records), key
+    assert all(0 < r["mfu_cpu_measured"] <= 1 and "mfu" not in r for r in train_records)  # a CPU: measured peak
     assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     traces = list((tmp_path / "run" / "profile").glob("plugins/profile/*/*.xplane.pb"))
