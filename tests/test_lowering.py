@@ -145,7 +145,7 @@ def test_auto_follows_the_mesh_devices_not_the_host():
 
 # ---------------------------------------------------------------------------- the model's jitted programs
 
-# Shardings the rules table of docs/sharding.md gives, in Shardy's notation ("B": the batch axes).
+# Shardings the rules table of docs/sharding.md gives, in Shardy's notation; AdamW's moments mirror them.
 FSDP = {"wq": '[{}, {"fsdp"}, {}]', "wk": '[{}, {"fsdp"}, {}]', "wv": '[{}, {"fsdp"}, {}]', "wo": '[{}, {}, {"fsdp"}]',
         "w1": '[{}, {"fsdp"}, {}]', "w3": '[{}, {"fsdp"}, {}]', "w2": '[{}, {}, {"fsdp"}]',
         "attention_norm": "[{}, {}]", "ffn_norm": "[{}, {}]", "norm": "[{}]",
@@ -167,7 +167,8 @@ def signature_shardings(text: str) -> dict[str, str]:
 
 
 def expected_sharding(location: str, table: dict[str, str]) -> str:
-    """The table's entry for an argument: its innermost parameter name (or `batch`), `[]` for scalars."""
+    """The table's entry for an argument: its innermost parameter name (or `batch`), `[]` for scalars
+    (the step counters)."""
     names = [n for n in re.findall(r"\['(\w+)'\]", location) if n not in ("kernel", "scale", "layers", "attention",
                                                                            "feed_forward")]
     if location.startswith("batch"):
@@ -205,12 +206,11 @@ def check_sharded_program(text: str, strategy: str, platform: str | None, *, bac
                 assert KERNEL_QKV[strategy] in shard_map.split("out_shardings")[0], shard_map[:300]
     else:
         assert not CUSTOM_CALL.findall(text)
-    shardings = signature_shardings(text)
-    params = {loc: spec for loc, spec in shardings.items() if "params" in loc and "opt_state" not in loc}
+    shardings = signature_shardings(text)  # parameters, optimizer state (train step), batch
+    params = [loc for loc in shardings if "params" in loc and "opt_state" not in loc]
     assert len(params) == len(api.flat_param_shapes(MODEL)), sorted(shardings)
     for loc, spec in shardings.items():
-        if "params" in loc or loc.startswith("batch"):
-            assert spec == expected_sharding(loc, table), (loc, spec)
+        assert spec == expected_sharding(loc, table), (loc, spec)
     logits = re.findall(rf"sdy\.sharding_constraint %\S+ <@mesh, (\[[^>]*\])> : tensor<{ROWS}x{LENGTH}x"
                         rf"{MODEL.vocab_size}xf32>", text)
     assert logits and set(logits) == {table["logits"]}, logits
