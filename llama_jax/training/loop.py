@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from llama_jax.convert.orbax_dirs import load_params
+from llama_jax.convert.sharded_read import read_sharded
 from llama_jax.model import api
 from llama_jax.training.checkpoints import RunCheckpoints, abstract_with_shardings
 from llama_jax.utils.config_io import ConfigError, to_dict
@@ -254,7 +254,7 @@ def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rul
     if restored is not None:
         return restored
     if cfg.init_from:
-        params = load_params(cfg.init_from, cfg.model, shardings=shardings.params)
+        _, params, _ = read_sharded(cfg.init_from, lambda _: shardings.params, expected=cfg.model)
         init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
         with activate(mesh, rules):
             opt_state = init(params)
