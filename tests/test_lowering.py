@@ -12,8 +12,8 @@ Triton's compilers, nor XLA's TPU/GPU SPMD partitioner. Oracles, each able to fa
   would have chosen), hold none;
 - the shardings the rules table implies, written out by hand from docs/sharding.md (not derived from
   the code under test): every parameter's and batch input's sharding in the train step's signature, the
-  [batch, seq, vocab] logits' sharding constraint, and the kernels inside a shard_map over exactly the
-  rules' batch and kv-head axes;
+  [batch, seq, vocab] logits' sharding constraint, and each kernel inside a shard_map that makes every
+  mesh axis manual (Mosaic's requirement) with q/k/v split over the rules' batch and kv-head axes;
 - collectives, which exist only after SPMD partitioning: the same train step (the `xla` attention; the
   kernels sit in shard_map and add none) partitioned by XLA for 8 simulated CPU devices, in one
   subprocess: no collective ever moves the whole [batch, seq, vocab] logits, FSDP gathers the layer
