@@ -125,7 +125,10 @@ def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None)
     """The params of a params dir or run dir as a pure dict, checked against `model_cfg` first.
 
     Without `shardings` the arrays come back as numpy in `model_cfg.param_dtype`; with a pure-dict tree
-    of `jax.sharding.Sharding` they come back as jax arrays laid out that way (each host reads its part).
+    of `jax.sharding.Sharding` they come back as jax arrays laid out that way, restored one parameter at
+    a time: each host reads the stored chunks its devices' shards overlap, and beyond its own share holds
+    at most one parameter's chunks (a params dir written by one process stores each stacked parameter
+    as one chunk; a sharded run's checkpoint as its shards).
     """
     item = params_item_path(path)
     stored = stored_param_metadata(item)
@@ -134,12 +137,17 @@ def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None)
     if shardings is None:
         flat = flatten(restore_numpy(item, stored))
         return unflatten({p: np.asarray(v).astype(dtype, copy=False) for p, v in flat.items()})
-    import jax
     import orbax.checkpoint as ocp
 
-    target = jax.tree.map(lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, dtype, sharding=sharding),
-                          unflatten(stored), shardings)
-    return ocp.StandardCheckpointer().restore(item, target)
+    flat_shardings = flatten(shardings)
+    params = {}
+    for p, meta in stored.items():
+        restore_args = ocp.ArrayRestoreArgs(sharding=flat_shardings[p], global_shape=meta.shape, dtype=dtype)
+        args = ocp.args.PyTreeRestore(item=unflatten({p: 0}), partial_restore=True,
+                                      restore_args=unflatten({p: restore_args}))
+        with _without_orbax_warnings():
+            (params[p],) = flatten(ocp.PyTreeCheckpointer().restore(item, args=args)).values()
+    return unflatten(params)
 
 
 def save_params(path: str | os.PathLike, params: Mapping, model_cfg: ModelConfig,

@@ -53,7 +53,7 @@ class TrainConfig:
     # with the model's vocab_size, trained once and cached under `cache_dir`.
     tokenizer: str = ""
     cache_dir: str = "~/.cache/llama_jax"
-    init_from: str = ""  # params-only checkpoint (or run dir) to start from, with a fresh optimizer
+    init_from: str = ""  # Meta, HF, params-only or run directory to start from, with a fresh optimizer
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 0  # batches per periodic evaluation; 0 = the whole validation split

@@ -32,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from llama_jax.convert.orbax_dirs import load_params
+from llama_jax.convert.sharded_read import read_sharded
 from llama_jax.model import api
 from llama_jax.training.checkpoints import RunCheckpoints, abstract_with_shardings
 from llama_jax.utils.config_io import ConfigError, to_dict
 from llama_jax.parallel.distributed import initialize
-from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, format_values, peak_flops
+from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, format_values
+from llama_jax.training.peak import job_peak
 from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.profiling import StepProfiler
@@ -154,8 +155,7 @@ class _Window:
 
     def __init__(self, cfg: TrainConfig):
         self._tokens_per_step = cfg.global_batch_size * cfg.seq_len
-        peak = cfg.peak_flops_per_device or peak_flops(jax.devices()[0], cfg.model.dtype)
-        self._flops_per_s_peak = peak * jax.device_count() if peak else None
+        self._peak = job_peak(jax.devices()[0], jax.device_count(), cfg.model.dtype, cfg.peak_flops_per_device)
         self._flops_per_token = flops_per_token(cfg.model, cfg.seq_len)
         self._losses, self._start, self._steps = [], None, 0
 
@@ -177,8 +177,8 @@ class _Window:
         elapsed = time.perf_counter() - self._start
         tokens_per_s = self._steps * self._tokens_per_step / elapsed
         values = {"tokens_per_s": tokens_per_s, "step_time_s": elapsed / self._steps}
-        if self._flops_per_s_peak:
-            values["mfu"] = self._flops_per_token * tokens_per_s / self._flops_per_s_peak
+        if self._peak is not None:
+            values[self._peak.key] = self._peak.mfu(self._flops_per_token * tokens_per_s)
         return values
 
     def exclude(self, seconds: float) -> None:
@@ -256,7 +256,7 @@ def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, shardings
     if restored is not None:
         return restored
     if cfg.init_from:
-        params = load_params(cfg.init_from, cfg.model, shardings=shardings.params)
+        _, params, _ = read_sharded(cfg.init_from, lambda _: shardings.params, expected=cfg.model)
         init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
         with activate(mesh, rules):
             opt_state = init(params)
