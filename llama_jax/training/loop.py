@@ -130,11 +130,13 @@ class Evaluator:
         nll = tokens = 0.0
         num_bytes = 0
         for batch in self._batches:
-            num_bytes += int(batch["num_bytes"].sum())
+            num_bytes += int(batch["num_bytes"].sum()) if "num_bytes" in batch else 0
             local = {k: v[self._rows] for k, v in batch.items() if k != "num_bytes"}
             sums = jax.device_get(self._step(params, make_global_batch(local, self._mesh, self._rules)))
             nll += float(sums["nll_sum"])
             tokens += float(sums["tokens"])
+        if "num_bytes" not in self._batches[0]:  # fine-tuning: the loss on held-out answers
+            return {"loss": nll / max(tokens, 1.0), "tokens": int(tokens)}
         return {"loss": nll / max(tokens, 1.0), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
                 "tokens": int(tokens), "bytes": num_bytes}
 
@@ -352,7 +354,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
             if window.add(loss):
                 progress.message(f"compiled and ran step {step} in {time.perf_counter() - start_time:.1f} s")
             log_now = step % cfg.log_every == 0 or step == cfg.last_step
-            values = {"loss": window.mean_loss(), "lr": float(metrics["lr"]), "grad_norm": grad_norm}
+            values = {"loss": window.mean_loss(), "lr": float(metrics["lr"]), "grad_norm": grad_norm,
+                      "target_share": float(metrics["target_share"])}
             if log_now:
                 values.update(window.throughput())
                 log.write(step, "train", values)
@@ -379,8 +382,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
             result.validation = final_validation(cfg, evaluator, state.params)
             log.write(cfg.last_step, "final_eval", result.validation)
             v = result.validation
-            progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f} | "
-                             f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
+            if cfg.data.is_chat:
+                progress.message(f"validation ({v['tokens']:,} answer tokens): loss {v['loss']:.4f}")
+            else:
+                progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f} | "
+                                 f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
         ckpts.wait()
     finally:
         profiler.close()
@@ -396,5 +402,7 @@ def final_validation(cfg: TrainConfig, evaluator: Evaluator, params) -> dict:
     from llama_jax.data import validation_text
 
     values = evaluator(params)
+    if cfg.data.is_chat:  # held-out conversations: no text to compress
+        return values
     values["gzip9_bits_per_byte"] = gzip_bits_per_byte(validation_text(cfg.data))
     return values

@@ -78,7 +78,9 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig,
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+    # The share of the batch's positions that are targets: ~1 in pretraining, the answers' share in fine-tuning.
+    metrics = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens,
+               "target_share": tokens / batch["loss_mask"].size}
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
