@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from llama_jax.data.chat_records import ROLES, RecordError, read_conversations, record_messages
 from llama_jax.data.chat_template import BUILTIN_TEMPLATES, ChatTemplate, TemplateError
+from llama_jax.data.instruction_task import SPLITS
 from llama_jax.data.tokenizer import load_tokenizer
 from sft_tokenizers import LLAMA2_SPECIALS, LLAMA3_SPECIALS, make_tokenizer_dir
 
@@ -215,3 +216,19 @@ def test_template_errors_are_clear(tmp_path):
     unclosed = load_tokenizer(make_tokenizer_dir(tmp_path / "c", LLAMA2_SPECIALS, "{% generation %}{{ x }"))
     with pytest.raises(TemplateError, match="does not compile"):
         ChatTemplate("tokenizer", unclosed).encode(CONVERSATION)
+
+
+def test_instruction_task_files_are_disjoint_reversals(tmp_path):
+    from llama_jax.cli.train import main
+
+    assert main(["instruction-task", str(tmp_path)]) == 0
+    inputs = {}
+    for split, count in SPLITS.items():
+        conversations = [m for _, m in read_conversations("alpaca", str(tmp_path / f"{split}.jsonl"))]
+        assert len(conversations) == count
+        for user, answer in conversations:
+            assert answer["content"].split() == user["input"].split()[::-1] and 3 <= len(user["input"].split()) <= 5
+        inputs[split] = {user["input"] for user, _ in conversations}
+    assert sum(map(len, inputs.values())) == len(set().union(*inputs.values())) == sum(SPLITS.values())
+    first = (tmp_path / "train.jsonl").read_bytes()
+    assert main(["instruction-task", str(tmp_path / "again")]) == 0 and (tmp_path / "again" / "train.jsonl").read_bytes() == first
