@@ -10,6 +10,7 @@ import pytest
 
 from llama_jax.cli import eval as eval_cli
 from llama_jax.cli import train as train_cli
+from llama_jax.data.chat_template import BUILTIN_TEMPLATES
 from llama_jax.data.tokenizer import load_tokenizer
 from llama_jax.training.config import load_train_config
 from llama_jax.training.loop import train
@@ -20,7 +21,7 @@ from test_sft_batches import conversation
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sft")
-    tokenizer = make_tokenizer_dir(root / "tok", LLAMA3_SPECIALS, None)
+    tokenizer = make_tokenizer_dir(root / "tok", LLAMA3_SPECIALS, BUILTIN_TEMPLATES["llama3"])
     for split, ids in (("train", range(24)), ("validation", range(100, 106))):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(conversation(i)) + "\n" for i in ids))
     return {"root": root, "tokenizer": str(tokenizer / "tokenizer.json"), "train": str(root / "train.jsonl"),
@@ -55,8 +56,8 @@ def test_train_reports_target_share_and_answer_loss_then_generate_chat(files, tm
     second = train(load_train_config(None, overrides(files, tmp_path / "second", init_from=str(run_dir), steps=1)))
     assert second.first_step == 1 and second.losses[0] < result.losses[0]
 
-    capsys.readouterr()
-    assert eval_cli.main(["generate", str(run_dir), "--dtype", "fp32", "--chat", "llama3", "--system", "Be terse.",
+    capsys.readouterr()  # the run's copy of the tokenizer keeps its tokenizer_config.json (chat template)
+    assert eval_cli.main(["generate", str(run_dir), "--dtype", "fp32", "--chat", "tokenizer", "--system", "Be terse.",
                           "--prompt", "Reverse: apple banana", "--max-new-tokens", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["generations"][0]["prompt"] == "Reverse: apple banana" and 1 <= out["new_tokens"] <= 4

@@ -107,6 +107,9 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Tokenizer) -> No
     target = run_dir / f"tokenizer{Path(tokenizer.path).suffix}"
     if Path(tokenizer.path).resolve() != target.resolve():
         shutil.copyfile(tokenizer.path, target)
+        config = Path(tokenizer.path).with_name("tokenizer_config.json")  # special tokens, chat template
+        if config.is_file():
+            shutil.copyfile(config, run_dir / config.name)
 
 
 class Evaluator:
@@ -129,13 +132,14 @@ class Evaluator:
     def __call__(self, params) -> dict:
         nll = tokens = 0.0
         num_bytes = 0
+        text = "num_bytes" in self._batches[0]  # else fine-tuning: the loss on held-out answers only
         for batch in self._batches:
-            num_bytes += int(batch["num_bytes"].sum()) if "num_bytes" in batch else 0
+            num_bytes += int(batch["num_bytes"].sum()) if text else 0
             local = {k: v[self._rows] for k, v in batch.items() if k != "num_bytes"}
             sums = jax.device_get(self._step(params, make_global_batch(local, self._mesh, self._rules)))
             nll += float(sums["nll_sum"])
             tokens += float(sums["tokens"])
-        if "num_bytes" not in self._batches[0]:  # fine-tuning: the loss on held-out answers
+        if not text:
             return {"loss": nll / max(tokens, 1.0), "tokens": int(tokens)}
         return {"loss": nll / max(tokens, 1.0), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
                 "tokens": int(tokens), "bytes": num_bytes}
