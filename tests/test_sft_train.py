@@ -20,7 +20,11 @@ from test_sft_batches import conversation
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sft")
+    return write_chat_files(tmp_path_factory.mktemp("sft"))
+
+
+def write_chat_files(root: Path) -> dict:
+    """A LLaMA 3-style tokenizer (with its chat template) and train/validation conversations under `root`."""
     tokenizer = make_tokenizer_dir(root / "tok", LLAMA3_SPECIALS, BUILTIN_TEMPLATES["llama3"])
     for split, ids in (("train", range(24)), ("validation", range(100, 106))):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(conversation(i)) + "\n" for i in ids))

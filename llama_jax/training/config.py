@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_jax.model.config import CONFIG_DIR, ModelConfig, model_config_dict
+from llama_jax.model.lora import LoraConfig
 from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
 from llama_jax.data import DataConfig
 from llama_jax.parallel.mesh import MeshConfig
@@ -40,6 +41,7 @@ class TrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train adapters on the init_from base
     run_dir: str = "runs/default"
     steps: int = 1000
     stop_at_step: int = 0  # end this invocation (with a checkpoint) after this step; 0 = at `steps`
@@ -93,6 +95,8 @@ class TrainConfig:
             raise ConfigError(f"peak_flops_per_device must be >= 0, got {self.peak_flops_per_device}")
         if not self.run_dir:
             raise ConfigError("run_dir must name a directory")
+        if self.lora.enabled and not self.init_from:
+            raise ConfigError("lora.rank > 0 needs init_from: the base weights the adapters modify")
         if not 0 < self.lock_heartbeat_s < self.lock_stale_after_s:
             raise ConfigError(f"lock_heartbeat_s={self.lock_heartbeat_s} must be > 0 and below "
                               f"lock_stale_after_s={self.lock_stale_after_s}")

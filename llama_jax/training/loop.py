@@ -33,6 +33,8 @@ import yaml
 
 from llama_jax.convert.orbax_dirs import load_params
 from llama_jax.model import api
+from llama_jax.model.lora import adapter_shapes, init_adapters
+from llama_jax.utils.trees import flatten
 from llama_jax.training.checkpoints import RunCheckpoints, abstract_with_shardings
 from llama_jax.utils.config_io import ConfigError, to_dict
 from llama_jax.parallel.distributed import initialize
@@ -217,11 +219,20 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
+def _trained_init(cfg: TrainConfig):
+    """What the optimizer trains, freshly initialised: the model's params, or with LoRA the adapters."""
+    if cfg.lora.enabled:
+        return init_adapters(cfg.model, cfg.lora, cfg.seed)
+    return api.init_params(cfg.model)
+
+
 def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, optimizer, say):
     """(state, meta) of the newest step that passes its integrity record and restores, or None when the
     run has no step. A damaged step is set aside (one line says which file failed) and the previous one
     tried; a checkpoint of another model is a configuration error, not damage."""
     tried, abstract = [], None
+    expected = ({p: s.shape for p, s in flatten(adapter_shapes(cfg.model, cfg.lora)).items()} if cfg.lora.enabled
+                else api.flat_param_shapes(cfg.model))
     while (step := ckpts.latest_step()) is not None:
         where = ckpts.directory / str(step)
         problem = ckpts.damage(step)
@@ -231,9 +242,9 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
             except Exception as e:  # noqa: BLE001  (orbax raises many types for unreadable metadata)
                 problem = f"its metadata does not read ({_one_line(e)})"
         if problem is None:
-            api.check_param_shapes(saved_shapes, cfg.model, f"checkpoint {where}")
+            api.check_shapes(saved_shapes, expected, f"checkpoint {where}")
             if abstract is None:
-                abstract = jax.eval_shape(lambda: init_train_state(api.init_params(cfg.model), optimizer))
+                abstract = jax.eval_shape(lambda: init_train_state(_trained_init(cfg), optimizer))
             try:
                 params, opt_state, meta = ckpts.restore(
                     step, abstract_with_shardings(abstract.params, shardings.params),
@@ -253,12 +264,27 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
     return None
 
 
+def _lora_base(cfg: TrainConfig, mesh, rules, say):
+    """The frozen base weights of a LoRA run (from `init_from`, sharded, in lora.base_dtype if set)."""
+    params = load_params(cfg.init_from, cfg.model, shardings=api.param_shardings(cfg.model, mesh, rules))
+    if cfg.lora.base_dtype:
+        params = jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), params)
+    say(f"LoRA: base weights from {cfg.init_from} (frozen), rank {cfg.lora.rank} adapters on {cfg.lora.targets}")
+    return params
+
+
 def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rules, say) -> tuple[TrainState, dict]:
-    """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded."""
-    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules)
+    """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded.
+    With LoRA the state holds the adapters (fresh: B = 0, the base model) and `init_from` is the base."""
+    lora = cfg.lora if cfg.lora.enabled else None
+    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules, lora)
     restored = _restore_newest_intact(cfg, ckpts, shardings, optimizer, say)
     if restored is not None:
         return restored
+    if lora is not None:
+        init = jax.jit(lambda: init_train_state(_trained_init(cfg), optimizer), out_shardings=shardings)
+        with activate(mesh, rules):
+            return init(), {}
     if cfg.init_from:
         params = load_params(cfg.init_from, cfg.model, shardings=shardings.params)
         init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
@@ -311,8 +337,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
     log = MetricsLog(run_dir, enabled=main, resume_step=first)
     step_fn = jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
-                                      micro_batches=cfg.micro_batches)
-    eval_fn = jit_eval_step(cfg.model, mesh, rules)
+                                      micro_batches=cfg.micro_batches, lora=cfg.lora if cfg.lora.enabled else None)
+    eval_fn = jit_eval_step(cfg.model, mesh, rules, lora=cfg.lora if cfg.lora.enabled else None)
+    if cfg.lora.enabled:  # the frozen base is an argument of every step, never part of the state
+        base = _lora_base(cfg, mesh, rules, say)
+        step_fn = functools.partial(lambda fn, s, b: fn(s, b, base), step_fn)
+        eval_fn = functools.partial(lambda fn, p, b: fn(p, b, base), eval_fn)
     evaluator = None
     if cfg.eval_every:
         evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, cfg.eval_batches or None)
@@ -333,7 +363,10 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         nonlocal last_saved
         if last_saved == step:
             return
-        ckpts.save(step, state.params, state.opt_state, {"step": step, "data": data_position, "seed": cfg.seed})
+        meta = {"step": step, "data": data_position, "seed": cfg.seed}
+        if cfg.lora.enabled:  # the checkpoint holds only the adapters: say what they adapt
+            meta["lora_base"] = cfg.init_from
+        ckpts.save(step, state.params, state.opt_state, meta)
         last_saved = step
 
     try:
