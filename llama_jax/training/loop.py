@@ -273,6 +273,11 @@ def _lora_base(cfg: TrainConfig, mesh, rules, say):
     return params
 
 
+def _with_base(base, *fns):
+    """LoRA's jitted steps take the frozen base as a third argument; the loop calls (trained, batch)."""
+    return tuple(lambda trained, batch, fn=fn: fn(trained, batch, base) for fn in fns)
+
+
 def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rules, say) -> tuple[TrainState, dict]:
     """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded.
     With LoRA the state holds the adapters (fresh: B = 0, the base model) and `init_from` is the base."""
@@ -336,13 +341,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
     first = int(meta.get("step", 0))
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
     log = MetricsLog(run_dir, enabled=main, resume_step=first)
+    lora = cfg.lora if cfg.lora.enabled else None
     step_fn = jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
-                                      micro_batches=cfg.micro_batches, lora=cfg.lora if cfg.lora.enabled else None)
-    eval_fn = jit_eval_step(cfg.model, mesh, rules, lora=cfg.lora if cfg.lora.enabled else None)
-    if cfg.lora.enabled:  # the frozen base is an argument of every step, never part of the state
-        base = _lora_base(cfg, mesh, rules, say)
-        step_fn = functools.partial(lambda fn, s, b: fn(s, b, base), step_fn)
-        eval_fn = functools.partial(lambda fn, p, b: fn(p, b, base), eval_fn)
+                                      micro_batches=cfg.micro_batches, lora=lora)
+    eval_fn = jit_eval_step(cfg.model, mesh, rules, lora=lora)
+    if lora is not None:  # the frozen base is an argument of every step, never part of the state
+        step_fn, eval_fn = _with_base(_lora_base(cfg, mesh, rules, say), step_fn, eval_fn)
     evaluator = None
     if cfg.eval_every:
         evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, cfg.eval_batches or None)
