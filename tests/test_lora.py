@@ -78,6 +78,27 @@ def test_a_train_step_changes_only_the_adapters_and_keeps_moments_only_for_them(
     assert float(step(new_state, batch, base)[1]["loss"]) < float(metrics["loss"])
 
 
+def test_a_bf16_base_keeps_the_adapters_contribution_in_fp32():
+    """base_dtype=bfloat16 halves the frozen weights; the adapted kernels come out in fp32 with the whole
+    update added, however small (no rounding of the update to bf16's resolution)."""
+    base = api.init_params(CFG, 0)
+    base16 = jax.tree.map(lambda x: x.astype("bfloat16"), base)
+    adapters = jax.tree.map(lambda x: x * 1e-3, random_adapters(2))  # far below bf16's resolution near |W|
+    merged, exact, flat16, flat32 = (flatten(t) for t in (merge(base16, adapters, LORA),
+                                                          merge(base, adapters, LORA), base16, base))
+    targets = 0
+    for path, value in merged.items():
+        if len(path) > 1 and path[-2] in LORA.targets:
+            targets += 1
+            assert value.dtype == np.float32
+            update = np.asarray(value) - np.asarray(flat16[path], np.float32)
+            np.testing.assert_allclose(update, np.asarray(exact[path]) - np.asarray(flat32[path]), atol=1e-7)
+            assert np.abs(update).max() > 0
+        else:
+            assert value.dtype == jax.numpy.bfloat16
+    assert targets == 3
+
+
 def test_config_checks():
     with pytest.raises(ConfigError, match="lora.targets"):
         LoraConfig(rank=4, targets=["wz"])
