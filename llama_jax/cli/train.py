@@ -7,6 +7,7 @@ Rerunning the same command resumes the run from its latest checkpoint.
     python train.py configs/train/llama1-7b.yaml      # a full config
     python train.py model=llama1-65b mesh.fsdp=256    # the default config with overrides
     python train.py tokenizer --data DIR --vocab-size 32000 --output tok
+    python train.py instruction-task data/reverse-words  # a generated task for configs/train/sft-tiny.yaml
     python train.py plan model=llama1-65b mesh.fsdp=256   # memory per device, nothing allocated
 
 Errors are one line; `--debug` (anywhere) adds the tracebacks, also those of orbax's threads.
@@ -23,7 +24,7 @@ import traceback
 
 from llama_jax.cli.flags import add_flag, run_program
 
-USAGE = __doc__.split("\n\n")[0] + "\nSubcommands: tokenizer, plan. Run `python train.py --help` for more."
+USAGE = __doc__.split("\n\n")[0] + "\nSubcommands: tokenizer, instruction-task, plan. Run `python train.py --help` for more."
 
 
 def tokenizer_main(argv: list[str]) -> int:
@@ -49,9 +50,24 @@ def tokenizer_main(argv: list[str]) -> int:
     return 0
 
 
+def instruction_task_main(argv: list[str]) -> int:
+    """`python train.py instruction-task DIR`: the generated fine-tuning task (llama_jax.data.instruction_task)."""
+    from llama_jax.data.instruction_task import write_reverse_words
+
+    parser = argparse.ArgumentParser(prog="train.py instruction-task",
+                                     description="Write DIR/{train,validation,test}.jsonl: 'reverse these words' "
+                                                 "in Alpaca format.")
+    parser.add_argument("directory")
+    for path in write_reverse_words(parser.parse_args(argv).directory):
+        print(path)
+    return 0
+
+
 def _subcommand(name: str, argv: list[str]) -> int:
     if name == "tokenizer":
         return tokenizer_main(argv)
+    if name == "instruction-task":
+        return instruction_task_main(argv)
     from llama_jax.training.plan import plan_cli
 
     return plan_cli(argv)
@@ -63,7 +79,7 @@ def main(argv: list[str]) -> int:
         return 0
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if argv and argv[0] in ("tokenizer", "plan"):
+    if argv and argv[0] in ("tokenizer", "instruction-task", "plan"):
         return _subcommand(argv[0], argv[1:])
     config_path = None
     if argv and "=" not in argv[0] and argv[0].endswith((".yaml", ".yml")):
@@ -71,7 +87,7 @@ def main(argv: list[str]) -> int:
     bad = [a for a in argv if "=" not in a or a.startswith("-")]
     if bad:
         print(f"error: unexpected argument {bad[0]!r} (expected a CONFIG.yaml first, then key=value "
-              f"overrides, or a subcommand: tokenizer, plan)\n{USAGE}", file=sys.stderr)
+              f"overrides, or a subcommand: tokenizer, instruction-task, plan)\n{USAGE}", file=sys.stderr)
         return 2
 
     from llama_jax.utils.config_io import ConfigError

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from llama_jax.model.config import ModelConfig
+from llama_jax.model.lora import LoraConfig
 from llama_jax.utils.config_io import from_dict, load_yaml, to_dict
 from llama_jax.model import api
 from llama_jax.utils.files import TOKENIZER_FILES, atomic_directory, tokenizer_files
@@ -54,6 +55,23 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         return from_dict(ModelConfig, run_cfg["model"], prefix="model.")
     raise FileNotFoundError(f"{path}: neither a params directory ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) "
                             f"nor a run directory ({RUN_CONFIG_FILE} + {RUN_CHECKPOINT_DIR}/)")
+
+
+def read_lora(path: str | os.PathLike) -> tuple[LoraConfig, Path] | None:
+    """(adapter config, base checkpoint) of a LoRA run directory, whose checkpoints hold only adapters;
+    None for anything else. The base is the run's `init_from`, as written (relative to the current
+    directory, as it was for training)."""
+    path = Path(path)
+    if not is_run_dir(path):
+        return None
+    run_cfg = load_yaml(path / RUN_CONFIG_FILE)
+    lora = from_dict(LoraConfig, run_cfg.get("lora") or {}, prefix="lora.")
+    if not lora.enabled:
+        return None
+    base = Path(str(run_cfg.get("init_from") or "")).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"{path}: LoRA run whose base checkpoint (init_from) {base} is not a directory here")
+    return lora, base
 
 
 def find_tokenizer(path: str | os.PathLike) -> str | None:

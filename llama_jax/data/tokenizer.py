@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -145,6 +146,19 @@ class Tokenizer(abc.ABC):
         return ids, counts
 
 
+    @abc.abstractmethod
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary entry of `token_id` ("<s>", "<|eot_id|>"): how chat templates write special tokens."""
+
+    def encode_chat_text(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Token ids of rendered chat text, in which special tokens written out ("<s>", "<|eot_id|>") stand
+        for themselves, and each token's UTF-8 byte end offset in `text` (to map template spans to tokens).
+
+        The `tokenizers` library finds a tokenizer.json's special tokens in text itself.
+        """
+        return self._token_end_offsets(text)
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece `.model` file (LLaMA 1/2's own, or one made by `train_sentencepiece`)."""
 
@@ -170,6 +184,26 @@ class SentencePieceTokenizer(Tokenizer):
     def _token_end_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
         pieces = self._sp.encode(text, return_type="proto").pieces
         return [p.id for p in pieces], np.array([p.end for p in pieces], dtype=np.int64)
+
+    def token_text(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def encode_chat_text(self, text: str) -> tuple[list[int], np.ndarray]:
+        """SentencePiece would spell "<s>" out as characters: the text is cut at BOS/EOS strings and the
+        pieces between them encoded one by one (each with its dummy prefix, as Meta's chat code does)."""
+        specials = {self.token_text(i): i for i in (self.bos_id, self.eos_id)}
+        ids, ends, done = [], [], 0
+        for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            if part in specials:
+                part_ids, part_ends = [specials[part]], np.array([len(part.encode("utf-8"))])
+            elif part:
+                part_ids, part_ends = self._token_end_offsets(part)
+            else:
+                continue
+            ids += part_ids
+            ends.append(np.asarray(part_ends, np.int64) + done)
+            done += len(part.encode("utf-8"))
+        return ids, np.concatenate(ends) if ends else np.zeros(0, np.int64)
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -227,6 +261,9 @@ class HuggingFaceTokenizer(Tokenizer):
         byte_at_char = np.concatenate([[0], np.cumsum(char_bytes)])
         char_ends = np.array([end for _, end in encoding.offsets], dtype=np.int64)
         return encoding.ids, byte_at_char[char_ends]
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_jax.model.config import CONFIG_DIR, ModelConfig, model_config_dict
+from llama_jax.model.lora import LoraConfig
 from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
 from llama_jax.data import DataConfig
 from llama_jax.parallel.mesh import MeshConfig
@@ -42,6 +43,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     spikes: SpikeConfig = field(default_factory=SpikeConfig)  # loss-spike rollback; off by default
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train adapters on the init_from base
     run_dir: str = "runs/default"
     steps: int = 1000
     stop_at_step: int = 0  # end this invocation (with a checkpoint) after this step; 0 = at `steps`
@@ -99,6 +101,8 @@ class TrainConfig:
             raise ConfigError(f"spikes.patience={self.spikes.patience} needs a checkpoint from before a spike to "
                               f"roll back to: keep_checkpoints × checkpoint_every "
                               f"({self.keep_checkpoints} × {self.checkpoint_every}) must exceed it")
+        if self.lora.enabled and not self.init_from:
+            raise ConfigError("lora.rank > 0 needs init_from: the base weights the adapters modify")
         if not 0 < self.lock_heartbeat_s < self.lock_stale_after_s:
             raise ConfigError(f"lock_heartbeat_s={self.lock_heartbeat_s} must be > 0 and below "
                               f"lock_stale_after_s={self.lock_stale_after_s}")

@@ -34,6 +34,8 @@ import yaml
 
 from llama_jax.convert.sharded_read import read_sharded
 from llama_jax.model import api
+from llama_jax.model.lora import adapter_shapes, init_adapters
+from llama_jax.utils.trees import flatten
 from llama_jax.training.checkpoints import RunCheckpoints, abstract_with_shardings
 from llama_jax.utils.config_io import ConfigError, to_dict
 from llama_jax.parallel.distributed import initialize
@@ -110,6 +112,9 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Tokenizer) -> No
     target = run_dir / f"tokenizer{Path(tokenizer.path).suffix}"
     if Path(tokenizer.path).resolve() != target.resolve():
         shutil.copyfile(tokenizer.path, target)
+        config = Path(tokenizer.path).with_name("tokenizer_config.json")  # special tokens, chat template
+        if config.is_file():
+            shutil.copyfile(config, run_dir / config.name)
 
 
 class Evaluator:
@@ -132,12 +137,15 @@ class Evaluator:
     def __call__(self, params) -> dict:
         nll = tokens = 0.0
         num_bytes = 0
+        text = "num_bytes" in self._batches[0]  # else fine-tuning: the loss on held-out answers only
         for batch in self._batches:
-            num_bytes += int(batch["num_bytes"].sum())
+            num_bytes += int(batch["num_bytes"].sum()) if text else 0
             local = {k: v[self._rows] for k, v in batch.items() if k != "num_bytes"}
             sums = jax.device_get(self._step(params, make_global_batch(local, self._mesh, self._rules)))
             nll += float(sums["nll_sum"])
             tokens += float(sums["tokens"])
+        if not text:
+            return {"loss": nll / max(tokens, 1.0), "tokens": int(tokens)}
         return {"loss": nll / max(tokens, 1.0), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
                 "tokens": int(tokens), "bytes": num_bytes}
 
@@ -213,11 +221,20 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
+def _trained_init(cfg: TrainConfig):
+    """What the optimizer trains, freshly initialised: the model's params, or with LoRA the adapters."""
+    if cfg.lora.enabled:
+        return init_adapters(cfg.model, cfg.lora, cfg.seed)
+    return api.init_params(cfg.model)
+
+
 def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, optimizer, say):
     """(state, meta) of the newest step that passes its integrity record and restores, or None when the
     run has no step. A damaged step is set aside (one line says which file failed) and the previous one
     tried; a checkpoint of another model is a configuration error, not damage."""
     tried, abstract = [], None
+    expected = ({p: s.shape for p, s in flatten(adapter_shapes(cfg.model, cfg.lora)).items()} if cfg.lora.enabled
+                else api.flat_param_shapes(cfg.model))
     while (step := ckpts.latest_step()) is not None:
         where = ckpts.directory / str(step)
         problem = ckpts.damage(step)
@@ -227,9 +244,9 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
             except Exception as e:  # noqa: BLE001  (orbax raises many types for unreadable metadata)
                 problem = f"its metadata does not read ({_one_line(e)})"
         if problem is None:
-            api.check_param_shapes(saved_shapes, cfg.model, f"checkpoint {where}")
+            api.check_shapes(saved_shapes, expected, f"checkpoint {where}")
             if abstract is None:
-                abstract = jax.eval_shape(lambda: init_train_state(api.init_params(cfg.model), optimizer))
+                abstract = jax.eval_shape(lambda: init_train_state(_trained_init(cfg), optimizer))
             try:
                 params, opt_state, meta = ckpts.restore(
                     step, abstract_with_shardings(abstract.params, shardings.params),
@@ -249,12 +266,33 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
     return None
 
 
+def _lora_base(cfg: TrainConfig, mesh, rules, say):
+    """The frozen base weights of a LoRA run (from `init_from`, sharded, in lora.base_dtype if set)."""
+    _, params, _ = read_sharded(cfg.init_from, lambda _: api.param_shardings(cfg.model, mesh, rules),
+                                expected=cfg.model)
+    if cfg.lora.base_dtype:
+        params = jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), params)
+    say(f"LoRA: base weights from {cfg.init_from} (frozen), rank {cfg.lora.rank} adapters on {cfg.lora.targets}")
+    return params
+
+
+def _with_base(base, *fns):
+    """LoRA's jitted steps take the frozen base as a third argument; the loop calls (trained, batch)."""
+    return tuple(lambda trained, batch, fn=fn: fn(trained, batch, base) for fn in fns)
+
+
 def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, shardings, mesh, rules,
                    say) -> tuple[TrainState, dict]:
-    """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded."""
+    """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded.
+    With LoRA the state holds the adapters (fresh: B = 0, the base model) and `init_from` is the base."""
+    lora = cfg.lora if cfg.lora.enabled else None
     restored = _restore_newest_intact(cfg, ckpts, shardings, optimizer, say)
     if restored is not None:
         return restored
+    if lora is not None:
+        init = jax.jit(lambda: init_train_state(_trained_init(cfg), optimizer), out_shardings=shardings)
+        with activate(mesh, rules):
+            return init(), {}
     if cfg.init_from:
         _, params, _ = read_sharded(cfg.init_from, lambda _: shardings.params, expected=cfg.model)
         init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
@@ -300,7 +338,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         f"{cfg.steps} steps of {cfg.global_batch_size} × {cfg.seq_len} tokens, run_dir {run_dir}")
 
     start_time = time.perf_counter()
-    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules)
+    lora = cfg.lora if cfg.lora.enabled else None
+    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules, lora)
     state, meta = _initial_state(cfg, ckpts, optimizer, shardings, mesh, rules, say)
     spikes = SpikeDetector(cfg.spikes)
     if "data" in meta:
@@ -311,8 +350,10 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
     log = MetricsLog(run_dir, enabled=main, resume_step=first)
     step_fn = jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
-                                      micro_batches=cfg.micro_batches)
-    eval_fn = jit_eval_step(cfg.model, mesh, rules)
+                                      micro_batches=cfg.micro_batches, lora=lora)
+    eval_fn = jit_eval_step(cfg.model, mesh, rules, lora=lora)
+    if lora is not None:  # the frozen base is an argument of every step, never part of the state
+        step_fn, eval_fn = _with_base(_lora_base(cfg, mesh, rules, say), step_fn, eval_fn)
     evaluator = None
     if cfg.eval_every:
         evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, cfg.eval_batches or None)
@@ -333,8 +374,10 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         nonlocal last_saved
         if last_saved == step:
             return
-        ckpts.save(step, state.params, state.opt_state,
-                   {"step": step, "data": data_position, "seed": cfg.seed, "spikes": spikes.get_state()})
+        meta = {"step": step, "data": data_position, "seed": cfg.seed, "spikes": spikes.get_state()}
+        if cfg.lora.enabled:  # the checkpoint holds only the adapters: say what they adapt
+            meta["lora_base"] = cfg.init_from
+        ckpts.save(step, state.params, state.opt_state, meta)
         last_saved = step
 
     def roll_back(spike: Spike) -> TrainState:
@@ -401,7 +444,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
             if window.add(loss):
                 progress.message(f"compiled and ran step {step} in {time.perf_counter() - start_time:.1f} s")
             log_now = step % cfg.log_every == 0 or step == cfg.last_step
-            values = {"loss": window.mean_loss(), "lr": float(metrics["lr"]), "grad_norm": grad_norm}
+            values = {"loss": window.mean_loss(), "lr": float(metrics["lr"]), "grad_norm": grad_norm,
+                      "target_share": float(metrics["target_share"])}
             if log_now:
                 values.update(window.throughput())
                 log.write(step, "train", values)
@@ -428,8 +472,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
             result.validation = final_validation(cfg, evaluator, state.params)
             log.write(cfg.last_step, "final_eval", result.validation)
             v = result.validation
-            progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f} | "
-                             f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
+            if cfg.data.is_chat:
+                progress.message(f"validation ({v['tokens']:,} answer tokens): loss {v['loss']:.4f}")
+            else:
+                progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f} | "
+                                 f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
         ckpts.wait()
     finally:
         profiler.close()
@@ -445,5 +492,7 @@ def final_validation(cfg: TrainConfig, evaluator: Evaluator, params) -> dict:
     from llama_jax.data import validation_text
 
     values = evaluator(params)
+    if cfg.data.is_chat:  # held-out conversations: no text to compress
+        return values
     values["gzip9_bits_per_byte"] = gzip_bits_per_byte(validation_text(cfg.data))
     return values
