@@ -58,6 +58,8 @@ def test_a_valid_meta_reads_back_unchanged(tmp_path):
     assert read_meta(write(tmp_path, json.dumps(VALID).encode()), STEP) == VALID
     without_spikes = {k: v for k, v in VALID.items() if k != "spikes"}  # checkpoints of earlier releases
     assert read_meta(write(tmp_path, json.dumps(without_spikes).encode()), STEP) == without_spikes
+    lora = {**VALID, "lora_base": "runs/base"}  # a LoRA run's adapters name their base
+    assert read_meta(write(tmp_path, json.dumps(lora).encode()), STEP) == lora
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -67,6 +69,8 @@ def test_a_valid_meta_reads_back_unchanged(tmp_path):
     (lambda m: m["data"].update(extra=1), "data: unknown key extra"),
     (lambda m: m.pop("seed"), "meta: missing key seed"),
     (lambda m: m.update(step=41), "step: 41 in the checkpoint directory of step 40"),
+    (lambda m: m.update(lora_base=""), "lora_base: expected the base checkpoint's path, got ''"),
+    (lambda m: m.update(lora_base=3), "lora_base: expected the base checkpoint's path, got 3"),
     (lambda m: m["spikes"]["recent"].append([float("nan"), 1.0]), "spikes.recent[2][0]: expected a finite number"),
     (lambda m: m["spikes"]["streak"].append(41), "spikes.streak[2]: step 41 is after the checkpoint's step 40"),
 ])

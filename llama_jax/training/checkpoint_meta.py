@@ -1,7 +1,7 @@
 """A checkpoint's `meta` item (`checkpoints/<step>/meta/metadata`): read strictly, or not at all.
 
 The meta says where training stands beyond the arrays: the step, the data iterator's position and the
-spike detector's recent history. A value of the wrong type here would not fail loudly: a float batch
+spike detector's recent history and, for LoRA runs, the base checkpoint the adapters modify. A value of the wrong type here would not fail loudly: a float batch
 counter or a negative row count would silently resume on other data than the run saw. So every field is
 checked (type, range, no unknown keys) and any problem is one `CheckpointMetaError` line naming the file
 and the field; the caller treats the step as damaged and falls back to the previous one.
@@ -51,7 +51,7 @@ def _finite(value: Any, field: str) -> float:
 
 def check_meta(meta: Any, step: int) -> dict:
     """`meta` itself if it is a valid meta of checkpoint `step`, else CheckpointMetaError (no file named)."""
-    meta = _mapping(meta, "meta", {"step", "data", "seed"}, optional={"spikes"})
+    meta = _mapping(meta, "meta", {"step", "data", "seed"}, optional={"spikes", "lora_base"})
     if _int(meta["step"], "step", 0) != step:
         raise CheckpointMetaError(f"step: {meta['step']} in the checkpoint directory of step {step}")
     if isinstance(meta["seed"], bool) or not isinstance(meta["seed"], int):
@@ -65,6 +65,8 @@ def check_meta(meta: Any, step: int) -> dict:
         raise CheckpointMetaError("data.source_rows: empty")
     for i, n in enumerate(rows):
         _int(n, f"data.source_rows[{i}]", 0)
+    if "lora_base" in meta and not (isinstance(meta["lora_base"], str) and meta["lora_base"]):
+        raise CheckpointMetaError(f"lora_base: expected the base checkpoint's path, got {meta['lora_base']!r:.80}")
     if "spikes" in meta:
         spikes = _mapping(meta["spikes"], "spikes", {"recent", "streak"})
         for i, pair in enumerate(_list(spikes["recent"], "spikes.recent")):
