@@ -159,8 +159,16 @@ def load_shard(path: Path) -> dict:
                            f"(torch.load weights_only=True: {str(e).splitlines()[0]})") from None
     except (RuntimeError, OSError, EOFError) as e:
         raise ConvertError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConvertError(f"{path}: expected a dict of tensors")
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ConvertError(f"{path}: key {key!r} is a {type(key).__name__}, not a tensor name")
+        if not isinstance(value, torch.Tensor):
+            raise ConvertError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided or value.is_quantized:
+            raise ConvertError(f"{path}: {key} is a {'quantized' if value.is_quantized else value.layout} tensor; "
+                               f"expected a dense one")
     return state
 
 
@@ -201,6 +209,7 @@ class MetaReader:
 
     def _validate(self) -> None:
         n = len(self.shards.paths)
+        first_dtype = self.shards.state(0)["tok_embeddings.weight"].dtype
         expected = {}
         for tmap in self.maps.values():
             shape = list(torch_shape(tmap, self.cfg))
@@ -224,6 +233,9 @@ class MetaReader:
                     raise ConvertError(f"{path}: {name} has shape {got}; params.json with {n} shard(s) "
                                        f"implies {shape}")
                 _check_torch_dtype(state[name], f"{path}: {name}")
+                if state[name].dtype != first_dtype:  # a mixed file would be cast silently to the first's dtype
+                    raise ConvertError(f"{path}: {name} is {state[name].dtype} but tok_embeddings.weight is "
+                                       f"{first_dtype}: every tensor of a Meta checkpoint has one dtype")
 
     def tensor(self, tmap: TensorMap, layer: int | None) -> np.ndarray:
         tmap = self.maps[tmap.ours]

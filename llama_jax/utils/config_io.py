@@ -130,6 +130,8 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -153,6 +155,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: invalid YAML value: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"override {text[:80]!r}...: invalid YAML value: nested too deeply") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
