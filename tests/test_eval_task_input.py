@@ -1,6 +1,7 @@
 """Bad task input is a one-line error naming the task and the item (exit 2) before any model exists, and
-the task readers raise nothing but `TaskError`, whatever the bytes of a task file or the values of its
-fields (hypothesis: a few hundred examples per test by default, thousands under `-m slow`)."""
+task YAMLs and their item files, read and turned into few-shot prompts, raise nothing but `TaskError`
+whatever their bytes or values (hypothesis, `fuzzing.fast_and_slow`). JSONL task files alone are fuzzed
+in test_eval_task_fuzz.py."""
 from __future__ import annotations
 
 import importlib
@@ -9,9 +10,9 @@ import re
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzzing import JSON_VALUES, fast_and_slow
 from llama_jax.evaluation.suite import TaskError, build_prompts, load_task_file
 
 GEN = {"type": "generate", "context": "Q: who?\nA:", "answers": ["Ann", "Bo"], "target": "Ann", "id": "g"}
@@ -21,10 +22,6 @@ CODE = {"type": "code", "prompt": "def f(x):\n", "tests": "def check(c):\n    as
 YAML = {"task": "qa", "test": "items.jsonl", "fewshot": "shots.jsonl", "num_fewshot": 1, "description": "D\n\n",
         "target_delimiter": " ", "fewshot_delimiter": "\n", "sampler": "random", "until": ["\n"],
         "answer_format": "squad", "max_new_tokens": 8}
-
-
-def fuzz(examples: int):
-    return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def load_and_prompt(path) -> None:
@@ -56,7 +53,8 @@ CLI_CASES = {
                         r"task qa: .*qa.jsonl:2: not valid JSON"),
     "K beyond the pool": ("qa.jsonl", ['{"type": "generate", "context": "q%d", "answers": ["a"]}' % i for i in (1, 2)],
                           r"task qa: --num-fewshot 5 is larger than the example pool \(1 in its other items\)"),
-    "malformed YAML": ("qa.yaml", ["test: items.jsonl", "until: [unclosed"], r"task qa: .*qa.yaml: invalid YAML: .* line 3"),
+    "malformed YAML": ("qa.yaml", ["test: items.jsonl", "until: [unclosed"],
+                       r"task qa: .*qa.yaml: invalid YAML: .* line 3"),
     "unknown YAML key": ("qa.yaml", ["test: items.jsonl", "num_shots: 2"], r"task qa: unknown key num_shots"),
     "YAML value of the wrong type": ("qa.yaml", ["test: items.jsonl", "until: 5"], r"task qa: until: expected a list"),
     "unknown task": (None, [], r"unknown task 'qa': expected one of \[.*'humaneval'"),
@@ -86,7 +84,8 @@ def test_bad_task_input_exits_2_before_loading_any_model(tmp_path, capsys, monke
 # ------------------------------------------------------------------------------------------- fuzzing
 
 def valid_files(tmp_path) -> dict[str, bytes]:
-    """A valid file of each kind: JSONL tasks of the three item types, and a task YAML with its files."""
+    """Valid files: a task YAML with its item and few-shot files, and JSONL tasks of the three item types
+    (which the fuzzed YAMLs may name instead)."""
     others = [{**GEN, "id": "h", "context": "Q: why?\nA:"}, {**GEN, "id": "i", "context": "Q: how?", "answers": ["C"]}]
     files = {"gen.jsonl": jsonl([GEN, *others]),
              "mc.jsonl": jsonl([MC, {**MC, "label": 1, "id": 8}, {**MC, "choices": ["a", "b", "c"], "id": 9}]),
@@ -100,7 +99,7 @@ def valid_files(tmp_path) -> dict[str, bytes]:
     return {name: text.encode() for name, text in files.items()}
 
 
-MUTABLE = ("gen.jsonl", "mc.jsonl", "code.jsonl", "qa.yaml", "shots.jsonl")
+MUTABLE = ("qa.yaml", "items.jsonl", "shots.jsonl")  # a task YAML and the item and few-shot files it names
 mutations = st.lists(st.tuples(st.sampled_from(("set", "insert", "delete")), st.integers(0, 10_000),
                                st.integers(0, 255)), min_size=1, max_size=6)
 
@@ -117,42 +116,12 @@ def check_mutated_bytes(tmp_path, name, edits, cut):
         elif data:
             del data[i % len(data)]
     (tmp_path / name).write_bytes(bytes(data))
-    only_task_errors(tmp_path / ("qa.yaml" if name == "shots.jsonl" else name))
+    only_task_errors(tmp_path / "qa.yaml")
 
 
-MUTATED = dict(name=st.sampled_from(MUTABLE), edits=mutations, cut=st.none() | st.integers(0, 400))
-test_mutated_task_files_raise_only_task_errors = fuzz(200)(given(**MUTATED)(check_mutated_bytes))
-test_mutated_task_files_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(2000)(given(**MUTATED)(
-    check_mutated_bytes)))
-
-# Structurally valid but wrong: JSON and YAML values of every type where the readers expect others.
-scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True) | st.text(max_size=5)
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3),
-                                                                                           inner, max_size=3),
-                      max_leaves=8)
-ITEM_KEYS = ("type", "id", "context", "choices", "label", "answers", "target", "prompt", "tests", "entry_point",
-             "layout")
-TYPES = st.sampled_from(("multiple_choice", "generate", "code", "mbpp"))
-
-
-def item_records():
-    base = st.sampled_from((GEN, MC, CODE))
-    changes = st.dictionaries(st.sampled_from(ITEM_KEYS), values | TYPES, max_size=4)
-    dropped = st.sets(st.sampled_from(ITEM_KEYS), max_size=2)
-    return st.builds(lambda b, c, d: {k: v for k, v in {**b, **c}.items() if k not in d}, base, changes, dropped)
-
-
-def check_wrong_items(tmp_path, records, raw_line):
-    lines = [json.dumps(r) for r in records] + ([raw_line] if raw_line is not None else [])
-    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
-    only_task_errors(tmp_path / "t.jsonl")
-
-
-WRONG_ITEMS = dict(records=st.lists(item_records() | values, min_size=0, max_size=4),
-                   raw_line=st.none() | st.text(max_size=20) | st.just("[" * 5000))
-test_wrong_items_raise_only_task_errors = fuzz(200)(given(**WRONG_ITEMS)(check_wrong_items))
-test_wrong_items_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(2000)(given(**WRONG_ITEMS)(
-    check_wrong_items)))
+test_mutated_task_yaml_raises_only_task_errors, test_mutated_task_yaml_raises_only_task_errors_thoroughly = \
+    fast_and_slow(check_mutated_bytes, name=st.sampled_from(MUTABLE), edits=mutations,
+                  cut=st.none() | st.integers(0, 400))
 
 yaml_keys = st.sampled_from((*YAML, "num_shots")) | st.integers(0, 3) | st.text(max_size=4)
 
@@ -164,13 +133,11 @@ def check_wrong_yaml(tmp_path, changes, dropped):
     only_task_errors(tmp_path / "qa.yaml")
 
 
-WRONG_YAML = dict(changes=st.dictionaries(yaml_keys, values | st.sampled_from(("items.jsonl", "gen.jsonl",
-                                                                              "mc.jsonl", "code.jsonl", ".", "first_n"))
-                                          | st.integers(-2, 40), max_size=4),
+yaml_values = JSON_VALUES | st.integers(-2, 40) | st.sampled_from(
+    ("items.jsonl", "gen.jsonl", "mc.jsonl", "code.jsonl", ".", "first_n"))
+test_wrong_yaml_settings_raise_only_task_errors, test_wrong_yaml_settings_raise_only_task_errors_thoroughly = \
+    fast_and_slow(check_wrong_yaml, changes=st.dictionaries(yaml_keys, yaml_values, max_size=4),
                   dropped=st.sets(st.sampled_from(tuple(YAML)), max_size=2))
-test_wrong_yaml_settings_raise_only_task_errors = fuzz(200)(given(**WRONG_YAML)(check_wrong_yaml))
-test_wrong_yaml_settings_raise_only_task_errors_thoroughly = pytest.mark.slow(fuzz(2000)(given(**WRONG_YAML)(
-    check_wrong_yaml)))
 
 
 def test_the_fuzzed_readers_do_refuse_bad_input(tmp_path):
