@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from llama_jax.utils.config_io import ConfigError
 
-SOURCE_KINDS = ("builtin", "text", "jsonl", "tfds")
+SOURCE_KINDS = ("builtin", "text", "jsonl", "tfds", "curated")
 BUILTIN_SPLITS = ("train", "validation")
 
 
@@ -28,6 +28,9 @@ class SourceConfig:
     kind="tfds":    the TensorFlow Datasets dataset `name` (optionally "name:version" or "name/config"),
                     its `split`, read with `tfds.data_source` (array_record, no TensorFlow) from `data_dir`
                     ("" = TFDS's default); the text is feature `text_field`.
+    kind="curated": `path` is the output directory of `python -m llama_jax.curate` (its mixture): the
+                    shards its manifest lists, read as JSONL; the curated sources are already mixed in
+                    the configured proportions inside them.
     `weight` is the source's sampling weight in the training mixture (normalised over the sources).
     """
 
@@ -43,7 +46,7 @@ class SourceConfig:
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"source kind: {self.kind!r} is not one of {list(SOURCE_KINDS)}")
-        if self.kind in ("text", "jsonl") and not self.path:
+        if self.kind in ("text", "jsonl", "curated") and not self.path:
             raise ConfigError(f"source path: a {self.kind} source needs a file, directory or glob")
         if self.kind == "tfds" and not self.name:
             raise ConfigError("source name: a tfds source needs a dataset name")
