@@ -1,66 +1,10 @@
-"""Train a LLaMA: `python train.py [CONFIG.yaml] [key=value ...]`.
-
-With no arguments it trains the tiny default run (configs/train/default.yaml) on the built-in corpus.
-Rerunning the same command resumes the run from its latest checkpoint.
-
-    python train.py                                   # the default run
-    python train.py configs/train/llama1-7b.yaml      # a full config
-    python train.py model=llama1-65b mesh.fsdp=256    # the default config with overrides
-    python train.py tokenizer --data DIR --vocab_size 32000 --output tok
-    python train.py plan model=llama1-65b mesh.fsdp=256   # memory per device, nothing allocated
-
-Exit status: 0 done (or stopped at stop_at_step), 1 training diverged (NaN/inf), 2 bad configuration or
-input, 143 preempted by SIGTERM after saving a checkpoint.
-"""
-from __future__ import annotations
-
+"""Train a LLaMA: `python train.py [CONFIG.yaml] [key=value ...]`; `python train.py --help` for more.
+The program is `llama_jax.cli.train` (also installed as the `llama-jax-train` command)."""
 import sys
 
-USAGE = __doc__.split("\n\n")[0] + "\nSubcommands: tokenizer, plan. Run `python train.py --help` for more."
+from llama_jax.cli.train import main, run
 
-
-def _subcommand(name: str, argv: list[str]) -> int:
-    if name == "tokenizer":
-        from llama_jax.data.tokenizer import tokenizer_cli
-
-        return tokenizer_cli(argv)
-    from llama_jax.training.plan import plan_cli
-
-    return plan_cli(argv)
-
-
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    if argv and argv[0] in ("tokenizer", "plan"):
-        return _subcommand(argv[0], argv[1:])
-    config_path = None
-    if argv and "=" not in argv[0] and argv[0].endswith((".yaml", ".yml")):
-        config_path, argv = argv[0], argv[1:]
-    bad = [a for a in argv if "=" not in a or a.startswith("-")]
-    if bad:
-        print(f"error: unexpected argument {bad[0]!r} (expected a CONFIG.yaml first, then key=value "
-              f"overrides, or a subcommand: tokenizer, plan)\n{USAGE}", file=sys.stderr)
-        return 2
-
-    from llama_jax.utils.config_io import ConfigError
-    from llama_jax.training.config import load_train_config
-    from llama_jax.training.loop import TrainingDiverged, train
-
-    try:
-        result = train(load_train_config(config_path, argv))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 143 if result.status == "preempted" else 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    from llama_jax.utils.host_memory import tune_host_allocator
-
-    tune_host_allocator()  # restarts the program once, before any work: see llama_jax/host_memory.py
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run())

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Build (once per machine and requirements) the Python 3.12 virtual environment and link it as ./.venv.
-# Every transitive version is pinned by .ci/constraints.txt. The venv lives outside the clone, keyed by a hash of requirements.txt, so a fresh clone or a CI run
-# on the same machine reuses it and only a change of requirements pays the (multi-GB) install again.
+# Build (once per machine and requirements) the Python 3.12 virtual environment and link it as ./.venv,
+# then install this checkout into it (editable, so `llama_jax` and the llama-jax-* commands are this clone's).
+# Every transitive version is pinned by .ci/constraints.txt. The venv lives outside the clone, keyed by a hash
+# of the requirements, so a fresh clone or a CI run on the same machine reuses it and only a change of
+# requirements pays the (multi-GB) install again; the editable install (seconds) re-points it every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,3 +36,4 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 ln -sfn "$venv" .venv
+"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # (from, to, --model-parallel) in chain order; each step reads the previous step's output
 STEPS = [("hf", "meta", 2), ("meta", "hf", 1), ("hf", "orbax", 1), ("orbax", "hf", 1)]

@@ -21,9 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_jax.data import DataConfig, make_train_iterator  # noqa: E402
 from llama_jax.data.tokenizer import builtin_tokenizer  # noqa: E402

@@ -1,5 +1,7 @@
 """Configs: presets with exact parameter counts, validation errors that name the key."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llama_jax.model.config import ModelConfig, load_model_config, model_preset_names
 from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict
@@ -65,3 +67,36 @@ def test_unknown_preset_lists_presets():
 def test_from_dict_requires_mapping_for_nested():
     with pytest.raises(ConfigError, match="rope_scaling: expected a mapping"):
         from_dict(ModelConfig, {"rope_scaling": 3})
+
+
+def test_bad_yaml_files_and_overrides_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    """A YAML syntax error, non-UTF-8 bytes or a malformed override: exit 2, one line naming the file or
+    the override (and the line of a syntax error), never a parser traceback."""
+    from llama_jax.cli.train import main
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: tiny\nsteps: [1, 2\nseq_len: 64\n")
+    assert main([str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken}: invalid YAML:") and "line 3" in err and err.count("\n") == 1
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
+    assert main([str(latin)]) == 2
+    assert capsys.readouterr().err == f"error: {latin}: not UTF-8 text (byte 12)\n"
+    assert main(["steps=[1, 2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: override 'steps=[1, 2': invalid YAML value:") and err.count("\n") == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200) | st.text(alphabet="ab:- [],{}\n\t#'\"&*!|>%@`\\=.0123456789", max_size=120))
+def test_any_bytes_as_a_training_config_load_or_raise_config_error(tmp_path_factory, data):
+    """Fuzz: whatever a config file holds, loading it validates or raises ConfigError, nothing else."""
+    from llama_jax.training.config import load_train_config
+
+    path = tmp_path_factory.mktemp("fuzz") / "config.yaml"
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    try:
+        load_train_config(path)
+    except ConfigError:
+        pass

@@ -14,7 +14,7 @@ from llama_jax.model.api import flat_param_shapes
 from llama_jax.convert.orbax_dirs import load_params, read_model_config, save_params
 from llama_jax.model.config import ModelConfig
 from llama_jax.convert import convert, read_checkpoint
-from llama_jax.convert.__main__ import main
+from llama_jax.cli.convert import main
 from llama_jax.convert.common import our_shape
 from llama_jax.utils.trees import flatten
 from llama_jax.model.params import params_from_torch, tensor_maps

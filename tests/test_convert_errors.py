@@ -1,12 +1,13 @@
 """Bad input to the converter: a clear error naming the file and tensor, and nothing left at DST."""
 import json
+import os
 import shutil
 
 import pytest
 import torch
 
 from llama_jax.convert import ConvertError, convert
-from llama_jax.convert.__main__ import main
+from llama_jax.cli.convert import main
 from llama_jax.convert.safetensors_io import read_header
 from test_convert import CONFIGS, save_random
 
@@ -103,8 +104,25 @@ def test_unsupported_dtype_in_safetensors(sources, tmp_path):
     assert entry in header
     raw[8:8 + size] = header.replace(entry, entry.replace("F32", "I32")).encode()  # same length
     path.write_bytes(bytes(raw))
-    assert read_header(path)["model.norm.weight"]["dtype"] == "I32"
+    with pytest.raises(ConvertError, match="model.norm.weight has unsupported dtype I32"):
+        read_header(path)
     assert_fails(hf, tmp_path / "out", "model.safetensors", "model.norm.weight", "I32", to="orbax")
+
+
+def test_overlapping_safetensors_ranges_are_refused(sources, tmp_path):
+    """Layer 1's q_proj pointing at layer 0's bytes was once read as data (a model with wq[1] == wq[0])."""
+    hf = copy_of(sources, "hf", tmp_path)
+    path = hf / "model.safetensors"
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header["model.layers.1.self_attn.q_proj.weight"]["data_offsets"] = \
+        header["model.layers.0.self_attn.q_proj.weight"]["data_offsets"]
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+    assert_fails(hf, tmp_path / "out", "model.safetensors", "q_proj.weight", "data_offsets", to="orbax")
+    assert main([str(hf), str(tmp_path / "out2"), "--to", "hf", "--no-progress"]) != 0
+    assert not (tmp_path / "out2").exists()
 
 
 def test_requested_dtype_must_be_known(sources, tmp_path):
@@ -169,3 +187,22 @@ def test_wrong_source_format_names_the_missing_file(sources, tmp_path):
     assert_fails(sources / "meta", tmp_path / "out", "config.json", "missing", to="orbax", src_format="hf")
     assert_fails(sources / "hf", tmp_path / "out", "params.json", "missing", to="orbax", src_format="meta")
     assert_fails(sources / "hf", tmp_path / "out", "model.yaml", to="meta", src_format="orbax")
+
+
+def test_a_killed_conversions_leftovers_are_removed_by_the_next_one(sources, tmp_path, capsys):
+    """SIGKILL leaves `.DST.convert-tmp-HOST-PID`; the next conversion to DST removes it (its process is
+    dead) and says so, and keeps a live process's directory and another host's."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dst = socket.gethostname(), tmp_path / "out"
+    stale = tmp_path / f".out.convert-tmp-{host}-{int(dead.stdout)}"
+    live = tmp_path / f".out.convert-tmp-{host}-{os.getppid()}"
+    other_host = tmp_path / f".out.convert-tmp-elsewhere-{int(dead.stdout)}"
+    for d in (stale, live, other_host):
+        (d / "partial").mkdir(parents=True)
+    convert(sources / "hf", dst, to="orbax", progress=False)
+    assert dst.is_dir() and not stale.exists() and live.exists() and other_host.exists()
+    assert f"warning: removed {stale}, left by a process that no longer runs" in capsys.readouterr().err

@@ -20,16 +20,14 @@ from llama_jax.utils.config_io import ConfigError
 from llama_jax.data import DataConfig, SourceConfig, make_eval_batches, make_train_iterator, validation_text
 from llama_jax.data import corpus
 from llama_jax.data.sources import read_documents
-from llama_jax.data.tokenizer import train_sentencepiece, load_tokenizer
 
 SEQ = 16
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    files = [str(corpus.stdlib_root() / n) for n in ("textwrap.py", "string.py", "shlex.py")]
-    return load_tokenizer(train_sentencepiece(files, 500, str(tmp_path_factory.mktemp("tok") / "t")))
+def tok(stdlib_tokenizer):
+    return stdlib_tokenizer
 
 
 def make_docs(directory: Path, lengths: list[int], stem: str = "doc") -> list[str]:

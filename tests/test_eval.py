@@ -16,9 +16,10 @@ from llama_jax.model.config import ModelConfig
 from llama_jax.evaluation import tasks as tasks_mod
 from llama_jax.evaluation.generate import Generator, SamplingConfig, _next_token, warp_logits
 from llama_jax.evaluation.loading import place_model
-from llama_jax.evaluation.perplexity import evaluate_perplexity, strided_windows, token_logprobs
+from llama_jax.evaluation.perplexity import evaluate_perplexity, rolling_windows, strided_windows, token_logprobs
 from llama_jax.evaluation.scoring import TokenScorer, plan_batches
-from llama_jax.evaluation.tasks import Item, encode_pair, evaluate_task, load_jsonl_task, multiple_choice_metrics
+from llama_jax.evaluation.suite import load_task_file, load_tasks
+from llama_jax.evaluation.tasks import Item, encode_pair, evaluate_task, multiple_choice_metrics
 from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from oracle import hf_logits, hf_model, ours_from_hf
 
@@ -97,6 +98,32 @@ def test_strided_windows_predict_every_token_once(n, context, stride):
     assert seen == list(range(1, n))
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 17, 18, 33, 34, 100, 513])
+@pytest.mark.parametrize("context", [1, 2, 16, 512])
+def test_rolling_windows_are_lm_evaluation_harness_token_for_token(n, context):
+    """Our windows over [BOS] + tokens, as (context, continuation) token lists, are exactly what
+    lm-eval's get_rolling_token_windows(context_len=1) + make_disjoint_window give for the tokens
+    with BOS as the prefix token."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    bos, tokens = 1, list(range(100, 100 + n))
+    doc = [bos] + tokens
+    ours = [(doc[begin:first], doc[first:end]) for begin, end, first in rolling_windows(len(doc), context)]
+    theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, bos, context, context_len=1)]
+    assert ours == [(list(a), list(b)) for a, b in theirs]
+
+
+def test_rolling_perplexity_equals_brute_force(hf, scorer):
+    """Each token scored alone by transformers with the context lm-eval's windows give it."""
+    rng = np.random.default_rng(6)
+    doc = rng.integers(0, VOCAB, 70)
+    (got,) = token_logprobs(scorer, [doc], context_len=16)
+    expected = [hf_token_logprobs(hf, doc[max(0, end - 17):j + 1])[0][-1]
+                for begin, end, first in rolling_windows(len(doc), 16) for j in range(first, end)]
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+    assert len(got) == len(doc) - 1
+
+
 def test_bad_stride_is_refused():
     with pytest.raises(ValueError, match="stride must be in"):
         strided_windows(40, 16, 16)
@@ -164,7 +191,7 @@ def test_toy_task_scores_match_transformers(hf, tok, scorer, tmp_path):
             {"context": "Question: " + sentence(rng, 3) + "\nAnswer:", "choices": ["yes", "no"], "label": 0}]
     path = tmp_path / "toy.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    items = load_jsonl_task(str(path))
+    items = load_task_file(str(path)).items
     assert [i.id for i in items] == ["a", "2"]
     metrics, records = evaluate_task(scorer, tok, items)
     correct = []
@@ -191,9 +218,9 @@ def test_bad_task_files_name_the_problem(tmp_path):
     for line, message in cases.items():
         (tmp_path / "bad.jsonl").write_text(line + "\n")
         with pytest.raises(ValueError, match=message):
-            load_jsonl_task(str(tmp_path / "bad.jsonl"))
+            load_task_file(str(tmp_path / "bad.jsonl"))
     with pytest.raises(ValueError, match="unknown task 'nope'"):
-        tasks_mod.load_task("nope")
+        load_tasks(["nope"])
 
 
 def test_catalog_records_map_to_lm_eval_prompts():
@@ -240,15 +267,16 @@ def test_prepared_tfds_piqa_is_read_offline(tmp_path):
                 yield i, {"id": f"p{i}", "goal": f"goal {i}", "sol1": "a", "sol2": f"b{i}", "label": i % 2}
 
     Piqa(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    name, items = tasks_mod.load_task("piqa", data_dir=str(tmp_path))
+    (task,) = load_tasks(["piqa"], data_dir=str(tmp_path))
+    name, items = task.name, task.items
     by_id = {item.id: item for item in items}  # TFDS stores records in its own shuffled order
     assert name == "piqa" and sorted(by_id) == ["p0", "p1", "p2"]
     assert [by_id[f"p{i}"].label for i in range(3)] == [0, 1, 0]
     assert by_id["p1"].contexts[0] == "Question: goal 1\nAnswer:" and by_id["p1"].continuations == (" a", " b1")
     with pytest.raises(ValueError, match="no split 'test'"):
-        tasks_mod.load_task("piqa", data_dir=str(tmp_path), split="test")
+        load_tasks(["piqa"], data_dir=str(tmp_path), split="test")
     with pytest.raises(ValueError, match="not prepared"):
-        tasks_mod.load_task("hellaswag", data_dir=str(tmp_path))
+        load_tasks(["hellaswag"], data_dir=str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -276,7 +304,7 @@ def test_command_line_on_a_hugging_face_directory(hf, tok, tmp_path, capsys):
 
     task = tmp_path / "toy.jsonl"
     task.write_text(json.dumps({"context": "The cat", "choices": ["sat on a mat", "ran far"], "label": 0}) + "\n")
-    assert cli.main(["tasks", str(ckpt), "--tasks", str(task), "--output_dir", str(tmp_path / "out"), *common]) == 0
+    assert cli.main(["tasks", str(ckpt), "--tasks", str(task), "--output-dir", str(tmp_path / "out"), *common]) == 0
     assert json.loads(capsys.readouterr().out)["toy"]["n"] == 1
     record = json.loads((tmp_path / "out" / "toy.jsonl").read_text())
     refs = []
@@ -285,7 +313,7 @@ def test_command_line_on_a_hugging_face_directory(hf, tok, tmp_path, capsys):
         refs.append(hf_token_logprobs(hf, whole)[0][len(tok.encode("The cat")) - 1:].sum())
     np.testing.assert_allclose(record["loglikelihoods"], refs, atol=TOL, rtol=0)
 
-    assert cli.main(["generate", str(ckpt), "--prompt", "The cat", "--max_new_tokens", "5", "--ignore_eos",
+    assert cli.main(["generate", str(ckpt), "--prompt", "The cat", "--max-new-tokens", "5", "--ignore-eos",
                      *common]) == 0
     out = json.loads(capsys.readouterr().out)
     prompt = tok.encode("The cat")
@@ -321,3 +349,19 @@ def test_command_line_reports_bad_input(tmp_path, capsys):
     assert "missing.txt does not exist" in capsys.readouterr().err
     assert cli.main(["tasks", str(tmp_path), "--tasks", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_old_underscore_flags_still_work_with_a_deprecation_warning(capsys):
+    """One flag style (`--kebab-case`); the underscore spellings stay as hidden aliases for one release."""
+    from llama_jax.cli.eval import _parser
+
+    parser = _parser()
+    new = parser.parse_args(["generate", "ckpt", "--max-new-tokens", "7", "--no-bos", "--prompt-file", "p.txt"])
+    assert capsys.readouterr().err == ""
+    old = parser.parse_args(["generate", "ckpt", "--max_new_tokens", "7", "--no_bos", "--prompt_file", "p.txt"])
+    err = capsys.readouterr().err
+    assert vars(old) == vars(new)
+    assert "--max_new_tokens is deprecated and will be removed; use --max-new-tokens" in err
+    assert "--no_bos is deprecated" in err and "--prompt_file is deprecated" in err
+    generate_help = parser._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "--max-new-tokens" in generate_help and "--max_new_tokens" not in generate_help

@@ -14,6 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses with several (simulated) devices or processes
+
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
 

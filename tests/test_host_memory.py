@@ -6,18 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from llama_jax.utils.host_memory import HUGE_PAGES, wanted_tunables
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables: Linux only")
 
 PROBE = """
 import os, resource, sys
-sys.path.insert(0, {root!r})
 print("start", sys.argv[1:], os.environ.get("GLIBC_TUNABLES", ""), flush=True)
 from llama_jax.utils.host_memory import tune_host_allocator
 tune_host_allocator()
@@ -36,7 +33,7 @@ ARGS = "['--flag', 'value']"
 
 def run_probe(*, from_stdin: bool = False, **env_extra) -> tuple[list[str], float]:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LLAMA_JAX_MALLOC_TUNING")}
-    probe = PROBE.format(root=str(ROOT))
+    probe = PROBE
     program = ["-"] if from_stdin else ["-c", probe]
     out = subprocess.run([sys.executable, *program, "--flag", "value"], check=True, capture_output=True, text=True,
                          input=probe if from_stdin else None, env={**env, "JAX_PLATFORMS": "cpu", **env_extra},

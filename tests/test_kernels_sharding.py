@@ -11,6 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses with several (simulated) devices or processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = textwrap.dedent("""

@@ -15,6 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses with several (simulated) devices or processes
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
 STEPS = 3
@@ -104,5 +108,4 @@ def test_two_processes_match_one_process_with_eight_devices():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(worker(*map(int, sys.argv[1:4]))))

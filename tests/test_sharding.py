@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses with several (simulated) devices or processes
+
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = {
     "dp=8": dict(data=8, fsdp=1, strategy="dp"),
@@ -226,5 +228,4 @@ def test_plan_matches_measured_bytes(results):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(worker()))

@@ -16,8 +16,9 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from llama_jax.data import corpus
+from llama_jax.cli.train import tokenizer_main
 from llama_jax.data.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, builtin_tokenizer,
-                                 check_vocab_size, load_tokenizer, tokenizer_cli, train_sentencepiece)
+                                 check_vocab_size, load_tokenizer, train_sentencepiece)
 
 VOCAB = 600
 # Characters that never occur in the training text: they can only be encoded through byte fallback.
@@ -177,16 +178,16 @@ def test_command_line_training(tmp_path, capsys):
     for f in training_files()[:3]:
         (data / Path(f).name).write_bytes(Path(f).read_bytes())
     prefix = str(tmp_path / "out" / "tok")
-    assert tokenizer_cli(["--data", str(data / "*.py"), "--vocab_size", "500", "--output", prefix]) == 0
+    assert tokenizer_main(["--data", str(data / "*.py"), "--vocab-size", "500", "--output", prefix]) == 0
     assert capsys.readouterr().out.strip() == prefix + ".model"
     assert load_tokenizer(prefix + ".model").vocab_size == 500
     # A directory gives the same files, hence the same model.
-    assert tokenizer_cli(["--data", str(data), "--vocab_size", "500", "--output", prefix + "2"]) == 0
+    assert tokenizer_main(["--data", str(data), "--vocab-size", "500", "--output", prefix + "2"]) == 0
     assert Path(prefix + "2.model").read_bytes() == Path(prefix + ".model").read_bytes()
-    assert tokenizer_cli(["--data", str(tmp_path / "nope.txt"), "--vocab_size", "500", "--output", prefix]) == 2
+    assert tokenizer_main(["--data", str(tmp_path / "nope.txt"), "--vocab-size", "500", "--output", prefix]) == 2
     assert "nope.txt does not exist" in capsys.readouterr().err
     (data / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    assert tokenizer_cli(["--data", str(data), "--vocab_size", "500", "--output", prefix]) == 2
+    assert tokenizer_main(["--data", str(data), "--vocab-size", "500", "--output", prefix]) == 2
     assert "latin1.txt: not UTF-8 text" in capsys.readouterr().err
 
 

@@ -5,6 +5,7 @@ devices never touch the pytest process. Oracles: the killed process's own logged
 must repeat them bitwise), and an uninterrupted run on one mesh for the resharded resume.
 """
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 
 from test_train import (ROOT, child_env, losses_from_jsonl, overrides, persistent_compilation_cache, prepare,
                         run_in_process, run_python)
+
+pytestmark = pytest.mark.slow  # subprocesses with several (simulated) devices or processes
 
 # Runs train.py in a child whose orbax commit of one step blocks forever after all of its data is written
 # (just before the rename that makes it visible), announcing it in a marker file: the parent then
@@ -148,3 +151,42 @@ def test_restore_onto_another_mesh(corpus, cache_env, tmp_path):
     assert result["resumed_at"] == 3
     single = run_in_process(corpus, tmp_path / "single", global_batch_size=8, stop_at_step=4)
     assert result["losses"] == pytest.approx(single.losses, rel=1e-5)
+
+
+def test_a_second_job_on_a_run_directory_in_use_is_refused(corpus, cache_env, tmp_path, capsys):
+    """While a job trains, another on the same run_dir exits 2 naming the holder (and touches nothing);
+    the first finishes with exactly the losses of a lone run; the lock is gone afterwards."""
+    from llama_jax.cli.train import main as train_main
+
+    run_dir, lone_dir = tmp_path / "run", tmp_path / "lone"
+    args = overrides(corpus, run_dir, steps=40)
+    child = _spawn(["train.py", *args], cache_env)
+    try:
+        _wait_for(lambda: (run_dir / "lock.json").exists(), child, timeout=120)
+        holder = json.loads((run_dir / "lock.json").read_text())
+        assert train_main(overrides(corpus, run_dir, steps=40, **{"optimizer.peak_lr": 5e-3})) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is in use by job {holder['job']}" in err
+        assert f"PID {child.pid}" in err and holder["pid"] == child.pid
+        out, _ = child.communicate(timeout=300)
+    finally:
+        _kill(child)
+    assert child.returncode == 0, out
+    lone = run_in_process(corpus, lone_dir, steps=40)
+    assert losses_from_jsonl(run_dir) == dict(zip(range(1, 41), lone.losses))  # bitwise: the first run alone
+    assert "peak_lr: 0.01" in (run_dir / "config.yaml").read_text()  # the second job wrote nothing
+    assert not (run_dir / "lock.json").exists()
+
+
+def test_a_stale_lock_of_a_crashed_job_is_taken_over_with_a_warning(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = {"job": "crashed", "host": "elsewhere", "pid": 1, "started": time.time() - 7200,
+             "heartbeat": time.time() - 3600}
+    (run_dir / "lock.json").write_text(json.dumps(stale))
+    result = run_in_process(corpus, run_dir, steps=3, lock_stale_after_s=600)
+    assert result.status == "completed"
+    out = capsys.readouterr().out
+    assert re.search(r"warning: taking over .*lock.json: its holder \(host elsewhere, PID 1\) sent no heartbeat "
+                     r"for 36\d\d s", out), out
+    assert not (run_dir / "lock.json").exists()

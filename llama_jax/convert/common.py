@@ -5,6 +5,8 @@ torch's bfloat16 crosses over as a view on 16-bit integers, so no value is ever 
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterator
 
 import ml_dtypes
@@ -22,6 +24,20 @@ DTYPES = {flag: dtypes.numpy_dtype(flag) for flag in dtypes.FLAG_NAMES}
 
 class ConvertError(ValueError):
     """A checkpoint cannot be converted; the message names the file and tensor at fault."""
+
+
+def read_json_object(path: Path, kind: str) -> dict:
+    """The JSON object in `path`, the file that makes a directory a `kind` checkpoint (strict: a missing
+    file, bad UTF-8 or JSON, or anything but an object is a ConvertError naming the file)."""
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing (not a {kind} checkpoint directory)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def check_dtype(dtype, where: str) -> np.dtype:

@@ -13,8 +13,9 @@ import numpy as np
 
 from llama_jax.model.config import ModelConfig
 from llama_jax.convert import safetensors_io
-from llama_jax.convert.common import ConvertError, contiguous, torch_shape
+from llama_jax.convert.common import ConvertError, contiguous, read_json_object, torch_shape
 from llama_jax.utils.dtypes import config_name
+from llama_jax.utils.files import tokenizer_files
 from llama_jax.model.params import (TensorMap, from_torch_layout, hf_config_dict, model_config_from_hf, tensor_maps,
                               to_torch_layout, torch_name)
 
@@ -54,10 +55,8 @@ class HFReader:
     def __init__(self, path: Path, base: ModelConfig):
         self.path = path
         config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise ConvertError(f"{config_path}: missing (not a Hugging Face checkpoint directory)")
+        hf = read_json_object(config_path, "Hugging Face")
         try:
-            hf = json.loads(config_path.read_text())
             fields = {k: getattr(model_config_from_hf(hf), k) for k in (
                 "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_dim", "norm_eps", "rope_theta",
                 "rope_scaling", "max_seq_len", "tie_embeddings")}
@@ -76,7 +75,7 @@ class HFReader:
         self._validate()
         embedding = self.entries[torch_name(tensor_maps(self.cfg)[0], "hf")]
         self.dtype = safetensors_io.tensor_dtype(embedding[0], "model.embed_tokens.weight", embedding[1])
-        self.tokenizer_files = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+        self.tokenizer_files = tokenizer_files(path)
 
     def _validate(self) -> None:
         expected = {}

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.model.config import ModelConfig, RopeScaling
-from llama_jax.convert.common import ConvertError, contiguous, tensor_items, torch_shape, torch_to_numpy
+from llama_jax.convert.common import (ConvertError, contiguous, read_json_object, tensor_items, torch_shape,
+                                      torch_to_numpy)
 from llama_jax.convert.torch_stream import StreamingTorchSave
 from llama_jax.model.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name
+from llama_jax.utils.files import tokenizer_files
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -168,12 +170,7 @@ class MetaReader:
     def __init__(self, path: Path, base: ModelConfig):
         self.path = path
         params_path = path / PARAMS_FILE
-        if not params_path.is_file():
-            raise ConvertError(f"{params_path}: missing (not a Meta checkpoint directory)")
-        try:
-            params = json.loads(params_path.read_text())
-        except ValueError as e:
-            raise ConvertError(f"{params_path}: invalid JSON ({e})") from None
+        params = read_json_object(params_path, "Meta")
         self.shards = _Shards(list_shards(path))
         first = self.shards.state(0)
         fields = config_fields_from_params(params, params_path)
@@ -191,7 +188,7 @@ class MetaReader:
         self.maps = {m.ours: m for m in tensor_maps(self.cfg, meta_embedding_split_dim=self.embedding_split_dim)}
         self._validate()
         self.dtype = torch_to_numpy(first["tok_embeddings.weight"][:0]).dtype
-        self.tokenizer_files = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+        self.tokenizer_files = tokenizer_files(path)
 
     def _validate(self) -> None:
         n = len(self.shards.paths)

@@ -25,13 +25,13 @@ import yaml
 from llama_jax.model.config import ModelConfig
 from llama_jax.utils.config_io import from_dict, load_yaml, to_dict
 from llama_jax.model import api
+from llama_jax.utils.files import TOKENIZER_FILES, atomic_directory, tokenizer_files
 from llama_jax.utils.trees import flatten, unflatten
 
 MODEL_CONFIG_FILE = "model.yaml"
 PARAMS_DIR = "params"
 RUN_CONFIG_FILE = "config.yaml"
 RUN_CHECKPOINT_DIR = "checkpoints"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def is_params_dir(path: str | os.PathLike) -> bool:
@@ -58,10 +58,8 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
 
 def find_tokenizer(path: str | os.PathLike) -> str | None:
     """The tokenizer file that travels with a checkpoint directory, if any."""
-    for name in TOKENIZER_FILES:
-        if (Path(path) / name).is_file():
-            return str(Path(path) / name)
-    return None
+    found = tokenizer_files(path)
+    return str(found[0]) if found else None
 
 
 @contextlib.contextmanager
@@ -151,24 +149,16 @@ def save_params(path: str | os.PathLike, params: Mapping, model_cfg: ModelConfig
     Refuses to overwrite; checks names and shapes against `model_cfg` and that every array is stored in
     `model_cfg.param_dtype`, so that `load_params(path, read_model_config(path))` always succeeds.
     """
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
     flat = flatten(params)
     api.check_param_shapes({p: tuple(np.shape(v)) for p, v in flat.items()}, model_cfg, "params to save")
     for p, v in flat.items():
         if np.dtype(v.dtype) != np.dtype(model_cfg.weight_dtype):
             raise ValueError(f"params to save: parameter {'.'.join(p)} is {np.dtype(v.dtype)}, "
                              f"the config's param_dtype is {model_cfg.param_dtype}")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    if Path(path).exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    with atomic_directory(path) as tmp:
         write_params_dir(tmp, params, model_cfg, tokenizer_path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_model_config(directory: Path, model_cfg: ModelConfig) -> None:

@@ -18,6 +18,7 @@ from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.params import TensorMap
 from llama_jax.utils.dtypes import config_name
+from llama_jax.utils.files import tokenizer_files
 from llama_jax.utils.trees import flatten, set_path
 
 
@@ -43,7 +44,7 @@ class OrbaxReader:
         for p, meta in stored.items():
             check_dtype(meta.dtype, f"{self.item}: {'.'.join(p)}")
         self.dtype = np.dtype(stored[("tok_embeddings",)].dtype)
-        self.tokenizer_files = [p for p in (path / n for n in checkpoint_io.TOKENIZER_FILES) if p.is_file()]
+        self.tokenizer_files = tokenizer_files(path)
         self._current: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def tensor(self, tmap: TensorMap, layer: int | None) -> np.ndarray:

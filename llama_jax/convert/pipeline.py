@@ -17,6 +17,7 @@ from llama_jax.convert.common import DTYPES, FORMATS, ConvertError, tensor_count
 from llama_jax.convert.hf import DEFAULT_SHARD_BYTES, HFReader, HFWriter, is_hf_dir
 from llama_jax.convert.meta import MetaReader, MetaWriter, is_meta_dir
 from llama_jax.convert.ours import OrbaxReader, OrbaxWriter, ParamTreeBuilder, is_orbax_dir
+from llama_jax.utils.files import atomic_directory
 
 READERS = {"meta": MetaReader, "hf": HFReader, "orbax": OrbaxReader}
 # What a --preset must agree on with the source: the shapes the weights fix.
@@ -93,31 +94,24 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, src_form
     """
     from tqdm import tqdm
 
-    dst = Path(dst)
-    if dst.exists():
+    if Path(dst).exists():
         raise ConvertError(f"{dst} already exists; refusing to overwrite it")
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     reader = open_reader(src, src_format, preset)
     target_dtype = DTYPES[dtype] if dtype else reader.dtype
-    tmp = dst.parent / f".{dst.name}.convert-tmp-{os.getpid()}"
-    writer = make_writer(to, tmp, reader.cfg, target_dtype, model_parallel=model_parallel,
-                         meta_embedding_split_dim=meta_embedding_split_dim, max_shard_bytes=max_shard_bytes)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        with tqdm(total=tensor_count(reader.cfg), unit="tensor", desc=f"{reader.fmt} -> {to}",
-                  disable=not progress) as bar:
-            for tmap, layer in tensor_items(reader.cfg):
-                writer.add(tmap, layer, reader.tensor(tmap, layer))
-                bar.update()
-        writer.finish()
-        for tokenizer in reader.tokenizer_files:
-            shutil.copyfile(tokenizer, tmp / tokenizer.name)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(dst, "convert-tmp") as tmp:
+            writer = make_writer(to, tmp, reader.cfg, target_dtype, model_parallel=model_parallel,
+                                 meta_embedding_split_dim=meta_embedding_split_dim, max_shard_bytes=max_shard_bytes)
+            with tqdm(total=tensor_count(reader.cfg), unit="tensor", desc=f"{reader.fmt} -> {to}",
+                      disable=not progress) as bar:
+                for tmap, layer in tensor_items(reader.cfg):
+                    writer.add(tmap, layer, reader.tensor(tmap, layer))
+                    bar.update()
+            writer.finish()
+            for tokenizer in reader.tokenizer_files:
+                shutil.copyfile(tokenizer, tmp / tokenizer.name)
     finally:
         reader.close()
     return reader.cfg

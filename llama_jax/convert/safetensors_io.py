@@ -25,7 +25,13 @@ MAX_HEADER_BYTES = 100_000_000
 
 
 def read_header(path: Path) -> dict[str, dict]:
-    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file, offsets made absolute."""
+    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file, offsets made absolute.
+
+    Strict, as the format requires: a JSON object of entries, each with a supported dtype, a shape of
+    non-negative integers and `data_offsets` [begin, end] whose length is exactly dtype size × shape;
+    together the ranges tile the data section (from 0 to the end of the file) without gap or overlap.
+    Anything else is a ConvertError naming the file and the tensor.
+    """
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -33,19 +39,53 @@ def read_header(path: Path) -> dict[str, dict]:
         (size,) = struct.unpack("<Q", raw)
         if size > MAX_HEADER_BYTES:
             raise ConvertError(f"{path}: not a safetensors file (header length {size})")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as e:
-            raise ConvertError(f"{path}: corrupt safetensors header ({e})") from None
+        text = f.read(size)
+        data_bytes = f.seek(0, 2) - 8 - size
+    if len(text) != size:
+        raise ConvertError(f"{path}: header of {size} bytes is truncated ({len(text)} in the file)")
+    try:
+        header = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")
     header.pop("__metadata__", None)
+    spans = sorted((_checked_span(path, name, entry), name) for name, entry in header.items())
+    position = 0
+    for (begin, end), name in spans:
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else f"leaves bytes [{position}, {begin}) unused"
+            raise ConvertError(f"{path}: tensor {name}'s data_offsets [{begin}, {end}] {what}")
+        position = end
+    if position != data_bytes:
+        raise ConvertError(f"{path}: the tensors cover {position} bytes of a {data_bytes}-byte data section")
     for entry in header.values():
         begin, end = entry["data_offsets"]
         entry["data_offsets"] = (8 + size + begin, 8 + size + end)
     return header
 
 
+def _checked_span(path: Path, name: str, entry) -> tuple[int, int]:
+    """(begin, end) of one header entry, after checking its fields against each other."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ConvertError(f"{path}: tensor {name}: header entry must have exactly dtype, shape and "
+                           f"data_offsets, got {entry!r}"[:300])
+    dtype = tensor_dtype(path, name, entry)
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ConvertError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise ConvertError(f"{path}: tensor {name}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if offsets[1] - offsets[0] != expected:
+        raise ConvertError(f"{path}: tensor {name} spans {offsets[1] - offsets[0]} bytes, its shape {tuple(shape)} "
+                           f"needs {expected}")
+    return offsets[0], offsets[1]
+
+
 def tensor_dtype(path: Path, name: str, entry: dict) -> np.dtype:
-    if entry["dtype"] not in DTYPE_CODES:
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPE_CODES:
         raise ConvertError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}; "
                            f"expected one of {sorted(DTYPE_CODES)}")
     return DTYPE_CODES[entry["dtype"]]
@@ -53,13 +93,9 @@ def tensor_dtype(path: Path, name: str, entry: dict) -> np.dtype:
 
 def read_tensor(path: Path, name: str, entry: dict) -> np.ndarray:
     """One tensor of a file whose header entry is `entry` (from `read_header`)."""
-    dtype = tensor_dtype(path, name, entry)
+    dtype = tensor_dtype(path, name, entry)  # the entry was checked whole by `read_header`
     begin, end = entry["data_offsets"]
-    shape = tuple(entry["shape"])
-    if end - begin != dtype.itemsize * int(np.prod(shape)):
-        raise ConvertError(f"{path}: tensor {name} spans {end - begin} bytes, its shape {shape} needs "
-                           f"{dtype.itemsize * int(np.prod(shape))}")
-    out = np.empty(shape, dtype)
+    out = np.empty(tuple(entry["shape"]), dtype)
     with open(path, "rb") as f:
         f.seek(begin)
         if f.readinto(out.view(np.uint8).reshape(-1)) != end - begin:

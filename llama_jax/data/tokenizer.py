@@ -10,24 +10,22 @@ Encoding goes straight to each library (sentencepiece's own leading-space and by
 kinds behave the same way.
 
 New tokenizers are trained with LLaMA's SentencePiece settings (`train_sentencepiece`, and the command
-line `python train.py tokenizer --data ... --vocab_size N --output PREFIX`). The built-in demo corpus
+line `python train.py tokenizer --data ... --vocab-size N --output PREFIX`). The built-in demo corpus
 has its tokenizer trained once per vocabulary size and cached (`builtin_tokenizer`).
 """
 from __future__ import annotations
 
 import abc
-import argparse
 import hashlib
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from llama_jax.utils.files import write_atomically
+from llama_jax.utils.files import tokenizer_files, write_atomically
 
 # The trainer settings stored in LLaMA's tokenizer.model (its ModelProto's trainer_spec and
 # normalizer_spec), minus what only depends on the corpus size (input_sentence_size, num_threads).
@@ -204,11 +202,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """
     p = Path(path)
     if p.is_dir():
-        candidates = [p / "tokenizer.model", p / "tokenizer.json"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
+        found = tokenizer_files(p)
+        if not found:
             raise FileNotFoundError(f"{p}: directory has neither tokenizer.model nor tokenizer.json")
-        p = found
+        p = found[0]
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer file {p} does not exist")
     if p.suffix == ".json":
@@ -283,25 +280,3 @@ def builtin_tokenizer(vocab_size: int, cache_dir: str) -> Tokenizer:
         files = [str(f) for f in corpus.builtin_files("train")]
         train_sentencepiece(files, vocab_size, str(path.with_suffix("")))
     return load_tokenizer(path)
-
-
-def tokenizer_cli(argv: list[str]) -> int:
-    """`python train.py tokenizer --data PATH_OR_GLOB [--data ...] --vocab_size N --output PREFIX`."""
-    from llama_jax.data.sources import resolve_paths
-
-    parser = argparse.ArgumentParser(
-        prog="train.py tokenizer",
-        description="Train a SentencePiece BPE tokenizer with LLaMA's settings on plain-text files.")
-    parser.add_argument("--data", action="append", required=True,
-                        help="text file, directory (all files under it) or glob; repeat for more")
-    parser.add_argument("--vocab_size", type=int, required=True)
-    parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-    args = parser.parse_args(argv)
-    try:
-        files = [f for pattern in args.data for f in resolve_paths(pattern, key="--data")]
-        path = train_sentencepiece(files, args.vocab_size, args.output)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0

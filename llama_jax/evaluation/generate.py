@@ -1,7 +1,7 @@
 """Text generation with a KV cache: batched prompts of different lengths, the decode loop in one jit.
 
-Prompts are left-padded to a common length (padding has segment id 0, positions count real tokens
-only), prefilled in one forward pass that fills the cache, then decoded one token per step inside a
+Prompts are left-padded to a common length, a power of two (at least 16) so that few programs compile
+(padding has segment id 0, positions count real tokens only), prefilled in one forward pass that fills the cache, then decoded one token per step inside a
 `lax.while_loop`. The whole loop is one compiled program: no per-token dispatch, and bf16 weights are
 not re-converted on every token. A row stops at EOS (later slots hold the pad id); the loop stops when
 every row has stopped or `max_new_tokens` are out.
@@ -25,7 +25,7 @@ from llama_jax.evaluation.loading import EvalModel
 from llama_jax.model import api
 from llama_jax.model.transformer import KVCache, unstack_layers
 
-PROMPT_BUCKET = 16
+MIN_PROMPT_BUCKET = 16
 
 
 @dataclass(frozen=True)
@@ -142,16 +142,24 @@ class Generator:
             _decode, model.cfg, max_new=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
             top_p=sampling.top_p, eos_id=self.eos_id, pad_id=self.pad_id), out_shardings=model.out_sharding())
 
-    def _inputs(self, prompts: Sequence[Sequence[int]]):
+    @property
+    def max_prompt_len(self) -> int:
+        """The longest prompt that leaves room for max_new_tokens in the model's context."""
+        return self.model.cfg.max_seq_len - self.sampling.max_new_tokens
+
+    def _inputs(self, prompts: Sequence[Sequence[int]], seed: int, rows: int):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
         longest = max(len(p) for p in prompts)
-        if longest + self.sampling.max_new_tokens > self.model.cfg.max_seq_len:
+        if longest > self.max_prompt_len:
             raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens "
                              f"{self.sampling.max_new_tokens} exceeds the model's max_seq_len "
                              f"{self.model.cfg.max_seq_len}")
-        rows = -(-len(prompts) // self.model.row_multiple) * self.model.row_multiple
-        width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        rows = -(-max(rows, len(prompts)) // self.model.row_multiple) * self.model.row_multiple
+        width = MIN_PROMPT_BUCKET
+        while width < longest:
+            width *= 2
+        width = min(width, self.max_prompt_len)
         tokens = np.full((rows, width), self.pad_id, np.int32)
         segments = np.zeros((rows, width), np.int32)
         for i, p in enumerate(prompts):
@@ -159,12 +167,13 @@ class Generator:
             segments[i, width - len(p):] = 1
         for i in range(len(prompts), rows):  # filler rows: a one-token prompt, discarded
             segments[i, -1] = 1
-        s = self.sampling
         return (self.model.params, self.model.place_rows(tokens), self.model.place_rows(segments),
-                jnp.float32(s.temperature or 1.0), jax.random.key(s.seed))
+                jnp.float32(self.sampling.temperature or 1.0), jax.random.key(seed))
 
-    def __call__(self, prompts: Sequence[Sequence[int]]) -> Generation:
-        args = self._inputs(prompts)
+    def __call__(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None, rows: int = 0) -> Generation:
+        """New tokens for each prompt; `seed` overrides the sampling seed, `rows` pads the batch to at
+        least that many rows (so batches of one evaluation share one compiled program)."""
+        args = self._inputs(prompts, self.sampling.seed if seed is None else seed, rows)
         shape = args[1].shape
         compile_seconds = 0.0
         if shape not in self.compiled:
@@ -182,3 +191,27 @@ class Generator:
                 row = row[:row.index(self.eos_id) + 1]
             tokens.append(row)
         return Generation(tokens, seconds, compile_seconds)
+
+
+def cut_at_stops(text: str, until: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string (lm-evaluation-harness's rule)."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def generate_texts(generator: Generator, prompts: Sequence[Sequence[int]], *, until: Sequence[str] = (),
+                   batch_size: int = 8, seed: int | None = None) -> list[str]:
+    """Completion text of each token prompt, cut at `until`: prompts sorted by length (longest first)
+    and decoded `batch_size` at a time; prompts too long for the context lose tokens on the left."""
+    tok = generator.model.tokenizer
+    prompts = [list(p)[-generator.max_prompt_len:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        result = generator([prompts[i] for i in chunk], seed=seed, rows=batch_size)
+        for i, tokens in zip(chunk, result.tokens):
+            texts[i] = cut_at_stops(tok.decode(tokens), until)
+    return texts

@@ -1,15 +1,19 @@
-"""Perplexity and bits per byte of documents, long ones scored with the strided sliding window.
+"""Perplexity and bits per byte of documents, long ones scored in windows.
 
 A document is [BOS] + its tokens (`bos=False` drops the BOS; its first token is then context only).
-Every token after the first is predicted exactly once. Documents that fit the context length are one
-window. Longer ones follow the standard strided definition (Hugging Face's perplexity guide):
-windows begin every `stride` tokens and span `context_len` tokens (the last one stops at the document's
-end); the first window predicts all its tokens, each later window only the tokens past the previous
-window's end (`stride` of them, fewer in the last), each with the preceding tokens of its window as
-context (at least `context_len - stride`). stride must be below context_len, so no token is ever the
-first of its window and unpredicted. The default stride, context_len - 1, predicts context_len - 1 new
-tokens per window (lm-evaluation-harness's rolling windows); a smaller stride buys more context with
-more compute.
+Every token after the first is predicted exactly once. Two window schemes:
+
+- Rolling (the default): lm-evaluation-harness's `loglikelihood_rolling` (its
+  `get_rolling_token_windows(..., context_len=1)` followed by `make_disjoint_window`). The first window
+  is the document's first `context_len + 1` tokens and predicts all but the first; every later window
+  predicts the next `context_len` tokens (fewer in the last) with the one token before them, and
+  further back as many as fit, as context: each window is `context_len + 1` tokens, i.e. exactly
+  `context_len` model inputs. Numbers are then lm-evaluation-harness's to the last token.
+- Strided (`stride` given): the standard definition of Hugging Face's perplexity guide. Windows begin
+  every `stride` tokens and span `context_len` tokens (the last one stops at the document's end); the
+  first window predicts all its tokens, each later one only the tokens past the previous window's end,
+  with at least `context_len - stride` tokens of context. A smaller stride buys more context with
+  more compute.
 
 Reported: mean negative log-likelihood per predicted token (nats), perplexity = exp(mean NLL), and bits
 per byte = total NLL / ln 2 / total UTF-8 bytes of the documents, which does not depend on the
@@ -71,9 +75,25 @@ def strided_windows(n_tokens: int, context_len: int, stride: int) -> list[tuple[
         prev_end, begin = end, begin + stride
 
 
+def rolling_windows(n_tokens: int, context_len: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored index) of lm-evaluation-harness's rolling windows over [0, n_tokens).
+
+    Token 0 (BOS) is the first window's context; each window holds at most `context_len + 1` tokens
+    and predicts up to `context_len` new ones; later windows reach back to fill their length.
+    """
+    if context_len < 1:
+        raise ValueError(f"context length must be >= 1, got {context_len}")
+    windows, end = [], 1
+    while end < n_tokens:
+        first, end = end, min(end + context_len, n_tokens)
+        windows.append((max(0, end - context_len - 1), end, first))
+    return windows
+
+
 def token_logprobs(scorer: TokenScorer, documents: Sequence[Sequence[int]], *, context_len: int,
-                   stride: int) -> list[np.ndarray]:
-    """log p of tokens 1..n-1 of each token document, each predicted once (strided windows)."""
+                   stride: int | None = None) -> list[np.ndarray]:
+    """log p of tokens 1..n-1 of each token document, each predicted once (rolling windows, or strided
+    ones when `stride` is given)."""
     if context_len > scorer.max_len:
         raise ValueError(f"context length {context_len} exceeds the scorer's maximum {scorer.max_len}")
     docs = [np.asarray(d, np.int32) for d in documents]
@@ -81,7 +101,9 @@ def token_logprobs(scorer: TokenScorer, documents: Sequence[Sequence[int]], *, c
     for d, tokens in enumerate(docs):
         if len(tokens) < 2:
             raise ValueError(f"document {d} has {len(tokens)} token(s): nothing to predict")
-        for begin, end, first in strided_windows(len(tokens), context_len, stride):
+        windows = (rolling_windows(len(tokens), context_len) if stride is None
+                   else strided_windows(len(tokens), context_len, stride))
+        for begin, end, first in windows:
             pieces.append(tokens[begin:end])
             where.append((d, begin, first))
     scores = scorer.score(pieces)
@@ -93,10 +115,9 @@ def token_logprobs(scorer: TokenScorer, documents: Sequence[Sequence[int]], *, c
 
 def evaluate_perplexity(scorer: TokenScorer, texts: Sequence[str], tokenizer, *, context_len: int | None = None,
                         stride: int | None = None, bos: bool = True) -> PerplexityResult:
-    """Perplexity and bits per byte of `texts` (context_len defaults to the scorer's maximum, stride to
-    context_len - 1)."""
+    """Perplexity and bits per byte of `texts` (context_len defaults to the scorer's maximum; rolling
+    windows unless a `stride` is given)."""
     context_len = context_len or scorer.max_len
-    stride = stride or context_len - 1
     docs = [tokenizer.encode(t, bos=bos) for t in texts]
     kept = [(t, d) for t, d in zip(texts, docs) if len(d) >= 2]
     if not kept:

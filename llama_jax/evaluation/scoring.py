@@ -5,6 +5,10 @@ shows up at once), right-padded to a length bucket (powers of two, capped at the
 to a fixed row count, so a whole evaluation compiles a handful of programs. Padding has segment id 0:
 the model's attention ignores it and its scores are dropped. The result for a sequence of n tokens is
 log p(token t | tokens < t) and whether token t is the argmax, for t = 1 .. n-1.
+
+The model reads only tokens 0 .. n-2 (the last token is a target, never an input), so a sequence may
+hold `max_len + 1` tokens for a `max_len`-token model input: lm-evaluation-harness's convention, under
+which a window of a model with a 2048-token context predicts 2048 tokens.
 """
 from __future__ import annotations
 
@@ -23,15 +27,17 @@ MIN_BUCKET = 16
 
 
 def _token_scores(cfg, params, tokens, segment_ids):
-    logits, _ = api.apply(cfg, params, tokens, segment_ids=segment_ids)
-    logits, targets = logits[:, :-1], tokens[:, 1:]
+    """tokens [rows, width + 1]: the model reads the first `width`, each predicting the next."""
+    logits, _ = api.apply(cfg, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1])
+    targets = tokens[:, 1:]
     return -token_nll(logits, targets), jnp.argmax(logits, axis=-1) == targets
 
 
 def length_bucket(length: int, max_len: int) -> int:
     """Smallest power of two (at least MIN_BUCKET) holding `length`, capped at `max_len`."""
     if length > max_len:
-        raise ValueError(f"sequence of {length} tokens exceeds the maximum length {max_len}")
+        raise ValueError(f"a sequence of {length + 1} tokens ({length} model inputs) exceeds the maximum "
+                         f"length {max_len}")
     bucket = MIN_BUCKET
     while bucket < length:
         bucket *= 2
@@ -64,7 +70,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, groups: Sequence[Seque
 
 class TokenScorer:
     """Scores token sequences with `model` in batches of `batch_size` rows (rounded up to the mesh's
-    row multiple) and at most `max_len` tokens each."""
+    row multiple); a sequence holds at most `max_len + 1` tokens (`max_len` model inputs)."""
 
     def __init__(self, model: EvalModel, *, batch_size: int, max_len: int | None = None):
         self.model = model
@@ -84,7 +90,7 @@ class TokenScorer:
                 raise ValueError(f"sequence {i} has {len(s)} token(s); scoring needs at least 2")
         results: list = [None] * len(seqs)
         for batch in plan_batches([len(s) for s in seqs], self.rows, groups):
-            width = length_bucket(max(len(seqs[i]) for i in batch), self.max_len)
+            width = length_bucket(max(len(seqs[i]) for i in batch) - 1, self.max_len) + 1
             tokens = np.zeros((self.rows, width), np.int32)
             segments = np.zeros((self.rows, width), np.int32)
             for row, i in enumerate(batch):

@@ -17,18 +17,14 @@ dividing each score by the UTF-8 byte length of its continuation text without th
 (lm-evaluation-harness divides by len(choice) in characters: equal for ASCII); each with its standard
 error, sample standard deviation / sqrt(n). Ties go to the first choice (numpy's argmax).
 
-Local tasks are JSONL files, one item per line:
-    {"context": "Question: ...\\nAnswer:", "choices": ["first", "second"], "label": 1, "id": "q7"}
-`id` is optional (default: the line number). TFDS tasks (`TFDS_TASKS`) are read from a prepared
-`data_dir` and never downloaded; their prompts are lm-evaluation-harness's.
+Local task files are read by `suite` (JSONL, one item per line); TFDS tasks (`TFDS_TASKS`) are read
+from a prepared `data_dir` and never downloaded; their prompts are lm-evaluation-harness's.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -55,37 +51,6 @@ class Item:
 def shared_context_item(item_id: str, context: str, choices: Sequence[str], label: int) -> Item:
     """The usual item: one context, continuation " " + choice."""
     return Item(str(item_id), (context,) * len(choices), tuple(" " + c for c in choices), int(label))
-
-
-# ---------------------------------------------------------------------------------------------- JSONL
-
-def load_jsonl_task(path: str) -> list[Item]:
-    """Items of a local JSONL task file (schema in the module docstring); errors name file, line, key."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"task file {path} does not exist")
-    items = []
-    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object with context, choices, label")
-        context, choices, label = record.get("context"), record.get("choices"), record.get("label")
-        if not isinstance(context, str):
-            raise ValueError(f"{where}: key 'context' must be a string, got {type(context).__name__}")
-        if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
-            raise ValueError(f"{where}: key 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
-        if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(choices)):
-            raise ValueError(f"{where}: key 'label' must be an integer in [0, {len(choices)}), got {label!r}")
-        items.append(shared_context_item(str(record.get("id", number)), context, choices, label))
-    if not items:
-        raise ValueError(f"task file {path} holds no items")
-    return items
 
 
 # ----------------------------------------------------------------------------------------------- TFDS
@@ -175,15 +140,6 @@ def load_tfds_task(name: str, *, data_dir: str | None, split: str | None = None)
     except ValueError as e:
         raise ValueError(f"task {name}: {e}") from e
     return [task.to_item(i, records[i]) for i in range(len(records))]
-
-
-def load_task(spec: str, *, data_dir: str | None = None, split: str | None = None) -> tuple[str, list[Item]]:
-    """(task name, items) for a catalog name or a path to a .jsonl file."""
-    if spec.endswith(".jsonl"):
-        return Path(spec).stem, load_jsonl_task(spec)
-    if spec not in TFDS_TASKS:
-        raise ValueError(f"unknown task {spec!r}: expected one of {sorted(TFDS_TASKS)} or a .jsonl file")
-    return spec, load_tfds_task(spec, data_dir=data_dir, split=split)
 
 
 # ------------------------------------------------------------------------------------------- scoring

@@ -81,6 +81,21 @@ class Blocks(NamedTuple):
     k_dq: int
 
 
+class Geometry(NamedTuple):
+    """Sizes of one (padded) call: queries [batch, seq, heads, head_dim], kv heads serving `group` each."""
+
+    batch: int
+    seq: int
+    heads: int
+    head_dim: int
+    group: int
+
+
+def geometry(q, k) -> Geometry:
+    batch, seq, heads, head_dim = q.shape
+    return Geometry(batch, seq, heads, head_dim, heads // k.shape[2])
+
+
 BLOCK_NAMES = ("block_q", "block_k", "block_q_dkdv", "block_k_dkdv", "block_q_dq", "block_k_dq")
 
 

@@ -68,16 +68,11 @@ def _store_count(count_ref, visits):
         count_ref[...] = jnp.full(count_ref.shape, visits, jnp.int32)
 
 
-# ------------------------------------------------------------------------------------------ forward
-
-
-def _forward_kernel(*refs, blocks: Blocks, n_q: int, qk_scale: float, has_seg: bool, count: bool):
-    (seg_ref,), ins, (o_ref, lse_ref), count_ref, _ = common.split_refs(refs, 1, has_seg, 3, 2, count)
-    q_ref, k_ref, v_ref = ins
-    bq, bk = blocks.q, blocks.k
+def _over_key_blocks(seg_ref, n_q: int, bq: int, bk: int, step, init, count: bool):
+    """Run `step(key rows, carry, mask)` over the key blocks this program's query block needs (programs
+    take query blocks heaviest first), unmasked blocks first; returns (carry, visits or None)."""
     i = n_q - 1 - pl.program_id(0)
     q_start = pl.multiple_of(i * bq, bq)
-    q = q_ref[...]
     q_seg = _segments(seg_ref, q_start, bq)
     q_seg = None if q_seg is None else q_seg[:, None]
 
@@ -86,16 +81,28 @@ def _forward_kernel(*refs, blocks: Blocks, n_q: int, qk_scale: float, has_seg: b
         k_seg = _segments(seg_ref, k_start, bk)
         mask = common.block_mask(q_start, k_start, bq, bk, q_seg, None if k_seg is None else k_seg[None, :],
                                  causal=masked)
-        k = k_ref[pl.ds(k_start, bk), :]
-        v = v_ref[pl.ds(k_start, bk), :]
-        return common.online_softmax_step(*carry, q, k, v, mask, qk_scale)
+        return step(pl.ds(k_start, bk), carry, mask)
+
+    n_full, n_needed = common.key_blocks_for_query_block(i, bq, bk)
+    return _causal_loop(((0, n_full, False), (n_full, n_needed, True)), body, init, jnp.int32(0) if count else None)
+
+
+# ------------------------------------------------------------------------------------------ forward
+
+
+def _forward_kernel(*refs, blocks: Blocks, n_q: int, qk_scale: float, has_seg: bool, count: bool):
+    (seg_ref,), ins, (o_ref, lse_ref), count_ref, _ = common.split_refs(refs, 1, has_seg, 3, 2, count)
+    q_ref, k_ref, v_ref = ins
+    bq, bk = blocks.q, blocks.k
+    q = q_ref[...]
+
+    def step(cols, carry, mask):
+        return common.online_softmax_step(*carry, q, k_ref[cols, :], v_ref[cols, :], mask, qk_scale)
 
     head_dim = q.shape[-1]
     init = (jnp.zeros((bq, head_dim), jnp.float32), jnp.full((bq,), common.ROW_MAX_FLOOR, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    n_full, n_needed = common.key_blocks_for_query_block(i, bq, bk)
-    (acc, m, l), visits = _causal_loop(((0, n_full, False), (n_full, n_needed, True)), body, init,
-                                       jnp.int32(0) if count else None)
+    (acc, m, l), visits = _over_key_blocks(seg_ref, n_q, bq, bk, step, init, count)
     out, lse = common.finish_softmax(acc, m, l)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
@@ -104,11 +111,9 @@ def _forward_kernel(*refs, blocks: Blocks, n_q: int, qk_scale: float, has_seg: b
 
 def forward(q, k, v, segment_ids, cfg: KernelConfig):
     """Padded inputs -> (out [B,T,H,D], lse [B,H,T] fp32 log2-domain, counts [B,H,n_q] or None)."""
-    batch, seq, heads, head_dim = q.shape
-    group = heads // k.shape[2]
+    batch, seq, heads, head_dim, group = common.geometry(q, k)
     bq, bk = cfg.blocks.q, cfg.blocks.k
-    n_q = seq // bq
-    has_seg = segment_ids is not None
+    n_q, has_seg = seq // bq, segment_ids is not None
     kernel = functools.partial(_forward_kernel, blocks=cfg.blocks, n_q=n_q, qk_scale=common.log2_scale(head_dim),
                                has_seg=has_seg, count=cfg.count_visits)
     rev = lambda i: n_q - 1 - i  # noqa: E731  (longest rows first: less tail imbalance)
@@ -175,37 +180,21 @@ def _dq_kernel(*refs, blocks: Blocks, n_q: int, qk_scale: float, scale: float, h
     (seg_ref,), ins, (dq_ref,), count_ref, _ = common.split_refs(refs, 1, has_seg, 6, 1, count)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     bq, bk = blocks.q_dq, blocks.k_dq
-    i = n_q - 1 - pl.program_id(0)
-    q_start = pl.multiple_of(i * bq, bq)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    q_seg = _segments(seg_ref, q_start, bq)
-    q_seg = None if q_seg is None else q_seg[:, None]
 
-    def body(j, dq, masked):
-        k_start = pl.multiple_of(j * bk, bk)
-        k_seg = _segments(seg_ref, k_start, bk)
-        mask = common.block_mask(q_start, k_start, bq, bk, q_seg, None if k_seg is None else k_seg[None, :],
-                                 causal=masked)
-        cols = pl.ds(k_start, bk)
+    def step(cols, dq, mask):
         return common.dq_step(dq, q, k_ref[cols, :], v_ref[cols, :], do, lse, delta, mask, qk_scale)
 
-    n_full, n_needed = common.key_blocks_for_query_block(i, bq, bk)
-    dq, visits = _causal_loop(((0, n_full, False), (n_full, n_needed, True)), body,
-                              jnp.zeros(q.shape, jnp.float32), jnp.int32(0) if count else None)
+    dq, visits = _over_key_blocks(seg_ref, n_q, bq, bk, step, jnp.zeros(q.shape, jnp.float32), count)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
     _store_count(count_ref, visits)
 
 
 def backward(q, k, v, segment_ids, delta, lse, d_out, cfg: KernelConfig):
-    """Padded inputs, delta (`common.output_grad_rowdot`), forward lse and dO
-    -> (dq, dk, dv, counts_dkdv, counts_dq)."""
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    has_seg = segment_ids is not None
-    count = cfg.count_visits
-    scale = 1.0 / head_dim ** 0.5
-    qk_scale = common.log2_scale(head_dim)
+    """`Backend.backward` as two Triton programs: dK/dV per (key block, kv head), dQ per query block."""
+    batch, seq, heads, head_dim, group = common.geometry(q, k)
+    kv_heads, scale, qk_scale = heads // group, 1.0 / head_dim ** 0.5, common.log2_scale(head_dim)
+    has_seg, count = segment_ids is not None, cfg.count_visits
     params = _compiler_params(cfg, head_dim)
     seg_args = (segment_ids,) if has_seg else ()
     seg_spec = [pl.BlockSpec((None, seq), lambda *g: (g[1], 0))] if has_seg else []

@@ -99,6 +99,13 @@ def _count_out(count: bool, shape, index_map):
         else ([], [])
 
 
+def _query_major_pair(q_tab, k_tab, bq: int, bk: int):
+    """(query block i, key block j) of this grid step, and i's (n_full, n_needed) key-block bounds."""
+    p = pl.program_id(2)
+    i, j = q_tab[p], k_tab[p]
+    return (i, j, *common.key_blocks_for_query_block(i, bq, bk))
+
+
 # ------------------------------------------------------------------------------------------ forward
 
 
@@ -106,9 +113,7 @@ def _forward_kernel(q_tab, k_tab, *refs, blocks: Blocks, qk_scale: float, has_se
     segs, (q_ref, k_ref, v_ref), (o_ref, lse_ref), count_ref, (acc_ref, m_ref, l_ref) = \
         common.split_refs(refs, 2, has_seg, 3, 2, count)
     bq, bk = blocks.q, blocks.k
-    p = pl.program_id(2)
-    i, j = q_tab[p], k_tab[p]
-    n_full, n_needed = common.key_blocks_for_query_block(i, bq, bk)
+    i, j, n_full, n_needed = _query_major_pair(q_tab, k_tab, bq, bk)
 
     @pl.when(j == 0)
     def _init():
@@ -133,11 +138,9 @@ def _forward_kernel(q_tab, k_tab, *refs, blocks: Blocks, qk_scale: float, has_se
 
 def forward(q, k, v, segment_ids, cfg: KernelConfig):
     """Padded [B,T,H,D] inputs -> (out [B,T,H,D], lse [B,H,T,1] fp32 log2-domain, counts [B,H,n_q] or None)."""
-    batch, seq, heads, head_dim = q.shape
-    group = heads // k.shape[2]
+    batch, seq, heads, head_dim, group = common.geometry(q, k)
     bq, bk = cfg.blocks.q, cfg.blocks.k
-    n_q = seq // bq
-    has_seg = segment_ids is not None
+    n_q, has_seg = seq // bq, segment_ids is not None
     q_tab, k_tab = query_major_pairs(n_q, bq, bk)
     qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     row = lambda b, h, p, qs, ks: (b, h, qs[p], 0)  # noqa: E731
@@ -203,9 +206,7 @@ def _dq_kernel(q_tab, k_tab, *refs, blocks: Blocks, qk_scale: float, scale: floa
     segs, ins, (dq_ref,), count_ref, (dq_acc,) = common.split_refs(refs, 2, has_seg, 6, 1, count)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     bq, bk = blocks.q_dq, blocks.k_dq
-    p = pl.program_id(2)
-    i, j = q_tab[p], k_tab[p]
-    n_full, n_needed = common.key_blocks_for_query_block(i, bq, bk)
+    i, j, n_full, n_needed = _query_major_pair(q_tab, k_tab, bq, bk)
 
     @pl.when(j == 0)
     def _init():
@@ -224,15 +225,10 @@ def _dq_kernel(q_tab, k_tab, *refs, blocks: Blocks, qk_scale: float, scale: floa
 
 
 def backward(q, k, v, segment_ids, delta, lse, d_out, cfg: KernelConfig):
-    """Padded inputs, delta (`common.output_grad_rowdot`), forward lse and dO
-    -> (dq, dk, dv, counts_dkdv, counts_dq)."""
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    has_seg = segment_ids is not None
-    count = cfg.count_visits
-    scale = 1.0 / head_dim ** 0.5
-    qk_scale = common.log2_scale(head_dim)
+    """`Backend.backward` as two Mosaic programs over triangular grids: dK/dV key-major, dQ query-major."""
+    batch, seq, heads, head_dim, group = common.geometry(q, k)
+    kv_heads, scale, qk_scale = heads // group, 1.0 / head_dim ** 0.5, common.log2_scale(head_dim)
+    has_seg, count = segment_ids is not None, cfg.count_visits
     interpret = _interpret(cfg)
     qt, kt, vt, dot = (x.transpose(0, 2, 1, 3) for x in (q, k, v, d_out))
     delta = delta[..., None]

@@ -1,10 +1,12 @@
 """XLA:CPU fast paths: the model's few operations that XLA:CPU runs slowly in their plain form, each
 given a CPU-only variant with the same result. Nothing else in the model knows about the CPU.
 
-Every function here computes exactly what its plain form (`plain_*`) computes. The CPU variant is
-chosen by `lax.platform_dependent`, which is resolved when the program is lowered: a program lowered
-for a GPU or TPU contains only the plain form (tests/test_cpu_fast_paths.py lowers one for each and
-looks for this module's named scope). `LLAMA_JAX_CPU_FAST_PATHS=0` turns every fast path off
+Every function here computes exactly what its plain form (`plain_*`) computes. A program traced on a
+GPU or TPU host gets the plain form only: no trace of this module's variants. Traced on a CPU host, it
+gets `lax.platform_dependent(cpu=variant, default=plain)`, resolved when the program is compiled: the
+CPU runs the variant, and the same program exported from a CPU for a GPU or TPU still runs the plain
+form there. The variants run under the named scope `xla_cpu_fast_path`, so a lowered program shows
+whether it holds any (tests/test_cpu_fast_paths.py). `LLAMA_JAX_CPU_FAST_PATHS=0` turns them all off
 (read when a function is traced), e.g. to measure what they buy.
 
 - `matmul`: autodiff's gradients of a product read its operands transposed (the weight gradient
@@ -26,17 +28,17 @@ import os
 import jax
 import jax.numpy as jnp
 
-SCOPE = "cpu_fast_path"
+SCOPE = "xla_cpu_fast_path"
 SWITCH = "LLAMA_JAX_CPU_FAST_PATHS"
 
 
 def enabled() -> bool:
-    """The switch: on unless LLAMA_JAX_CPU_FAST_PATHS=0."""
-    return os.environ.get(SWITCH, "1") != "0"
+    """The switch: on unless LLAMA_JAX_CPU_FAST_PATHS=0, and only where the host's backend is the CPU."""
+    return os.environ.get(SWITCH, "1") != "0" and jax.default_backend() == "cpu"
 
 
 def _on_cpu(fast, plain, *args):
-    """`fast(*args)` in a program lowered for the CPU, `plain(*args)` elsewhere (or with the switch off)."""
+    """`fast(*args)` where the program runs on a CPU, `plain(*args)` elsewhere (see the module docstring)."""
     if not enabled():
         return plain(*args)
 

@@ -13,9 +13,19 @@ Restoring takes the target tree of `jax.ShapeDtypeStruct`s with shardings: the a
 into that layout, whatever mesh wrote them (resharding on restore). `param_shapes` reads the saved
 shapes from the metadata alone, so the caller can compare them with the config before anything is
 read or compiled.
+
+Damage after the fact (a truncated, zeroed or deleted file) is what orbax cannot see: once a step's save
+has finished, process 0 records every file's size and CRC-32 in `RUN/checkpoint_integrity/<step>.json`;
+`damage(step)` compares the files with that record (one line naming the first file that differs), and
+`set_aside(step)` renames a damaged step to `checkpoints/<step>.corrupt-<time>` (never deleted; orbax
+no longer sees it) so that the previous step becomes the latest.
 """
 from __future__ import annotations
 
+import json
+import os
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +40,78 @@ class RunCheckpoints:
 
     def __init__(self, run_dir: str | Path, *, keep: int, keep_period: int = 0, async_save: bool = True):
         self.directory = Path(run_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(
+        self.integrity_dir = Path(run_dir).absolute() / "checkpoint_integrity"
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_period or None, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        return ocp.CheckpointManager(self.directory, options=self._options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
         return self._manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """Every complete step, oldest first."""
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
         """Start saving `step` (returns once the arrays are copied off; writing continues in the background)."""
+        self.wait()  # the previous save is complete: record its files before the next one starts
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)), force=True)
+
+    def _record_integrity(self) -> None:
+        """Sizes and CRC-32s of the files of every finished step that has no record yet (process 0)."""
+        if jax.process_index() != 0:
+            return
+        self.integrity_dir.mkdir(parents=True, exist_ok=True)
+        for step in self.steps():
+            record = self.integrity_dir / f"{step}.json"
+            if not record.exists():
+                tmp = record.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(file_digests(self.directory / str(step)), sort_keys=True))
+                tmp.replace(record)
+
+    def damage(self, step: int) -> str | None:
+        """What differs between `step`'s files and their record (None: intact, or saved without a record)."""
+        record = self.integrity_dir / f"{step}.json"
+        if not record.exists():
+            return None
+        try:
+            expected = json.loads(record.read_text())
+        except ValueError:
+            return f"its integrity record {record} is unreadable"
+        step_dir = self.directory / str(step)
+        for name, (size, crc) in sorted(expected.items()):
+            path = step_dir / name
+            if not path.is_file():
+                return f"file {path} is missing"
+            if path.stat().st_size != size:
+                return f"file {path} has {path.stat().st_size} bytes, {size} when saved"
+            if _crc32(path) != crc:
+                return f"file {path} changed since it was saved (CRC-32 differs)"
+        return None
+
+    def set_aside(self, step: int) -> Path:
+        """Rename a damaged step out of orbax's sight (`<step>.corrupt-<time>`); the previous step becomes
+        the latest. Process 0 renames; every process then reopens the manager."""
+        target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            os.rename(self.directory / str(step), target)
+            (self.integrity_dir / f"{step}.json").unlink(missing_ok=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self._manager.close()
+        self._manager = self._open()
+        return target
 
     def param_shapes(self, step: int) -> dict[tuple[str, ...], tuple[int, ...]]:
         """{parameter path: shape} saved at `step`, read from the metadata only (no array is read)."""
@@ -59,11 +125,27 @@ class RunCheckpoints:
         return restored["params"], restored["opt_state"], dict(restored["meta"])
 
     def wait(self) -> None:
-        """Block until every started save is complete on disk."""
+        """Block until every started save is complete on disk, and record its files."""
         self._manager.wait_until_finished()
+        self._record_integrity()
 
     def close(self) -> None:
+        self.wait()
         self._manager.close()
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def file_digests(directory: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (bytes, CRC-32)} of every file under `directory`."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, _crc32(p))
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -65,6 +65,8 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0  # MFU denominator; 0 = the table in llama_jax.training.metrics
     profile_steps: int = 0  # trace this many steps with JAX's profiler into run_dir/profile; 0 = off
     profile_start_step: int = 3  # the first traced step (step 1 compiles)
+    lock_heartbeat_s: float = 30.0  # how often process 0 refreshes run_dir/lock.json
+    lock_stale_after_s: float = 600.0  # a lock whose heartbeat is older is a crashed job's: taken over
 
     def __post_init__(self):
         positive = ("steps", "global_batch_size", "seq_len", "micro_batches", "log_every", "checkpoint_every",
@@ -91,6 +93,9 @@ class TrainConfig:
             raise ConfigError(f"peak_flops_per_device must be >= 0, got {self.peak_flops_per_device}")
         if not self.run_dir:
             raise ConfigError("run_dir must name a directory")
+        if not 0 < self.lock_heartbeat_s < self.lock_stale_after_s:
+            raise ConfigError(f"lock_heartbeat_s={self.lock_heartbeat_s} must be > 0 and below "
+                              f"lock_stale_after_s={self.lock_stale_after_s}")
 
     @property
     def last_step(self) -> int:

@@ -4,7 +4,8 @@
 is checked first (config, run directory, tokenizer, data, checkpoint shapes). Then:
 
 - the state comes from the run's latest complete checkpoint if there is one (params, optimizer state,
-  step and data-iterator position: the run continues exactly where it stopped), else from `init_from`
+  step and data-iterator position: the run continues exactly where it stopped; a step damaged since it
+  was saved is set aside and the one before it used), else from `init_from`
   (weights only: fresh optimizer, step 0), else from random initialisation; it is created or read
   directly in its shards on the configured mesh;
 - each step feeds this process's rows of the global batch to `llama_jax.training.step.jit_train_step` (the
@@ -39,6 +40,7 @@ from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, fo
 from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.profiling import StepProfiler
+from llama_jax.training.run_lock import RunLock
 from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.optimizer import lr_schedule, make_optimizer
@@ -200,18 +202,57 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class CheckpointsDamaged(ValueError):
+    """No saved step of the run restores; the message lists each step tried and what was wrong with it."""
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, optimizer, say):
+    """(state, meta) of the newest step that passes its integrity record and restores, or None when the
+    run has no step. A damaged step is set aside (one line says which file failed) and the previous one
+    tried; a checkpoint of another model is a configuration error, not damage."""
+    tried, abstract = [], None
+    while (step := ckpts.latest_step()) is not None:
+        where = ckpts.directory / str(step)
+        problem = ckpts.damage(step)
+        if problem is None:
+            try:
+                saved_shapes = ckpts.param_shapes(step)
+            except Exception as e:  # noqa: BLE001  (orbax raises many types for unreadable metadata)
+                problem = f"its metadata does not read ({_one_line(e)})"
+        if problem is None:
+            api.check_param_shapes(saved_shapes, cfg.model, f"checkpoint {where}")
+            if abstract is None:
+                abstract = jax.eval_shape(lambda: init_train_state(api.init_params(cfg.model), optimizer))
+            try:
+                params, opt_state, meta = ckpts.restore(
+                    step, abstract_with_shardings(abstract.params, shardings.params),
+                    abstract_with_shardings(abstract.opt_state, shardings.opt_state))
+                step_array = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shardings.step)
+            except Exception as e:  # noqa: BLE001
+                problem = f"it does not restore ({_one_line(e)})"
+            else:
+                say(f"resuming from {where} (step {step})")
+                return TrainState(step=step_array, params=params, opt_state=opt_state), meta
+        aside = ckpts.set_aside(step)
+        tried.append(f"step {step}: {problem}")
+        say(f"checkpoint step {step} is damaged: {problem}; moved to {aside}, trying the previous step")
+    if tried:
+        raise CheckpointsDamaged(f"no checkpoint in {ckpts.directory} restores (each was moved aside as "
+                                 f"<step>.corrupt-<time>): " + "; ".join(tried))
+    return None
+
+
 def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rules, say) -> tuple[TrainState, dict]:
-    """(state, meta) from the latest checkpoint, else from `init_from`, else random; always sharded."""
+    """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded."""
     shardings = train_state_shardings(cfg.model, optimizer, mesh, rules)
-    latest = ckpts.latest_step()
-    if latest is not None:
-        api.check_param_shapes(ckpts.param_shapes(latest), cfg.model, f"checkpoint {ckpts.directory / str(latest)}")
-        abstract = jax.eval_shape(lambda: init_train_state(api.init_params(cfg.model), optimizer))
-        params, opt_state, meta = ckpts.restore(latest, abstract_with_shardings(abstract.params, shardings.params),
-                                                abstract_with_shardings(abstract.opt_state, shardings.opt_state))
-        step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shardings.step)
-        say(f"resuming from {ckpts.directory / str(latest)} (step {latest})")
-        return TrainState(step=step, params=params, opt_state=opt_state), meta
+    restored = _restore_newest_intact(cfg, ckpts, shardings, optimizer, say)
+    if restored is not None:
+        return restored
     if cfg.init_from:
         params = load_params(cfg.init_from, cfg.model, shardings=shardings.params)
         init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
@@ -224,11 +265,16 @@ def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rul
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) the training run `cfg.run_dir` up to `cfg.last_step`."""
+    """Run (or resume) the training run `cfg.run_dir` up to `cfg.last_step`, holding its lock."""
     initialize(cfg.distributed)
     main = jax.process_index() == 0
     say = functools.partial(print, flush=True) if main else lambda *_: None
     run_dir = prepare_run_dir(cfg)
+    with RunLock(run_dir, heartbeat_s=cfg.lock_heartbeat_s, stale_after_s=cfg.lock_stale_after_s, say=say):
+        return _train_locked(cfg, run_dir, main, say)
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResult:
     check_same_model(run_dir, cfg)
     clock = time.perf_counter()
     tokenizer = load_run_tokenizer(cfg)

@@ -98,13 +98,27 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file; a missing file, bad UTF-8, bad YAML or a non-mapping is a ConfigError
+    naming the file (and the line, for YAML errors)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML parser error as one line: what went wrong and where (line and column, 1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or error}{where}".replace("\n", " ")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -114,7 +128,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: invalid YAML value: {_yaml_problem(e)}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -1,9 +1,24 @@
-"""Write a file so that a concurrent reader sees either nothing or all of it."""
+"""Files and directories written so that a reader sees either nothing or all of it, and the tokenizer
+files that travel with every checkpoint directory."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
+
+# What a checkpoint directory (ours, Meta's, Hugging Face's) may hold as its tokenizer, preferred first.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
+    """The tokenizer files present in `directory`, in `TOKENIZER_FILES` order."""
+    return [Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
 
 
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
@@ -21,4 +36,50 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path, purpose: str) -> list[Path]:
+    """Remove the temporary siblings of `path` left by dead processes of this host (a killed conversion
+    leaves `.NAME.PURPOSE-HOST-PID`); those of live processes or other hosts are kept. Returns the removed."""
+    host, removed = socket.gethostname(), []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.{purpose}-*"):
+        owner_host, _, pid = candidate.name.rpartition("-")
+        if owner_host.endswith(f".{purpose}-{host}") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, purpose: str = "tmp") -> Iterator[Path]:
+    """Yield a fresh hidden sibling of `path` to fill; it is renamed to `path` when the block ends, and
+    removed if the block raises, so `path` exists only complete. `path` must not exist.
+
+    The sibling is named `.NAME.PURPOSE-HOST-PID`; leftovers of killed processes on this host are
+    removed first, with a warning on stderr.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    for stale in remove_stale_siblings(path, purpose):
+        print(f"warning: removed {stale}, left by a process that no longer runs", file=sys.stderr)
+    tmp = path.parent / f".{path.name}.{purpose}-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

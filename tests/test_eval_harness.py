@@ -1,0 +1,242 @@
+"""llama_jax as an lm-evaluation-harness backend, request by request against lm-eval's own HF backend
+(HFLM on transformers' LlamaForCausalLM, fp32, the same weights and tokenizer.json, offline), and
+few-shot prompts byte for byte against lm-eval's for the same task, seed and K."""
+import json
+import warnings
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from llama_jax.evaluation.loading import place_model  # noqa: E402
+from llama_jax.evaluation.suite import build_prompts, load_task_file  # noqa: E402
+from llama_jax.model.config import ModelConfig  # noqa: E402
+from oracle import hf_model, ours_from_hf  # noqa: E402
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+
+VOCAB = 300
+CFG = ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=96,
+                  dtype="float32", attention_impl="xla", norm_eps=1e-5, max_seq_len=64)
+WORDS = ("the cat sat on a mat while dogs ran far away from home and birds sang in green trees "
+         "under bright blue skies every morning people walk to work").split()
+TOL = 1e-4
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS, n)).capitalize() + "."
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A Hugging Face checkpoint directory: random fp32 LlamaForCausalLM + a tokenizer.json (converted
+    by transformers from our SentencePiece model) that adds BOS, as LLaMA's does."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    out = tmp_path_factory.mktemp("hf")
+    rng = np.random.default_rng(0)
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(sentence(rng, 12) for _ in range(400)), encoding="utf-8")
+    sp_path = train_sentencepiece([str(corpus)], VOCAB, str(out / "sp"))
+    proto = pb.ModelProto()
+    proto.ParseFromString(open(sp_path, "rb").read())
+    tok = SpmConverter.build_tokenizer_from_spm_proto(proto, {p.piece: i for i, p in enumerate(proto.pieces)})
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="</s>").save_pretrained(out)
+    hf_model(CFG, seed=4).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dir):
+    from llama_jax.evaluation.harness import lm_class
+
+    hf = hf_model(CFG, seed=4)
+    params = nnx.to_pure_dict(nnx.state(ours_from_hf(hf, CFG), nnx.Param))
+    model = place_model(CFG, params, dtype="fp32", tokenizer=load_tokenizer(str(hf_dir / "tokenizer.json")))
+    return lm_class()(model=model, batch_size=4, max_gen_toks=8)
+
+
+@pytest.fixture(scope="module")
+def theirs(hf_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(hf_dir), backend="causal", dtype="float32", batch_size=4, device="cpu")
+
+
+def requests(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_loglikelihood_per_request_equals_lm_eval_hf_backend(ours, theirs):
+    rng = np.random.default_rng(1)
+    long_context = " ".join(sentence(rng, 12) for _ in range(8))  # beyond the 64-token context: cut left
+    pairs = [("The cat sat", " on a mat."), ("Question: " + sentence(rng, 4) + "\nAnswer:", " yes"),
+             ("", "Birds sang."), ("Dogs ran ", "far away"), (long_context, " " + sentence(rng, 3))]
+    got = ours.loglikelihood(requests("loglikelihood", pairs))
+    want = theirs.loglikelihood(requests("loglikelihood", pairs))
+    for (g, g_greedy), (w, w_greedy) in zip(got, want):
+        assert abs(g - w) <= TOL and g_greedy == w_greedy
+
+
+def test_loglikelihood_rolling_per_request_equals_lm_eval_hf_backend(ours, theirs):
+    rng = np.random.default_rng(2)
+    texts = [sentence(rng, 5), " ".join(sentence(rng, 12) for _ in range(12)), sentence(rng, 30)]  # 1 to 6 windows
+    got = ours.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in texts]))
+    want = theirs.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in texts]))
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_greedy_generate_until_is_identical_text(ours, theirs):
+    rng = np.random.default_rng(3)
+    kwargs = [{"until": ["."], "do_sample": False, "max_gen_toks": 8},
+              {"until": ["\n", "the"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 6}]
+    args = [(sentence(rng, n), kwargs[n % 2]) for n in (2, 5, 9, 3, 14)]
+    got = ours.generate_until(requests("generate_until", args))
+    want = theirs.generate_until(requests("generate_until", args))
+    assert got == want and sum(len(t) for t in got) > 20  # real text, not empty strings
+
+
+def test_sampled_repeats_get_distinct_seeds(ours):
+    """lm-eval sends `repeats: k` as k identical requests; each must be a different sample (maj@k)."""
+    kwargs = {"until": ["\n"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 8}
+    args = [("The cat", kwargs)] * 4 + [("Dogs ran", kwargs)] * 4
+    texts = ours.generate_until(requests("generate_until", args))
+    assert len(set(texts[:4])) > 1 and len(set(texts[4:])) > 1
+    assert ours.generate_until(requests("generate_until", args)) == texts  # seeded: reproducible
+
+
+# ----------------------------------------------------------------------------------- few-shot prompts
+
+def lm_eval_contexts(task_dir, name, k, limit=None):
+    from lm_eval.tasks import TaskManager
+
+    with warnings.catch_warnings():  # load_task_or_group is deprecated in 0.4.13 but returns the task itself
+        warnings.simplefilter("ignore", DeprecationWarning)
+        task = TaskManager(include_defaults=False, include_path=str(task_dir)).load_task_or_group([name])[name]
+    task.set_config("num_fewshot", k)
+    task.set_fewshot_seed(1234)
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    by_doc = {}
+    for inst in task.instances:
+        by_doc.setdefault(inst.doc_id, inst.args[0])
+    return [by_doc[i] for i in sorted(by_doc)]
+
+
+def test_fewshot_prompts_are_lm_eval_byte_for_byte(tmp_path):
+    """gsm8k's stock YAML (included, pointed at local files) and a multiple-choice task drawing shots
+    from its own items: the same prompts for the same seed and K."""
+    import lm_eval.tasks as stock
+
+    rng = np.random.default_rng(4)
+    train = [{"question": sentence(rng, 6) + "?", "answer": f"{sentence(rng, 4)}\n#### {i}"} for i in range(9)]
+    test = [{"question": sentence(rng, 5) + "?", "answer": f"So.\n#### {i * 7}"} for i in range(6)]
+    for name, rows in (("train", train), ("test", test)):
+        (tmp_path / f"gsm_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gsm8k_yaml = os.path.join(os.path.dirname(stock.__file__), "gsm8k", "gsm8k.yaml")
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "gsm_local.yaml").write_text(
+        f"include: {gsm8k_yaml}\ntask: gsm_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {tmp_path / 'gsm_train.jsonl'}\n    test: {tmp_path / 'gsm_test.jsonl'}\n")
+    for name, rows in (("train", train), ("test", test)):
+        (tmp_path / f"ours_{name}.jsonl").write_text("".join(json.dumps(
+            {"type": "generate", "context": f"Question: {r['question']}\nAnswer:", "answers": [r["answer"]]}) + "\n"
+            for r in rows))
+    (tmp_path / "ours.yaml").write_text("test: ours_test.jsonl\nfewshot: ours_train.jsonl\nanswer_format: gsm8k\n")
+    ours = load_task_file(str(tmp_path / "ours.yaml"))
+    for k in (0, 1, 5):
+        assert build_prompts(ours, k, 1234) == lm_eval_contexts(tmp_path / "lm", "gsm_local", k)
+
+    mc = [{"context": f"Question: {sentence(rng, 4)}\nAnswer:", "choices": [sentence(rng, 2), sentence(rng, 3)],
+           "label": i % 2} for i in range(7)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (tmp_path / "lm" / "mc_local.yaml").write_text(
+        f"task: mc_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\nfewshot_split: test\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n")
+    mc_task = load_task_file(str(tmp_path / "mc.jsonl"))
+    for k in (1, 3, 6):
+        assert build_prompts(mc_task, k, 1234) == lm_eval_contexts(tmp_path / "lm", "mc_local", k)
+    assert build_prompts(mc_task, 2, 1234, limit=3) == lm_eval_contexts(tmp_path / "lm", "mc_local", 2, limit=3)
+
+
+def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
+    """`eval.py harness` on a Hugging Face directory: the stock gsm8k YAML included and pointed at a local
+    file (its prompt and filters run offline), results and per-sample logs written; an unknown task is
+    refused before any model is loaded."""
+    import importlib
+
+    import lm_eval.tasks as stock
+
+    cli = importlib.import_module("eval")
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}.\n#### {2 * i}"} for i in range(4)]
+    (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gsm8k_yaml = os.path.join(os.path.dirname(stock.__file__), "gsm8k", "gsm8k.yaml")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gsm_tiny.yaml").write_text(
+        f"include: {gsm8k_yaml}\ntask: gsm_tiny\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {tmp_path / 'gsm.jsonl'}\n    test: {tmp_path / 'gsm.jsonl'}\n"
+        "generation_kwargs:\n  until: ['Question:']\n  do_sample: false\n  max_gen_toks: 6\n")
+    common = ["--dtype", "fp32", "--distributed", "off", "--include-path", str(tmp_path / "tasks")]
+    assert cli.main(["harness", str(hf_dir), "--tasks", "gsm_tiny", "--num-fewshot", "1", "--limit", "3",
+                     "--output-dir", str(tmp_path / "out"), *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["results"]["gsm_tiny"]) >= {"exact_match,strict-match", "exact_match,flexible-extract"}
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples_gsm_tiny.jsonl").read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == [0, 0, 1, 1, 2, 2]  # one record per document and filter
+    assert all(json.dumps(s["arguments"]).count("Question: ") == 2 for s in samples)  # 1 shot + the question
+    assert cli.main(["harness", str(hf_dir), "--tasks", "no_such_task", *common]) == 2
+    assert "unknown lm-eval task 'no_such_task'" in capsys.readouterr().err
+
+
+def test_eval_py_tasks_generative_and_code(hf_dir, ours, tmp_path, capsys):
+    """Native generative and code tasks: completions are the backend's greedy text (itself equal to lm-eval
+    HF's above), exact match and pass@1 follow from them."""
+    import importlib
+
+    cli = importlib.import_module("eval")
+    gen = [{"type": "generate", "context": f"Question: {q}\nAnswer:", "answers": [a]}
+           for q, a in (("The cat sat", "on a mat"), ("Dogs ran", "far"), ("Birds sang", "in trees"))]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    code = [{"type": "code", "prompt": "def f(x):\n", "tests": "def check(c):\n    assert c(1) == 1\n",
+             "entry_point": "f", "id": "c0"}]
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in code))
+    (tmp_path / "qa.yaml").write_text("test: qa.jsonl\nnum_fewshot: 1\n")  # a code task has no shots to draw
+    args = ["tasks", str(hf_dir), "--tasks", f"{tmp_path / 'qa.yaml'},{tmp_path / 'code.jsonl'}", "--max-new-tokens", "6", "--dtype", "fp32", "--distributed", "off", "--output-dir", str(tmp_path / "o")]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    records = [json.loads(x) for x in (tmp_path / "o" / "qa.jsonl").read_text().splitlines()]
+    want = ours.generate_until(requests("generate_until", [(r["prompt"], {"until": ["\n\n"], "max_gen_toks": 6})
+                                                           for r in records]))
+    assert [r["completions"][0] for r in records] == want
+    assert result["qa"] == {"exact_match": float(np.mean([r["correct"][0] for r in records])), "n": 3}
+    assert result["code"] == {"pass@1": 0.0, "n": 1}  # a random model writes no working function
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"type": "generate", "context": "q", "answers": []}'], r"qa.jsonl:1: item 1 has no answers"),
+    (['{"type": "code", "prompt": "p", "tests": "t"}'], r"qa.jsonl:1: code item 1 has no entry point"),
+    (['{"type": "generate", "context": "q", "answers": ["a"]}', "{not json"], r"qa.jsonl:2: not valid JSON"),
+    (['{"type": "generate", "context": "q", "answers": ["a"]}'] * 2, r"--num-fewshot 5 is larger than the example pool"),
+])
+def test_bad_task_input_exits_2_before_loading_any_model(tmp_path, capsys, lines, message):
+    import importlib
+    import re
+
+    cli = importlib.import_module("eval")
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    missing_checkpoint = str(tmp_path / "no_checkpoint")  # never reached: input is checked first
+    assert cli.main(["tasks", missing_checkpoint, "--tasks", str(tmp_path / "qa.jsonl"), "--num-fewshot", "5"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "task qa" in err and err.count("\n") == 1

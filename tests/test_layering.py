@@ -1,0 +1,92 @@
+"""The package's layers: every import inside `llama_jax` points down the stack, and no module cycle exists.
+
+Read from the source with `ast` (imports inside functions included), so a lazy upward import fails too.
+`__main__` modules are entry points (`python -m llama_jax.convert`) and may call into the CLI layer.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import llama_jax
+
+PACKAGE = Path(llama_jax.__file__).resolve().parent
+# Bottom to top: a package may import itself and any package before it, never one after it.
+LAYERS = ("utils", "parallel", "kernels", "model", "data", "convert", "evaluation", "training", "cli")
+
+
+def modules() -> dict[str, Path]:
+    return {".".join(("llama_jax", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+            for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The llama_jax modules `path` imports. `from pkg import sub` counts as importing the submodule
+    `pkg.sub` alone when it is one (its package's `__init__` only runs first)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import (the project imports absolutely)"
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & known
+            found.update(submodules or {node.module})
+    return {name for name in found if name.startswith("llama_jax.")}
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: {m for m in imports_of(path, set(known)) if m in known and m != name} for name, path in known.items()}
+
+
+def test_every_module_belongs_to_a_layer():
+    loose = sorted(m for m in modules() if m != "llama_jax" and layer_of(m) is None)
+    assert not loose, f"modules outside the layer packages {LAYERS}: {loose}"
+
+
+def test_imports_only_go_down():
+    upward = []
+    for module, targets in import_graph().items():
+        if module.endswith(".__main__") or module == "llama_jax":
+            continue
+        rank = LAYERS.index(layer_of(module))
+        upward += [f"{module} -> {t}" for t in sorted(targets) if LAYERS.index(layer_of(t)) > rank]
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else path + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+
+
+def test_the_checks_see_a_planted_upward_import_and_cycle(tmp_path, monkeypatch):
+    """Positive control: the same walkers flag an upward import and a cycle written into copies of modules."""
+    fake = {"llama_jax.model.a": "from llama_jax.training import loop\nfrom llama_jax.model import b\n",
+            "llama_jax.model.b": "def f():\n    from llama_jax.model.a import g\n"}
+    paths = {}
+    for name, text in fake.items():
+        paths[name] = tmp_path / (name.rsplit(".", 1)[1] + ".py")
+        paths[name].write_text(text)
+    graph = {name: imports_of(path, set(fake) | {"llama_jax.training.loop"}) for name, path in paths.items()}
+    assert "llama_jax.training.loop" in graph["llama_jax.model.a"]  # model -> training: upward
+    assert LAYERS.index(layer_of("llama_jax.training.loop")) > LAYERS.index("model")
+    assert "llama_jax.model.a" in graph["llama_jax.model.b"] and "llama_jax.model.b" in graph["llama_jax.model.a"]
