@@ -84,3 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CurateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def run() -> int:
+    """The `llama-jax-curate` console script and `python -m llama_jax.curate`."""
+    return main(sys.argv[1:])

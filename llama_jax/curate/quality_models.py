@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -85,22 +86,40 @@ def classifier_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _train_fasttext(train_file: str, out_path: str, options: dict) -> None:
+    """fastText supervised training and save, in this process; retried with the next seed when it stops
+    with "Encountered NaN" (see `train_reference_classifier`)."""
+    import fasttext
+
+    seed = options.pop("seed")
+    for attempt in range(5):
+        try:
+            fasttext.train_supervised(input=train_file, seed=seed + attempt, **options).save_model(out_path)
+            return
+        except RuntimeError as e:
+            if "NaN" not in str(e):
+                raise
+    raise CurateError(f"fastText training diverged (NaN) 5 times on {train_file}; try a smaller dim or lr")
+
+
 def train_reference_classifier(references: list[str], randoms: list[str], out_path: Path, dim: int = 16,
                                bucket: int = 10000, epoch: int = 20, seed: int = 0) -> Path:
     import random
-
-    import fasttext
 
     rows = ([f"__label__reference {classifier_line(t)}" for t in references]
             + [f"__label__random {classifier_line(t)}" for t in randoms])
     random.Random(seed).shuffle(rows)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=out_path.parent, encoding="utf-8") as fh:
-        fh.write("\n".join(rows) + "\n")
-        fh.flush()
-        model = fasttext.train_supervised(input=fh.name, dim=dim, bucket=bucket, epoch=epoch, wordNgrams=2,
-                                          minCount=1, lr=0.5, thread=1, seed=seed, verbose=0)
-    model.save_model(str(out_path))
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        train_file = Path(tmp) / "train.txt"
+        train_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        options = dict(dim=dim, bucket=bucket, epoch=epoch, wordNgrams=2, minCount=1, lr=0.1, thread=1, seed=seed,
+                       verbose=0)
+        # In a fresh interpreter: fastText 0.9.2's training stops with "Encountered NaN" now and then in
+        # a process that has loaded much else (JAX, datatrove; same file and seed, another outcome), and
+        # never in a fresh one on the same inputs.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(_train_fasttext, (str(train_file), str(out_path), options))
     return out_path
 
 
