@@ -20,7 +20,7 @@ from llama_jax.curate.stages import Phase, ResolvedModels, source_phases
 MIXTURE_DIR = "mixture"
 
 
-def _sample_models(cfg: CurateConfig, sample_dir: Path) -> ResolvedModels:
+def _sample_models(cfg: CurateConfig, report: Callable[[str], None]) -> ResolvedModels:
     """For the built-in sample: quality models trained on its clean docstring pages (references) and
     its raw crawl pages (random), once per output directory."""
     from llama_jax.curate.quality_models import train_quality_models
@@ -29,6 +29,7 @@ def _sample_models(cfg: CurateConfig, sample_dir: Path) -> ResolvedModels:
     models_dir = cfg.root / "models"
     done = models_dir / ".complete"
     if not done.is_file():
+        report(f"training the sample's quality models into {models_dir} ...")
         crawl = [r["text"] for r in sample_pages(min(cfg.sample_bytes, 2_000_000), seed=1)]
         train_quality_models(docstring_pages(), crawl, models_dir)
         done.touch()
@@ -36,11 +37,11 @@ def _sample_models(cfg: CurateConfig, sample_dir: Path) -> ResolvedModels:
                           str(models_dir / "reference.ftz"))
 
 
-def resolve_models(cfg: CurateConfig) -> ResolvedModels:
+def resolve_models(cfg: CurateConfig, report: Callable[[str], None]) -> ResolvedModels:
     """Model paths checked to exist (the stages that need them are known from the config)."""
     uses = {stage for src in cfg.sources for stage in src.stages}
     if any(src.format == "sample" for src in cfg.sources) and not (cfg.models.kenlm or cfg.models.reference):
-        return _sample_models(cfg, cfg.root / "sample")
+        return _sample_models(cfg, report)
     paths = {}
     for key, stage in (("kenlm", "quality"), ("sentencepiece", "quality"), ("reference", "reference")):
         value = getattr(cfg.models, key)
@@ -50,11 +51,12 @@ def resolve_models(cfg: CurateConfig) -> ResolvedModels:
     return ResolvedModels(language, paths["kenlm"], paths["sentencepiece"], paths["reference"])
 
 
-def _input_path(cfg: CurateConfig, src) -> str:
+def _input_path(cfg: CurateConfig, src, report: Callable[[str], None]) -> str:
     if src.format == "sample":
         from llama_jax.curate.sample import write_sample
 
         directory = cfg.root / "sample"
+        report(f"writing the built-in sample ({cfg.sample_bytes / 1e6:.1f} MB) into {directory} ...")
         write_sample(directory, cfg.sample_bytes)
         return str(directory)
     path = Path(src.path).expanduser()
@@ -65,15 +67,15 @@ def _input_path(cfg: CurateConfig, src) -> str:
     return str(path)
 
 
-def plan(cfg: CurateConfig) -> list[Phase]:
+def plan(cfg: CurateConfig, report: Callable[[str], None] = lambda line: None) -> list[Phase]:
     """Every phase of the run, in order: each source's stages, then the mixture, then the funnel."""
     from llama_jax.curate.blocks.mix import MixtureWriter
     from llama_jax.curate.blocks.report import FunnelReport
 
-    models = resolve_models(cfg)
+    models = resolve_models(cfg, report)
     phases, finals, tags = [], {}, {}
     for src in cfg.sources:
-        source_plan, finals[src.name] = source_phases(cfg, src, _input_path(cfg, src), models)
+        source_plan, finals[src.name] = source_phases(cfg, src, _input_path(cfg, src, report), models)
         phases += source_plan
         tags[src.name] = list(dict.fromkeys(Path(p.logging_dir).name.split(".")[0] for p in source_plan))
     root = cfg.root
@@ -141,7 +143,7 @@ def _ensure_ray(cfg: CurateConfig) -> None:
 
 def execute(cfg: CurateConfig, report: Callable[[str], None] = print) -> list[Phase]:
     """Run (local, Ray) or submit (Slurm) every phase; returns the phases."""
-    phases = plan(cfg)
+    phases = plan(cfg, report)
     if cfg.executor.kind == "slurm":
         previous = None
         for phase in phases:

@@ -6,7 +6,8 @@ training corpus is made of), mixed with what a crawl really holds and each stage
 - boilerplate lines (cookie banners, navigation) repeated across many pages and shards: line dedup;
 - pages in other languages: language ID;
 - pages of shuffled words (fluent-looking vocabulary, no syntax): the KenLM quality buckets;
-- exact copies and near-copies (one word in ~150 changed) of some pages, in other shards: MinHash.
+- exact copies of some pages (line dedup empties them) and reflowed near-copies (one word in ~150
+  changed), in other shards: MinHash.
 
 Beyond the docstring pages, `target_bytes` is reached with synthetic pages whose lines recombine
 docstring sentences, so every line is new and every stage has work to do (the benchmark's 50 MB).
@@ -82,8 +83,11 @@ def docstring_pages() -> list[str]:
 
 
 def _near_copy(text: str, rng: random.Random) -> str:
-    """`text` with one word in ~150 replaced: a near-duplicate at Jaccard similarity ~0.95."""
-    words = text.split(" ")
+    """`text` reflowed (each paragraph on one line, as another site's template would lay it out) with
+    one word in ~150 replaced: no line of it repeats the original's, so line dedup keeps it, while its
+    word 5-grams are ~0.95 Jaccard-similar to the original's: MinHash's to remove."""
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    words = "\n".join(paragraphs).split(" ")
     for i in range(rng.randrange(75), len(words), 150):
         words[i] = "zqx" + words[i]
     return " ".join(words)
