@@ -198,3 +198,18 @@ def test_fuzz_curated_manifest(tmp_path_factory, manifest):
         pass
     else:
         assert shards and all(Path(s).is_file() for s in shards)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_with_an_unreadable_shard_is_one_line_naming_it(tmp_path, capsys, workers):
+    """A truncated gzip shard stops the run inside the worker; the command still ends with one line
+    naming the file (exit 2), not a traceback."""
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    (crawl / "a.jsonl").write_text('{"text": "fine page"}\n')
+    (crawl / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a page"}\n' * 200)[:60])
+    args = [f"output_dir={tmp_path / 'out'}", "mixture.enabled=false", "progress=false", f"executor.workers={workers}",
+            f"sources=[{{name: cc, format: jsonl, path: {crawl}, stages: [c4_rules]}}]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {crawl / 'b.jsonl.gz'}: unreadable shard") and err.count("\n") == 1, err

@@ -219,7 +219,7 @@ class CurateConfig:
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     sample_bytes: int = 2_000_000
-    progress: bool = True
+    progress: bool = True  # a line per phase on stdout (worker logs always go to logs/workers.log)
 
     def __post_init__(self):
         names = [s.name for s in self.sources]

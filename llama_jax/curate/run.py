@@ -119,19 +119,22 @@ def make_executor(cfg: CurateConfig, phase: Phase, depends=None):
 
 @contextlib.contextmanager
 def _worker_logs_to(path: Path):
-    """Send stderr (datatrove's per-task console logs, also kept per task in each phase's logs/) to a
-    file for the duration, so the terminal shows only our progress lines."""
+    """Send stderr to a file for the duration: datatrove's per-task console logs (also kept per task in
+    each phase's logs/), so the terminal shows only our progress lines. Both the file descriptor (worker
+    processes) and `sys.stderr` (tasks run in this process, whose logger writes to it) are redirected."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
-    saved = os.dup(2)
-    with path.open("ab") as log:
+    saved_fd, saved_stream = os.dup(2), sys.stderr
+    with path.open("a", encoding="utf-8") as log:
         os.dup2(log.fileno(), 2)
+        sys.stderr = log
         try:
             yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            log.flush()
+            sys.stderr = saved_stream
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
 
 
 def _ensure_ray(cfg: CurateConfig) -> None:
@@ -157,7 +160,7 @@ def execute(cfg: CurateConfig, report: Callable[[str], None] = print) -> list[Ph
     for number, phase in enumerate(phases, start=1):
         report(f"[{number:>2}/{len(phases)}] {phase.source:<14} {phase.stage:<12} {phase.step:<10} "
                f"({phase.tasks} task{'s' if phase.tasks > 1 else ''})")
-        with _worker_logs_to(log_file) if cfg.progress else contextlib.nullcontext():
+        with _worker_logs_to(log_file):
             try:
                 make_executor(cfg, phase).run()
             except CurateError:
