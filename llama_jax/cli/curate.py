@@ -14,7 +14,7 @@ from llama_jax.utils.config_io import ConfigError
 
 def _run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama_jax.curate",
+        prog="llama-jax-curate",
         description="Build a curated pretraining corpus (LLaMA's data recipe on datatrove). With no config: "
                     "the CommonCrawl pipeline on a built-in sample. `train-quality-models --help` for the "
                     "quality models.")
@@ -25,7 +25,7 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama_jax.curate train-quality-models",
+        prog="llama-jax-curate train-quality-models",
         description="Train the KenLM 5-gram (on reference pages) and the reference-page fastText "
                     "classifier (reference vs random pages). Inputs: JSONL, text in field 'text'.")
     parser.add_argument("--reference", required=True, help="JSONL of reference pages (e.g. Wikipedia)")
