@@ -224,3 +224,29 @@ def test_training_reads_the_curated_mixture(two_worker_run, stdlib_tokenizer):
     assert batch["inputs"].shape == (2, 32)
     text = stdlib_tokenizer.decode([int(t) for t in batch["inputs"][0] if t > 2])
     assert any(text[:20] in doc for doc in docs)
+
+
+def test_wet_files_are_read(tmp_path):
+    """A CommonCrawl WET file (text/plain conversion records, as warcio writes them) read into documents
+    with their URLs; request records are ignored."""
+    from io import BytesIO
+
+    from warcio.warcwriter import WARCWriter
+
+    from llama_jax.curate.run import execute
+
+    pages = {f"https://example.org/{i}": f"Page {i} says something useful about topic {i}." for i in range(5)}
+    (tmp_path / "wet").mkdir()
+    with open(tmp_path / "wet" / "part.warc.wet.gz", "wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        for url, text in pages.items():
+            writer.write_record(writer.create_warc_record(url, "conversion", payload=BytesIO(text.encode()),
+                                                          warc_content_type="text/plain"))
+        writer.write_record(writer.create_warc_record("https://example.org/x", "request", payload=BytesIO(b"GET /")))
+    overrides = [f"output_dir={tmp_path / 'out'}", "progress=false", "executor.workers=1", "executor.tasks=1",
+                 f"sources=[{{name: cc, format: wet, path: {tmp_path / 'wet'}, stages: []}}]",
+                 "mixture.sources=[{name: cc, weight: 1}]"]
+    execute(load_config(None, overrides), report=lambda line: None)
+    with gzip.open(tmp_path / "out" / "cc" / "00_read" / "00000.jsonl.gz", "rt") as fh:
+        records = [json.loads(line) for line in fh]
+    assert {r["metadata"]["url"]: r["text"] for r in records} == pages
