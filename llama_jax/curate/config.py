@@ -14,7 +14,9 @@ from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, l
 
 # Stage names, in the order a CommonCrawl source runs them by default. `read` (always first, added
 # implicitly) turns the raw input format into JSONL shards; the others read the previous stage's output.
-COMMONCRAWL_STAGES = ("line_dedup", "language", "quality", "reference", "minhash")
+# Near-duplicates go before the model stages, so that a page copied many times neither pays for scoring
+# each copy nor weighs several times in the corpus percentiles that cut the perplexity buckets.
+COMMONCRAWL_STAGES = ("line_dedup", "language", "minhash", "quality", "reference")
 STAGES = COMMONCRAWL_STAGES + ("c4_rules", "github_rules", "license_strip", "exact_dedup", "book_dedup",
                                "latex_clean")
 FORMATS = ("jsonl", "wet", "wikipedia_xml", "stackexchange_xml", "sample")
