@@ -206,14 +206,17 @@ def test_killed_run_relaunched_ends_with_the_same_output(tmp_path, raw, curate_m
 
 
 def test_training_reads_the_curated_mixture(two_worker_run, stdlib_tokenizer):
-    """`data.sources: [{kind: curated, path: OUT/mixture}]`: the training iterator's batches are made of
-    the mixture's documents."""
+    """`train.py data.sources=[{kind: curated, path: OUT/mixture}]`: the training config takes it and the
+    training iterator's batches are made of the mixture's documents."""
     from llama_jax.data.config import DataConfig, SourceConfig
     from llama_jax.data.pipeline import make_train_iterator
     from llama_jax.data.sources import read_documents
+    from llama_jax.training.config import load_train_config
 
     root, _, _ = two_worker_run
-    source = SourceConfig(kind="curated", path=str(root / "mixture"))
+    train_cfg = load_train_config(None, [f"data.sources=[{{kind: curated, path: {root / 'mixture'}}}]"])
+    source = train_cfg.data.sources[0]
+    assert source == SourceConfig(kind="curated", path=str(root / "mixture"))
     docs = read_documents(source)
     shard_texts = [json.loads(line)["text"] for p in sorted((root / "mixture").glob("shard-*.jsonl"))
                    for line in p.read_text().splitlines()]

@@ -172,6 +172,8 @@ class MixtureConfig:
 
 @dataclass(frozen=True)
 class SlurmSettings:
+    """sbatch directives for every phase's array job; `venv_path` is an activate script the job sources."""
+
     partition: str = "cpu"
     time: str = "04:00:00"
     cpus_per_task: int = 1
@@ -183,6 +185,8 @@ class SlurmSettings:
 
 @dataclass(frozen=True)
 class RaySettings:
+    """The Ray cluster ("" = start a local one, "auto" = the one this host belongs to) and each task's share."""
+
     address: str = ""
     cpus_per_task: int = 1
     mem_per_cpu_gb: float = 2.0
