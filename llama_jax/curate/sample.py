@@ -6,8 +6,8 @@ training corpus is made of), mixed with what a crawl really holds and each stage
 - boilerplate lines (cookie banners, navigation) repeated across many pages and shards: line dedup;
 - pages in other languages: language ID;
 - pages of shuffled words (fluent-looking vocabulary, no syntax): the KenLM quality buckets;
-- exact copies of some pages (line dedup empties them) and reflowed near-copies (one word in ~150
-  changed), in other shards: MinHash.
+- exact copies of some pages (line dedup empties them), and reflowed near-copies (one word in ~300
+  changed) of pages made of new lines (so line dedup cannot see them): MinHash.
 
 Beyond the docstring pages, `target_bytes` is reached with synthetic pages whose lines recombine
 docstring sentences, so every line is new and every stage has work to do (the benchmark's 50 MB).
@@ -84,11 +84,11 @@ def docstring_pages() -> list[str]:
 
 def _near_copy(text: str, rng: random.Random) -> str:
     """`text` reflowed (each paragraph on one line, as another site's template would lay it out) with
-    one word in ~150 replaced: no line of it repeats the original's, so line dedup keeps it, while its
-    word 5-grams are ~0.95 Jaccard-similar to the original's: MinHash's to remove."""
+    one word in ~300 replaced: no line of it repeats the original's, so line dedup keeps it, while its
+    word 5-grams are ~0.97 Jaccard-similar to the original's: MinHash's to remove."""
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
     words = "\n".join(paragraphs).split(" ")
-    for i in range(rng.randrange(75), len(words), 150):
+    for i in range(rng.randrange(150), len(words), 300):
         words[i] = "zqx" + words[i]
     return " ".join(words)
 
@@ -99,10 +99,10 @@ def _shuffled_words(text: str, rng: random.Random) -> str:
     return "\n".join(" ".join(words[i:i + 12]) for i in range(0, len(words), 12))
 
 
-def _synthetic_page(sentences: list[str], rng: random.Random) -> str:
+def _synthetic_page(sentences: list[str], rng: random.Random, lines: tuple[int, int] = (4, 12)) -> str:
     """Lines of 2-4 random docstring sentences: new lines, so line dedup keeps them."""
-    lines = [" ".join(rng.choice(sentences) for _ in range(rng.randint(2, 4))) for _ in range(rng.randint(4, 12))]
-    return "\n".join(lines)
+    return "\n".join(" ".join(rng.choice(sentences) for _ in range(rng.randint(2, 4)))
+                     for _ in range(rng.randint(*lines)))
 
 
 def sample_pages(target_bytes: int, seed: int = 0) -> list[dict]:
@@ -123,10 +123,13 @@ def sample_pages(target_bytes: int, seed: int = 0) -> list[dict]:
     long_pages = [t for t in base if len(t.split()) > 600]
     for i, text in enumerate(rng.sample(long_pages, min(10, len(long_pages)))):
         records.append({"id": f"exact/{i}", "text": text, "kind": "exact_duplicate"})
-        records.append({"id": f"near/{i}", "text": _near_copy(text, rng), "kind": "near_duplicate"})
     for i, text in enumerate(rng.sample(base, min(20, len(base)))):
         records.append({"id": f"shuffled/{i}", "text": _shuffled_words(text, rng), "kind": "shuffled_words"})
     sentences = [s for t in base for s in _SENTENCE_END.split(t.replace("\n", " ")) if 40 < len(s) < 300]
+    for i in range(10):  # near-copies of pages whose every line is new: only MinHash can see the pair
+        text = _synthetic_page(sentences, rng, lines=(30, 40))
+        records.append({"id": f"near_original/{i}", "text": text, "kind": "synthetic"})
+        records.append({"id": f"near/{i}", "text": _near_copy(text, rng), "kind": "near_duplicate"})
     size = sum(len(r["text"].encode()) for r in records)
     i = 0
     while size < target_bytes:
