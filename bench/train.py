@@ -24,7 +24,7 @@ quoted when this benchmark was specified were measured; printed as `ratio ... ou
 Precision pairs compared: our fp32 against torch fp32; our bf16 compute (fp32 master weights, fp32
 loss) against torch fp32 weights under `torch.autocast(bfloat16)`.
 
-MFU is against the matmul peak measured here first (`llama_jax.training.metrics.measured_matmul_peak`, as
+MFU is against the matmul peak measured here first (`llama_jax.training.peak.measured_matmul_peak`, as
 `train.py` does on a CPU), FLOPs per token from `llama_jax.training.metrics.flops_per_token` (6·N + 12·L·d·T).
 
     python bench/train.py                      # configs S and M, fp32 and bf16
@@ -47,7 +47,8 @@ from llama_jax.parallel.rules import rules_for  # noqa: E402
 from llama_jax.training.step import create_train_state, jit_train_step  # noqa: E402
 from llama_jax.model.config import ModelConfig  # noqa: E402
 from llama_jax.utils.host_memory import tune_host_allocator, wanted_tunables  # noqa: E402
-from llama_jax.training.metrics import flops_per_token, measured_matmul_peak  # noqa: E402
+from llama_jax.training.metrics import flops_per_token  # noqa: E402
+from llama_jax.training.peak import measured_matmul_peak  # noqa: E402
 from llama_jax.training.optimizer import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
 
 CONFIGS = {  # vocab, dim, layers, heads, ffn, seq, batch

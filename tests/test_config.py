@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama_jax.model.config import ModelConfig, load_model_config, model_preset_names
-from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict
+from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
 from llama_jax.model.api import param_count
 
 PUBLISHED_PARAM_COUNTS = {
@@ -100,3 +100,12 @@ def test_any_bytes_as_a_training_config_load_or_raise_config_error(tmp_path_fact
         load_train_config(path)
     except ConfigError:
         pass
+
+
+def test_yaml_nested_too_deeply_is_one_line(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("steps: " + "[" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=f"^{path}: invalid YAML: nested too deeply$"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match="invalid YAML value: nested too deeply"):
+        parse_override("steps=" + "[" * 5000)

@@ -55,6 +55,15 @@ def save_random(tmp_path, name, cfg, dtype="fp32", seed=0):
     return tmp_path / name, cfg, params
 
 
+def exported_sources(root, model_parallel):
+    """One small random model as ours (`ours/`), Meta's format in `model_parallel` shards (`meta/`) and
+    Hugging Face's (`hf/`): the inputs the reader error and fuzz tests mutate."""
+    src, _, _ = save_random(root, "ours", CONFIGS["mha"])
+    convert(src, root / "meta", to="meta", model_parallel=model_parallel, progress=False)
+    convert(src, root / "hf", to="hf", progress=False)
+    return root
+
+
 def assert_bit_equal(got: dict, expected: dict):
     got, expected = flatten(got), flatten(expected)
     assert sorted(got) == sorted(expected)

@@ -9,7 +9,7 @@ import torch
 from llama_jax.convert import ConvertError, convert
 from llama_jax.cli.convert import main
 from llama_jax.convert.safetensors_io import read_header
-from test_convert import CONFIGS, save_random
+from test_convert import CONFIGS, exported_sources, save_random
 
 
 class NotATensor:
@@ -19,11 +19,7 @@ class NotATensor:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """A Meta export with 2 shards and an HF export of one small model (copied before each mutation)."""
-    root = tmp_path_factory.mktemp("sources")
-    src, _, _ = save_random(root, "ours", CONFIGS["mha"])
-    convert(src, root / "meta", to="meta", model_parallel=2, progress=False)
-    convert(src, root / "hf", to="hf", progress=False)
-    return root
+    return exported_sources(tmp_path_factory.mktemp("sources"), model_parallel=2)
 
 
 def copy_of(sources, name, tmp_path):
@@ -173,10 +169,10 @@ def test_unknown_params_json_key_and_preset_mismatch(sources, tmp_path):
     assert_fails(meta, tmp_path / "out", "params.json", "moe_experts", to="hf")
 
 
-def test_cli_reports_the_error_and_exits_nonzero(sources, tmp_path, capsys):
+def test_cli_reports_the_error_and_exits_2(sources, tmp_path, capsys):
     meta = copy_of(sources, "meta", tmp_path)
     (meta / "consolidated.00.pth").unlink()
-    assert main(["--to", "hf", "--no-progress", str(meta), str(tmp_path / "out")]) == 1
+    assert main(["--to", "hf", "--no-progress", str(meta), str(tmp_path / "out")]) == 2
     assert "consolidated.00.pth" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert main(["--to", "orbax", "--no-progress", str(sources / "hf"), str(tmp_path / "out")]) == 0
@@ -206,3 +202,23 @@ def test_a_killed_conversions_leftovers_are_removed_by_the_next_one(sources, tmp
     convert(sources / "hf", dst, to="orbax", progress=False)
     assert dst.is_dir() and not stale.exists() and live.exists() and other_host.exists()
     assert f"warning: removed {stale}, left by a process that no longer runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("index, message", [
+    ([], "expected a JSON object, got list"),
+    ({"metadata": {}}, "weight_map must map tensor names to file names"),
+    ({"weight_map": ["model.safetensors"]}, "weight_map must map tensor names to file names"),
+    ({"weight_map": {"lm_head.weight": 3}}, "weight_map must map tensor names to file names"),
+    ({"weight_map": {"lm_head.weight": "../model.safetensors"}}, "weight_map must map tensor names to file names"),
+    ("[" * 100000, "invalid JSON"),
+])
+def test_a_wrong_safetensors_index_is_one_line_naming_it(sources, tmp_path, index, message):
+    hf = copy_of(sources, "hf", tmp_path)
+    (hf / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    assert_fails(hf, tmp_path / "out", hf / "model.safetensors.index.json", message, to="meta")
+
+
+def test_json_nested_too_deeply_is_one_line_naming_the_file(sources, tmp_path):
+    meta = copy_of(sources, "meta", tmp_path)
+    (meta / "params.json").write_text("[" * 100000)
+    assert_fails(meta, tmp_path / "out", meta / "params.json", "invalid JSON", to="hf")

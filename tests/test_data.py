@@ -305,6 +305,9 @@ def test_bad_jsonl_lines(tmp_path, tok, caplog):
     f.write_text('{"text": "good one"}\n{"other": 1}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2: no string field 'text' \(keys: \['other'\]\)"):
         docs(False)
+    f.write_text('{"text": "good one"}\n' + "[" * 100000 + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON \(nested too deeply\)"):
+        docs(False)
     f.write_text('{"text": "good one"}\n{"text": "fine"\n{"other": 1}\n\n[1, 2]\n{"text": "last"}\n')
     with caplog.at_level(logging.WARNING):
         assert docs(True) == ["good one", "last"]

@@ -351,6 +351,35 @@ def test_command_line_reports_bad_input(tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--stride", "0"], "--stride must be >= 1, got 0"),
+    (["--context-len", "0"], "--context-len must be >= 2, got 0"),
+    (["--context-len", "-3"], "--context-len must be >= 2, got -3"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--context-len", "8", "--stride", "8"], "--stride must be below --context-len (8), got 8"),
+])
+def test_impossible_window_flags_are_refused_before_anything_is_read(tmp_path, capsys, flags, message):
+    """0 used to mean "the default" silently; now it is an error, found before the data or model is read
+    (the data file does not even exist here)."""
+    import importlib
+
+    cli = importlib.import_module("eval")
+    assert cli.main(["perplexity", str(tmp_path), "--data", str(tmp_path / "missing.txt"), *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_perplexity_beyond_float_range_is_inf_not_an_overflow(tmp_path):
+    from llama_jax.cli.eval import _Emitter
+    from llama_jax.evaluation.perplexity import PerplexityResult
+
+    finite = PerplexityResult(nll_sum=7000.0, tokens=10, bytes=40, documents=1)
+    assert finite.perplexity == math.exp(700.0)
+    huge = PerplexityResult(nll_sum=7200.0, tokens=10, bytes=40, documents=1)  # mean NLL 720 > ln(float max)
+    assert huge.perplexity == math.inf and huge.mean_nll == 720.0
+    _Emitter()(huge.as_dict(), str(tmp_path / "out.json"))  # results are written, not lost
+    assert json.loads((tmp_path / "out.json").read_text())["perplexity"] == math.inf
+
+
 def test_old_underscore_flags_still_work_with_a_deprecation_warning(capsys):
     """One flag style (`--kebab-case`); the underscore spellings stay as hidden aliases for one release."""
     from llama_jax.cli.eval import _parser

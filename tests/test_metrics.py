@@ -1,13 +1,16 @@
-"""FLOPs per token against a hand count; the CPU's MFU peak is a measurement, not a constant."""
+"""FLOPs per token against a hand count; the MFU's peak: datasheet figures by device kind, a CPU's measured
+robustly, and an MFU that never exceeds 1."""
 from __future__ import annotations
 
 import time
 
 import jax
 import numpy as np
+import pytest
 
 from llama_jax.model.config import ModelConfig
-from llama_jax.training.metrics import flops_per_token, measured_matmul_peak, peak_flops
+from llama_jax.training.metrics import flops_per_token
+from llama_jax.training.peak import Peak, datasheet_peak, job_peak
 
 
 def test_flops_per_token_counts_every_matmul_parameter_and_attention():
@@ -20,13 +23,59 @@ def test_flops_per_token_counts_every_matmul_parameter_and_attention():
     assert flops_per_token(tied, 32) == 6 * matmul_params + 12 * 2 * 64 * 32
 
 
-def test_cpu_peak_is_measured_once_and_agrees_with_numpy():
+# `jax.Device.device_kind` as each part reports it -> the vendor's dense bf16 TFLOP/s (datasheets).
+VENDOR_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835,
+    "NVIDIA H200": 989, "NVIDIA H200 NVL": 835, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100 80GB PCIe": 312,
+    "TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5": 459, "TPU v5p": 459,
+    "TPU v6 lite": 918, "TPU v6e": 918,
+}
+
+
+@pytest.mark.parametrize("kind", VENDOR_TFLOPS)
+def test_datasheet_peak_by_device_kind(kind):
+    assert datasheet_peak(kind) == VENDOR_TFLOPS[kind] * 1e12
+
+
+def test_unknown_accelerator_has_no_peak_and_a_configured_one_wins():
+    class Device:
+        platform, device_kind = "gpu", "NVIDIA RTX 9090"
+    assert datasheet_peak(Device.device_kind) is None and job_peak(Device, 8, "bfloat16") is None
+    peak = job_peak(Device, 8, "bfloat16", configured=100e12)
+    assert (peak.key, peak.mfu(400e12)) == ("mfu", 0.5)
+
+
+def test_a_fixed_peak_never_gives_an_mfu_above_one():
+    peak = Peak(100.0, devices=2)
+    assert peak.mfu(100.0) == 0.5 and peak.mfu(500.0) == 1.0 and peak.per_device == 100.0
+
+
+def test_a_measured_peak_is_retaken_when_an_mfu_would_exceed_one():
+    """The first measurement caught a busy moment (50); the re-measurement finds the real peak (200)."""
+    measurements = iter([200.0])
+    peak = Peak(50.0, devices=1, measure=lambda: next(measurements))
+    assert peak.key == "mfu_cpu_measured"
+    assert peak.mfu(100.0) == 0.5 and peak.per_device == 200.0
+    assert peak.mfu(40.0) == 0.2  # no re-measurement below the peak (the iterator is exhausted)
+
+
+def test_a_measured_peak_is_never_below_an_achieved_rate():
+    peak = Peak(50.0, devices=2, measure=lambda: 60.0)
+    assert peak.mfu(150.0) == 1.0 and peak.per_device == 75.0
+    assert peak.mfu(75.0) == 0.5
+
+
+def test_cpu_peak_is_the_best_of_several_runs_and_agrees_with_numpy():
+    """Oracle: numpy's best 2048² fp32 matmul of five, within 4× (different BLAS, same machine)."""
     cpu = jax.devices("cpu")[0]
-    peak = peak_flops(cpu, "float32")
-    assert peak == measured_matmul_peak("float32")  # cached: one measurement per process and dtype
+    peak = job_peak(cpu, 1, "float32")
+    assert peak.key == "mfu_cpu_measured" and peak.per_device > 0
     a = np.random.default_rng(0).standard_normal((2048, 2048), np.float32)
     a @ a
-    start = time.perf_counter()
-    a @ a
-    numpy_rate = 2 * 2048**3 / (time.perf_counter() - start)
-    assert numpy_rate / 4 < peak < numpy_rate * 4, (peak, numpy_rate)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    numpy_rate = 2 * 2048**3 / best
+    assert numpy_rate / 4 < peak.per_device < numpy_rate * 4, (peak.per_device, numpy_rate)

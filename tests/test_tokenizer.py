@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2
+
+from fuzzing import JSON_VALUES, fast_and_slow
 
 from llama_jax.data import corpus
 from llama_jax.cli.train import tokenizer_main
@@ -201,3 +204,84 @@ def test_builtin_tokenizer_is_trained_once_and_cached(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [model.name, model.with_suffix(".vocab").name]
     text = corpus.builtin_files("validation")[0].read_text(encoding="utf-8")
     assert tok.decode(tok.encode(text, eos=True)) == text
+
+
+# ----------------------------------------------------------------------------- tokenizer_config.json
+
+CONFIG = {"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>", "pad_token": None,
+          "add_bos_token": True, "model_max_length": 4096}
+
+
+def _loads_as_it_says_or_names_the_config(directory: Path) -> None:
+    """A tokenizer with the special ids its tokenizer_config.json names (or, when it names no BOS and
+    EOS, LLaMA's `<s>`/`</s>`), or a TokenizerError naming that file; nothing else."""
+    from llama_jax.data.tokenizer import TokenizerError
+
+    config_path = directory / "tokenizer_config.json"
+    try:
+        tok = load_tokenizer(directory)
+    except TokenizerError as e:
+        assert str(e).startswith(f"{config_path}: ") and "\n" not in str(e), str(e)
+        return
+    config = json.loads(config_path.read_bytes().decode("utf-8"))
+    named = {key: (value["content"] if isinstance(value, dict) else value)
+             for key in ("bos_token", "eos_token", "pad_token") if (value := config.get(key)) is not None}
+    pieces = {key: tok._tok.id_to_token(getattr(tok, key.replace("_token", "_id")))
+              for key in ("bos_token", "eos_token", "pad_token")}
+    if named.get("bos_token") and named.get("eos_token"):
+        assert pieces["bos_token"] == named["bos_token"] and pieces["eos_token"] == named["eos_token"]
+        assert pieces["pad_token"] == named.get("pad_token", named["eos_token"])
+    else:
+        assert (pieces["bos_token"], pieces["eos_token"], pieces["pad_token"]) == ("<s>", "</s>", "</s>")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff{}", "not UTF-8 (byte 0)"),
+    (b'{"bos_token": ', "invalid JSON (Expecting value"),
+    (b"[]", "expected a JSON object, got list"),
+    (b'{"bos_token": 1, "eos_token": "</s>"}', "bos_token: expected a token string or an object with a \"content\" string, got 1"),
+    (b'{"bos_token": {"lstrip": true}, "eos_token": "</s>"}', "bos_token: an AddedToken object without \"content\""),
+    (b'{"bos_token": "<s>", "eos_token": {"content": ["</s>"]}}', "eos_token: expected a token string"),
+    (b'{"bos_token": "<s>", "eos_token": "</s>", "pad_token": ""}', "pad_token: expected a token string"),
+    (b'{"bos_token": "<s>", "eos_token": "</nope>"}', "eos_token '</nope>' is not in the vocabulary of tokenizer.json"),
+])
+def test_a_wrong_tokenizer_config_is_one_line_naming_file_and_field(hf_dir, tmp_path, content, message):
+    from llama_jax.data.tokenizer import TokenizerError
+
+    (tmp_path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(TokenizerError) as error:
+        load_tokenizer(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path / 'tokenizer_config.json'}: {message}")
+
+
+@pytest.fixture(scope="module")
+def hf_copy(hf_dir, tmp_path_factory) -> Path:
+    """tokenizer.json in a directory of its own, whose tokenizer_config.json the fuzz tests rewrite."""
+    directory = tmp_path_factory.mktemp("fuzzed_config")
+    (directory / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    return directory
+
+
+def _mutated_config(hf_copy, edits):
+    raw = bytearray(json.dumps(CONFIG).encode())
+    for position, value in edits:
+        raw[position % len(raw)] = value
+    (hf_copy / "tokenizer_config.json").write_bytes(bytes(raw))
+    _loads_as_it_says_or_names_the_config(hf_copy)
+
+
+def _wrong_config_values(hf_copy, changes, as_object):
+    config = {**CONFIG}
+    for key, value in changes.items():
+        config[key] = {"content": value} if as_object else value
+    (hf_copy / "tokenizer_config.json").write_text(json.dumps(config))
+    _loads_as_it_says_or_names_the_config(hf_copy)
+
+
+test_config_byte_mutations, test_config_byte_mutations_many = fast_and_slow(
+    _mutated_config, edits=st.lists(st.tuples(st.integers(0, 1 << 12), st.integers(0, 255)), min_size=1, max_size=4))
+test_config_wrong_values, test_config_wrong_values_many = fast_and_slow(
+    _wrong_config_values, as_object=st.booleans(), changes=st.dictionaries(
+        st.sampled_from(["bos_token", "eos_token", "pad_token"]),
+        JSON_VALUES | st.sampled_from(["<s>", "</s>", "<unk>", "<nope>", "", "▁the"]), min_size=1, max_size=3))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,8 +140,9 @@ def test_loss_decreases_and_metrics_are_written(corpus, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu_cpu_measured"):
         assert all(np.isfinite(r[key]) for r in train_records), key
+    assert all(0 < r["mfu_cpu_measured"] <= 1 and "mfu" not in r for r in train_records)  # a CPU: measured peak
     assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     traces = list((tmp_path / "run" / "profile").glob("plugins/profile/*/*.xplane.pb"))
@@ -178,27 +180,48 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpu
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_init_from_starts_from_the_given_weights_with_a_fresh_optimizer(corpus, tmp_path):
+def saved_weights(corpus, tmp_path) -> tuple[dict, float]:
+    """Random weights saved as a params dir at tmp_path/weights, and the loss of the run's first batch
+    under them, computed outside the loop (the oracle of a run started from them)."""
     from llama_jax.convert.orbax_dirs import save_params
     from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
     from llama_jax.data.tokenizer import load_tokenizer
-    from llama_jax.training.step import batch_nll
     from llama_jax.model.api import init_params
+    from llama_jax.training.step import batch_nll
 
     cfg = load_train_config(None, overrides(corpus, tmp_path / "run"))
     params = init_params(cfg.model, seed=123)
     save_params(tmp_path / "weights", params, cfg.model)
-    result = run_in_process(corpus, tmp_path / "run", stop_at_step=2, init_from=str(tmp_path / "weights"))
-    assert result.first_step == 1  # step 0: a fresh start, not a resume
-    # oracle: the first batch's loss under the saved weights, computed outside the loop
     data = make_train_iterator(DataConfig(sources=[SourceConfig(kind="text", path=corpus["train_dir"])]),
                                load_tokenizer(corpus["tokenizer"]), seq_len=32, global_batch_size=4)
     nll, tokens = batch_nll(cfg.model, params, next(data))
-    assert result.losses[0] == pytest.approx(float(nll / tokens), rel=1e-6)
+    return params, float(nll / tokens)
+
+
+def test_init_from_starts_from_the_given_weights_with_a_fresh_optimizer(corpus, tmp_path):
+    _, first_loss = saved_weights(corpus, tmp_path)
+    result = run_in_process(corpus, tmp_path / "run", stop_at_step=2, init_from=str(tmp_path / "weights"))
+    assert result.first_step == 1  # step 0: a fresh start, not a resume
+    assert result.losses[0] == pytest.approx(first_loss, rel=1e-6)
     # a checkpoint of another shape is refused, naming the parameter and both shapes
     with pytest.raises(ValueError, match=r"parameter layers\.attention\.wk\.kernel has shape \(2, 32, 32\), "
                                          r"the config expects \(2, 48, 48\)"):
         run_in_process(corpus, tmp_path / "other", stop_at_step=2, init_from=str(tmp_path / "weights"), **{"model.dim": 48})
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_init_from_reads_meta_and_hugging_face_directories(corpus, tmp_path, fmt):
+    """No conversion step: the same weights written as a Meta or HF directory start the same run."""
+    from llama_jax.convert import convert
+
+    _, first_loss = saved_weights(corpus, tmp_path)
+    convert(tmp_path / "weights", tmp_path / fmt, to=fmt, progress=False)
+    result = run_in_process(corpus, tmp_path / "run", stop_at_step=1, init_from=str(tmp_path / fmt))
+    assert result.first_step == 1 and result.losses[0] == pytest.approx(first_loss, rel=1e-6)
+    message = (f"{tmp_path / fmt}: parameter layers.attention.wk.kernel has shape (2, 32, 32), "
+               f"the config expects (2, 48, 48)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_in_process(corpus, tmp_path / "other", stop_at_step=1, init_from=str(tmp_path / fmt), **{"model.dim": 48})
 
 
 def _no_compile(monkeypatch):

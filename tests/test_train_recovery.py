@@ -5,6 +5,7 @@ devices never touch the pytest process. Oracles: the killed process's own logged
 must repeat them bitwise), and an uninterrupted run on one mesh for the resharded resume.
 """
 import json
+import os
 import re
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from llama_jax.utils.config_io import ConfigError
 
 from test_train import (ROOT, child_env, losses_from_jsonl, overrides, persistent_compilation_cache, prepare,
                         run_in_process, run_python)
@@ -190,3 +193,23 @@ def test_a_stale_lock_of_a_crashed_job_is_taken_over_with_a_warning(corpus, tmp_
     assert re.search(r"warning: taking over .*lock.json: its holder \(host elsewhere, PID 1\) sent no heartbeat "
                      r"for 36\d\d s", out), out
     assert not (run_dir / "lock.json").exists()
+
+
+def test_the_lock_of_a_killed_job_on_this_host_is_taken_over_at_once(corpus, tmp_path, capsys):
+    """A fresh heartbeat, but its process (on this host) is gone: no need to wait lock_stale_after_s."""
+    import socket
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = {"job": "killed", "host": socket.gethostname(), "pid": gone.pid, "started": time.time() - 60,
+              "heartbeat": time.time() - 5}
+    (run_dir / "lock.json").write_text(json.dumps(killed))
+    result = run_in_process(corpus, run_dir, steps=3, lock_stale_after_s=600)
+    assert result.status == "completed"
+    assert f"its holder (host {socket.gethostname()}, PID {gone.pid}) is no longer running" in capsys.readouterr().out
+    killed["pid"] = os.getpid()  # alive (this very process): refused
+    (run_dir / "lock.json").write_text(json.dumps(killed))
+    with pytest.raises(ConfigError, match=f"is in use by job killed .*PID {os.getpid()}"):
+        run_in_process(corpus, run_dir, steps=6, lock_stale_after_s=600)

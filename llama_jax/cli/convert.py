@@ -1,4 +1,7 @@
-"""`llama-jax-convert` (or `python -m llama_jax.convert`) --from meta|hf|orbax --to meta|hf|orbax SRC DST [options]."""
+"""`llama-jax-convert` (or `python -m llama_jax.convert`) --from meta|hf|orbax --to meta|hf|orbax SRC DST [options].
+
+Exit status: 0 written, 2 bad input (one line naming the file and field) or an I/O error such as a full disk.
+"""
 from __future__ import annotations
 
 import argparse
@@ -52,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                       model_parallel=args.model_parallel, preset=args.preset,
                       meta_embedding_split_dim=args.meta_embedding_split_dim, max_shard_bytes=args.max_shard_size,
                       progress=not args.no_progress)
-    except ConvertError as e:
+    except (ConvertError, OSError) as e:  # bad input, or an I/O error such as a full disk: one line
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {args.dst} ({args.to}; dim={cfg.dim}, n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size})")
     return 0
 

@@ -5,6 +5,7 @@
     llama-jax-eval tasks CHECKPOINT --tasks piqa,gsm8k,humaneval,my_task.yaml --data-dir ~/tensorflow_datasets
     llama-jax-eval harness CHECKPOINT --tasks gsm8k --include-path my_tasks/ --num-fewshot 5 --limit 50
     llama-jax-eval generate CHECKPOINT --prompt "The capital of France is" [--temperature 0.8 --top-p 0.9]
+    llama-jax-eval generate CHECKPOINT --chat llama3 --system "Be brief." --prompt "Name three rivers."
 
 CHECKPOINT is a llama_jax run directory, a params directory (`convert --to orbax`), or a Meta or Hugging
 Face directory (converted in memory, nothing written); its own tokenizer is used unless --tokenizer.
@@ -101,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     add_flag(gen, "--top-p", type=float, default=1.0, help="1: off")
     gen.add_argument("--seed", type=int, default=0)
     add_flag(gen, "--ignore-eos", action="store_true", help="always generate max_new_tokens")
+    from llama_jax.data.chat_template import TEMPLATE_CHOICES
+
+    gen.add_argument("--chat", choices=TEMPLATE_CHOICES, default=None,
+                     help="each prompt is a user turn in this chat template (as in fine-tuning); stops at its "
+                          "end-of-turn token")
+    gen.add_argument("--system", default="", help="with --chat: a system prompt before each prompt")
     return parser
 
 
@@ -143,13 +150,24 @@ def _load(args):
                            fmt=args.format)
 
 
+def check_window_flags(context_len: int | None, stride: int | None, batch_size: int) -> None:
+    """--context-len, --stride and --batch-size as the window schemes need them, before anything is read
+    (0 is not "the default": it is refused like any other impossible value)."""
+    for flag, value, least in (("--context-len", context_len, 2), ("--stride", stride, 1), ("--batch-size", batch_size, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if stride is not None and context_len is not None and stride >= context_len:
+        raise ValueError(f"--stride must be below --context-len ({context_len}), got {stride}")
+
+
 def run_perplexity(args, emit) -> None:
     from llama_jax.evaluation.perplexity import evaluate_perplexity
     from llama_jax.evaluation.scoring import TokenScorer
 
+    check_window_flags(args.context_len, args.stride, args.batch_size)
     texts = _read_texts(args)  # bad data fails before the checkpoint is read
     model = _load(args)
-    context_len = args.context_len or model.cfg.max_seq_len
+    context_len = model.cfg.max_seq_len if args.context_len is None else args.context_len
     scorer = TokenScorer(model, batch_size=args.batch_size, max_len=context_len)
     result = evaluate_perplexity(scorer, texts, model.tokenizer, context_len=context_len, stride=args.stride,
                                  bos=not args.no_bos).as_dict()
@@ -229,7 +247,15 @@ def run_generate(args, emit) -> None:
     prompts = _prompts(args)
     model = _load(args)
     tok = model.tokenizer
-    result = Generator(model, sampling)([tok.encode(p, bos=not args.no_bos) for p in prompts])
+    if args.chat:
+        from llama_jax.evaluation.generate import chat_prompts
+
+        head = [{"role": "system", "content": args.system}] if args.system else []
+        token_prompts, end_of_turn = chat_prompts(tok, args.chat, [head + [{"role": "user", "content": p}]
+                                                                   for p in prompts])
+        result = Generator(model, sampling, eos_id=end_of_turn)(token_prompts)
+    else:
+        result = Generator(model, sampling)([tok.encode(p, bos=not args.no_bos) for p in prompts])
     emit({"generations": [{"prompt": p, "completion": tok.decode(t), "new_tokens": len(t)}
                           for p, t in zip(prompts, result.tokens)],
           "new_tokens": result.new_tokens, "seconds": result.seconds, "compile_seconds": result.compile_seconds,

@@ -33,7 +33,7 @@ def read_json_object(path: Path, kind: str) -> dict:
         raise ConvertError(f"{path}: missing (not a {kind} checkpoint directory)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ConvertError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: expected a JSON object, got {type(data).__name__}")

@@ -33,10 +33,11 @@ def is_hf_dir(path: Path) -> bool:
 def _weight_map(path: Path) -> dict[str, Path]:
     """{tensor name: file} from the index, or every tensor of the single model.safetensors."""
     if (path / INDEX_FILE).is_file():
-        try:
-            index = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ConvertError(f"{path / INDEX_FILE}: not a safetensors index ({e!r})") from None
+        index = read_json_object(path / INDEX_FILE, "Hugging Face").get("weight_map")
+        if not (isinstance(index, dict) and all(isinstance(name, str) and isinstance(file, str) and file
+                                                and Path(file).name == file for name, file in index.items())):
+            raise ConvertError(f"{path / INDEX_FILE}: weight_map must map tensor names to file names in "
+                               f"this directory, got {json.dumps(index)[:80]}")
         files = {name: path / file for name, file in index.items()}
         for name, file in files.items():
             if not file.is_file():

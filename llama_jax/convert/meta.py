@@ -21,6 +21,7 @@ from llama_jax.convert.common import (ConvertError, contiguous, read_json_object
                                       torch_to_numpy)
 from llama_jax.convert.torch_stream import StreamingTorchSave
 from llama_jax.model.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name
+from llama_jax.utils.config_io import json_type_problem
 from llama_jax.utils.files import tokenizer_files
 
 PARAMS_FILE = "params.json"
@@ -55,6 +56,12 @@ def list_shards(path: Path) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
+# The type each params.json key must have (null where Meta writes it).
+PARAMS_TYPES = {"dim": (int,), "n_layers": (int,), "n_heads": (int,), "vocab_size": (int,), "multiple_of": (int,),
+                "max_seq_len": (int,), "n_kv_heads": (int, None), "ffn_dim_multiplier": (float, None),
+                "norm_eps": (float,), "rope_theta": (float,), "rope_scaling_factor": (float,), "use_scaled_rope": (bool,)}
+
+
 def config_fields_from_params(params: dict, source: Path) -> dict:
     """ModelConfig fields from a params.json mapping (vocab_size may be -1: filled in by the caller)."""
     unknown = sorted(set(params) - set(PARAMS_KEYS) - set(RUNTIME_KEYS))
@@ -63,6 +70,8 @@ def config_fields_from_params(params: dict, source: Path) -> dict:
     for key in ("dim", "n_layers", "n_heads", "vocab_size"):
         if key not in params:
             raise ConvertError(f"{source}: missing key {key!r}")
+    if problem := json_type_problem(params, PARAMS_TYPES, str(source)):
+        raise ConvertError(problem)
     fields = {key: params[key] for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of",
                                            "ffn_dim_multiplier", "norm_eps", "max_seq_len") if key in params}
     fields["ffn_hidden_dim"] = None  # Meta's size is always the multiple_of / ffn_dim_multiplier rule
@@ -150,8 +159,16 @@ def load_shard(path: Path) -> dict:
                            f"(torch.load weights_only=True: {str(e).splitlines()[0]})") from None
     except (RuntimeError, OSError, EOFError) as e:
         raise ConvertError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConvertError(f"{path}: expected a dict of tensors")
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ConvertError(f"{path}: key {key!r} is a {type(key).__name__}, not a tensor name")
+        if not isinstance(value, torch.Tensor):
+            raise ConvertError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided or value.is_quantized:
+            raise ConvertError(f"{path}: {key} is a {'quantized' if value.is_quantized else value.layout} tensor; "
+                               f"expected a dense one")
     return state
 
 
@@ -192,6 +209,7 @@ class MetaReader:
 
     def _validate(self) -> None:
         n = len(self.shards.paths)
+        first_dtype = self.shards.state(0)["tok_embeddings.weight"].dtype
         expected = {}
         for tmap in self.maps.values():
             shape = list(torch_shape(tmap, self.cfg))
@@ -215,6 +233,9 @@ class MetaReader:
                     raise ConvertError(f"{path}: {name} has shape {got}; params.json with {n} shard(s) "
                                        f"implies {shape}")
                 _check_torch_dtype(state[name], f"{path}: {name}")
+                if state[name].dtype != first_dtype:  # a mixed file would be cast silently to the first's dtype
+                    raise ConvertError(f"{path}: {name} is {state[name].dtype} but tok_embeddings.weight is "
+                                       f"{first_dtype}: every tensor of a Meta checkpoint has one dtype")
 
     def tensor(self, tmap: TensorMap, layer: int | None) -> np.ndarray:
         tmap = self.maps[tmap.ours]

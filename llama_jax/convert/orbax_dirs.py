@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from llama_jax.model.config import ModelConfig
+from llama_jax.model.lora import LoraConfig
 from llama_jax.utils.config_io import from_dict, load_yaml, to_dict
 from llama_jax.model import api
 from llama_jax.utils.files import TOKENIZER_FILES, atomic_directory, tokenizer_files
@@ -54,6 +55,23 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         return from_dict(ModelConfig, run_cfg["model"], prefix="model.")
     raise FileNotFoundError(f"{path}: neither a params directory ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) "
                             f"nor a run directory ({RUN_CONFIG_FILE} + {RUN_CHECKPOINT_DIR}/)")
+
+
+def read_lora(path: str | os.PathLike) -> tuple[LoraConfig, Path] | None:
+    """(adapter config, base checkpoint) of a LoRA run directory, whose checkpoints hold only adapters;
+    None for anything else. The base is the run's `init_from`, as written (relative to the current
+    directory, as it was for training)."""
+    path = Path(path)
+    if not is_run_dir(path):
+        return None
+    run_cfg = load_yaml(path / RUN_CONFIG_FILE)
+    lora = from_dict(LoraConfig, run_cfg.get("lora") or {}, prefix="lora.")
+    if not lora.enabled:
+        return None
+    base = Path(str(run_cfg.get("init_from") or "")).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"{path}: LoRA run whose base checkpoint (init_from) {base} is not a directory here")
+    return lora, base
 
 
 def find_tokenizer(path: str | os.PathLike) -> str | None:
@@ -125,7 +143,10 @@ def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None)
     """The params of a params dir or run dir as a pure dict, checked against `model_cfg` first.
 
     Without `shardings` the arrays come back as numpy in `model_cfg.param_dtype`; with a pure-dict tree
-    of `jax.sharding.Sharding` they come back as jax arrays laid out that way (each host reads its part).
+    of `jax.sharding.Sharding` they come back as jax arrays laid out that way, restored one parameter at
+    a time: each host reads the stored chunks its devices' shards overlap, and beyond its own share holds
+    at most one parameter's chunks (a params dir written by one process stores each stacked parameter
+    as one chunk; a sharded run's checkpoint as its shards).
     """
     item = params_item_path(path)
     stored = stored_param_metadata(item)
@@ -134,12 +155,17 @@ def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None)
     if shardings is None:
         flat = flatten(restore_numpy(item, stored))
         return unflatten({p: np.asarray(v).astype(dtype, copy=False) for p, v in flat.items()})
-    import jax
     import orbax.checkpoint as ocp
 
-    target = jax.tree.map(lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, dtype, sharding=sharding),
-                          unflatten(stored), shardings)
-    return ocp.StandardCheckpointer().restore(item, target)
+    flat_shardings = flatten(shardings)
+    params = {}
+    for p, meta in stored.items():
+        restore_args = ocp.ArrayRestoreArgs(sharding=flat_shardings[p], global_shape=meta.shape, dtype=dtype)
+        args = ocp.args.PyTreeRestore(item=unflatten({p: 0}), partial_restore=True,
+                                      restore_args=unflatten({p: restore_args}))
+        with _without_orbax_warnings():
+            (params[p],) = flatten(ocp.PyTreeCheckpointer().restore(item, args=args)).values()
+    return unflatten(params)
 
 
 def save_params(path: str | os.PathLike, params: Mapping, model_cfg: ModelConfig,

@@ -16,6 +16,7 @@ from llama_jax.convert import orbax_dirs as checkpoint_io
 from llama_jax.convert.common import ConvertError, check_dtype, copy_into, our_shape
 from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
+from llama_jax.model.lora import LoraConfig, adapted, adapter_shapes
 from llama_jax.model.params import TensorMap
 from llama_jax.utils.dtypes import config_name
 from llama_jax.utils.files import tokenizer_files
@@ -35,6 +36,14 @@ class OrbaxReader:
         del base  # our checkpoints record the whole config; --preset is only checked against it
         self.path = path
         try:
+            lora = checkpoint_io.read_lora(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConvertError(str(e)) from None
+        self._adapters = None
+        if lora is not None:  # its checkpoints hold adapters: read the base and merge as tensors stream
+            self._open_lora(path, *lora)
+            return
+        try:
             self.cfg = checkpoint_io.read_model_config(path)
             self.item = checkpoint_io.params_item_path(path)
             stored = checkpoint_io.stored_param_metadata(self.item)
@@ -47,7 +56,22 @@ class OrbaxReader:
         self.tokenizer_files = tokenizer_files(path)
         self._current: tuple[tuple[str, ...], np.ndarray] | None = None
 
+    def _open_lora(self, path: Path, lora: LoraConfig, base_path: Path) -> None:
+        self._base = OrbaxReader(base_path)
+        self.cfg, self.dtype, self._lora = self._base.cfg, self._base.dtype, lora
+        try:
+            item = checkpoint_io.params_item_path(path)
+            stored = checkpoint_io.stored_param_metadata(item)
+            expected = {p: s.shape for p, s in flatten(adapter_shapes(self.cfg, lora)).items()}
+            api.check_shapes({p: m.shape for p, m in stored.items()}, expected, str(item))
+        except (ValueError, FileNotFoundError) as e:
+            raise ConvertError(str(e)) from None
+        self._adapters = flatten(checkpoint_io.restore_numpy(item, stored))  # small: rank × (in + out)
+        self.tokenizer_files = tokenizer_files(path) or self._base.tokenizer_files
+
     def tensor(self, tmap: TensorMap, layer: int | None) -> np.ndarray:
+        if self._adapters is not None:
+            return self._merged(tmap, layer)
         if self._current is None or self._current[0] != tmap.ours:
             self._current = None  # drop the previous group before reading the next
             (value,) = flatten(checkpoint_io.restore_numpy(self.item, [tmap.ours])).values()
@@ -55,8 +79,21 @@ class OrbaxReader:
         value = self._current[1]
         return value if layer is None else value[layer]
 
+    def _merged(self, tmap: TensorMap, layer: int | None) -> np.ndarray:
+        """The base tensor plus scale · A B where the run adapted it (the rule of `llama_jax.model.lora`)."""
+        value = self._base.tensor(tmap, layer)
+        a = self._adapters.get(tmap.ours[:-1] + ("a",))
+        if a is None:
+            return value
+        b = self._adapters[tmap.ours[:-1] + ("b",)]
+        if layer is not None:
+            a, b = a[layer], b[layer]
+        return adapted(value, a, b, self._lora.scale, xp=np).astype(value.dtype)
+
     def close(self) -> None:
         self._current = None
+        if self._adapters is not None:
+            self._base.close()
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:

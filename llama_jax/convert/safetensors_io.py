@@ -45,7 +45,7 @@ def read_header(path: Path) -> dict[str, dict]:
         raise ConvertError(f"{path}: header of {size} bytes is truncated ({len(text)} in the file)")
     try:
         header = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ConvertError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise ConvertError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")

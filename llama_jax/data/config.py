@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from llama_jax.data.chat_template import TEMPLATE_CHOICES
 from llama_jax.utils.config_io import ConfigError
 
-SOURCE_KINDS = ("builtin", "text", "jsonl", "tfds", "curated")
+CHAT_KINDS = ("alpaca", "sharegpt", "chat")  # conversations for fine-tuning, see chat_records.py
+SOURCE_KINDS = ("builtin", "text", "jsonl", "tfds", "curated", *CHAT_KINDS)
 BUILTIN_SPLITS = ("train", "validation")
 
 
@@ -31,6 +33,8 @@ class SourceConfig:
     kind="curated": `path` is the output directory of `python -m llama_jax.curate` (its mixture): the
                     shards its manifest lists, read as JSONL; the curated sources are already mixed in
                     the configured proportions inside them.
+    kind="alpaca" | "sharegpt" | "chat": `path` as for jsonl; one line = one conversation (formats in
+                    `llama_jax/data/chat_records.py`); `skip_bad_lines` skips (and counts) bad records.
     `weight` is the source's sampling weight in the training mixture (normalised over the sources).
     """
 
@@ -46,7 +50,7 @@ class SourceConfig:
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"source kind: {self.kind!r} is not one of {list(SOURCE_KINDS)}")
-        if self.kind in ("text", "jsonl", "curated") and not self.path:
+        if self.kind in ("text", "jsonl", "curated", *CHAT_KINDS) and not self.path:
             raise ConfigError(f"source path: a {self.kind} source needs a file, directory or glob")
         if self.kind == "tfds" and not self.name:
             raise ConfigError("source name: a tfds source needs a dataset name")
@@ -73,6 +77,8 @@ class DataConfig:
 
     cache_dir: where tokenized sources are kept (keyed by source contents and tokenizer file) so later
     runs skip tokenization; "" tokenizes in memory every run.
+    chat_template: for conversation sources (fine-tuning): how conversations become tokens and which
+    tokens are targets; `llama2`, `llama3`, `alpaca` or `tokenizer` (see chat_template.py).
     """
 
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(kind="builtin", split="train")])
@@ -81,6 +87,7 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     cache_dir: str = ""
+    chat_template: str = "llama3"
 
     def __post_init__(self):
         if not self.sources:
@@ -89,3 +96,14 @@ class DataConfig:
             for i, src in enumerate(getattr(self, key)):
                 if not isinstance(src, SourceConfig):
                     raise ConfigError(f"data.{key}[{i}]: expected a SourceConfig, got {type(src).__name__}")
+        kinds = {src.kind in CHAT_KINDS for src in [*self.sources, *self.validation_sources]}
+        if len(kinds) > 1:
+            raise ConfigError("data: conversation sources (alpaca, sharegpt, chat) cannot be mixed with plain-text "
+                              "sources, in training or validation")
+        if self.chat_template not in TEMPLATE_CHOICES:
+            raise ConfigError(f"data.chat_template: {self.chat_template!r} is not one of {list(TEMPLATE_CHOICES)}")
+
+    @property
+    def is_chat(self) -> bool:
+        """Fine-tuning on conversations (loss on assistant turns only) rather than pretraining on text."""
+        return self.sources[0].kind in CHAT_KINDS

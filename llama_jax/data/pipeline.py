@@ -64,7 +64,7 @@ class TrainIterator:
         rows = _rows_for_host(global_batch_size, process_index, process_count)
         self._my_rows = slice(process_index * rows, (process_index + 1) * rows)
         self._seed, self._shuffle = seed, shuffle
-        self._rows_per_epoch = [rows_per_epoch(s, seq_len) for s in sources]
+        self._rows_per_epoch = [self._count_rows(s) for s in range(len(sources))]
         self._layouts: dict[int, tuple[int, EpochLayout, np.ndarray]] = {}
         self._batch = 0
         self._source_rows = [0] * len(sources)
@@ -74,6 +74,10 @@ class TrainIterator:
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self._seed, *keys])
+
+    def _count_rows(self, source: int) -> int:
+        """Rows in one epoch of `source` (the same every epoch)."""
+        return rows_per_epoch(self._sources[source], self._seq_len)
 
     def _epoch(self, source: int, epoch: int) -> tuple[EpochLayout, np.ndarray]:
         """The layout and row order of one source's epoch (the last one used is kept)."""

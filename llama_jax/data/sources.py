@@ -66,8 +66,8 @@ def _read_jsonl(path: str, text_field: str, skip_bad_lines: bool) -> list[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problem = f"{path}:{number}: not valid JSON ({e.msg})"
+        except (json.JSONDecodeError, RecursionError) as e:
+            problem = f"{path}:{number}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})"
         else:
             if isinstance(record, dict) and isinstance(record.get(text_field), str):
                 docs.append(record[text_field])

@@ -16,10 +16,12 @@ has its tokenizer trained once per vocabulary size and cached (`builtin_tokenize
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -53,6 +55,42 @@ LLAMA_SENTENCEPIECE_OPTIONS = dict(
 
 # BOS/EOS names to look for in a tokenizer.json that comes without a tokenizer_config.json.
 _KNOWN_SPECIAL_PAIRS = (("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>"))
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is unreadable, malformed or inconsistent; the message names the file (and field)."""
+
+
+def read_special_tokens(config_path: Path) -> dict[str, str | None]:
+    """{bos_token, eos_token, pad_token: text or None} from a Hugging Face `tokenizer_config.json`.
+
+    Each is absent, null, a token string, or an AddedToken object `{"content": "<s>", ...}` (how
+    transformers saves them); anything else, bad UTF-8, bad JSON or a non-object is a TokenizerError naming
+    the file and the field, never a guess: a wrong BOS id would silently shift every sequence.
+    """
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{config_path}: not UTF-8 (byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise TokenizerError(f"{config_path}: invalid JSON ({str(e).splitlines()[0] if str(e) else 'too deep'})") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    tokens = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            if "content" not in value:
+                raise TokenizerError(f"{config_path}: {key}: an AddedToken object without \"content\"")
+            value = value["content"]
+            if value is None:
+                raise TokenizerError(f"{config_path}: {key}: an AddedToken object whose \"content\" is null")
+        if value is not None and not (isinstance(value, str) and value):
+            raise TokenizerError(f"{config_path}: {key}: expected a token string or an object with a "
+                                 f"\"content\" string, got {json.dumps(value)[:80]}")
+        tokens[key] = value
+    return tokens
 
 
 class Tokenizer(abc.ABC):
@@ -108,6 +146,19 @@ class Tokenizer(abc.ABC):
         return ids, counts
 
 
+    @abc.abstractmethod
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary entry of `token_id` ("<s>", "<|eot_id|>"): how chat templates write special tokens."""
+
+    def encode_chat_text(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Token ids of rendered chat text, in which special tokens written out ("<s>", "<|eot_id|>") stand
+        for themselves, and each token's UTF-8 byte end offset in `text` (to map template spans to tokens).
+
+        The `tokenizers` library finds a tokenizer.json's special tokens in text itself.
+        """
+        return self._token_end_offsets(text)
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece `.model` file (LLaMA 1/2's own, or one made by `train_sentencepiece`)."""
 
@@ -117,11 +168,11 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: not a SentencePiece model ({e})") from e
+            raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from e
         super().__init__(path, bos_id=self._sp.bos_id(), eos_id=self._sp.eos_id(), pad_id=self._sp.pad_id(),
                          vocab_size=self._sp.vocab_size())
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{path}: the SentencePiece model has no BOS or EOS piece "
+            raise TokenizerError(f"{path}: the SentencePiece model has no BOS or EOS piece "
                              f"(bos_id={self.bos_id}, eos_id={self.eos_id})")
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -133,6 +184,26 @@ class SentencePieceTokenizer(Tokenizer):
     def _token_end_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
         pieces = self._sp.encode(text, return_type="proto").pieces
         return [p.id for p in pieces], np.array([p.end for p in pieces], dtype=np.int64)
+
+    def token_text(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def encode_chat_text(self, text: str) -> tuple[list[int], np.ndarray]:
+        """SentencePiece would spell "<s>" out as characters: the text is cut at BOS/EOS strings and the
+        pieces between them encoded one by one (each with its dummy prefix, as Meta's chat code does)."""
+        specials = {self.token_text(i): i for i in (self.bos_id, self.eos_id)}
+        ids, ends, done = [], [], 0
+        for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            if part in specials:
+                part_ids, part_ends = [specials[part]], np.array([len(part.encode("utf-8"))])
+            elif part:
+                part_ids, part_ends = self._token_end_offsets(part)
+            else:
+                continue
+            ids += part_ids
+            ends.append(np.asarray(part_ends, np.int64) + done)
+            done += len(part.encode("utf-8"))
+        return ids, np.concatenate(ends) if ends else np.zeros(0, np.int64)
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -148,34 +219,31 @@ class HuggingFaceTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust library raises a bare Exception for unreadable files
-            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from e
-        bos, eos, pad = self._special_tokens(path)
-        super().__init__(path, bos_id=self._token_id(path, bos, "bos_token"),
-                         eos_id=self._token_id(path, eos, "eos_token"),
-                         pad_id=None if pad is None else self._token_id(path, pad, "pad_token"),
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({e})") from e
+        source, (bos, eos, pad) = self._special_tokens(path)
+        token_id = functools.partial(self._token_id, source, Path(path).name)
+        super().__init__(path, bos_id=token_id(bos, "bos_token"), eos_id=token_id(eos, "eos_token"),
+                         pad_id=None if pad is None else token_id(pad, "pad_token"),
                          vocab_size=self._tok.get_vocab_size(with_added_tokens=True))
 
-    def _special_tokens(self, path: str) -> tuple[str, str, str | None]:
+    def _special_tokens(self, path: str) -> tuple[str, tuple[str, str, str | None]]:
+        """(the file that named them, (bos, eos, pad)): tokenizer_config.json when it names BOS and EOS,
+        else LLaMA's well-known names in the vocabulary."""
         config_path = Path(path).with_name("tokenizer_config.json")
         if config_path.exists():
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-
-            def content(key):
-                value = config.get(key)
-                return value.get("content") if isinstance(value, dict) else value
-
-            if content("bos_token") and content("eos_token"):
-                return content("bos_token"), content("eos_token"), content("pad_token")
+            tokens = read_special_tokens(config_path)
+            if tokens["bos_token"] and tokens["eos_token"]:
+                return str(config_path), tuple(tokens[key] for key in SPECIAL_TOKEN_KEYS)
         for bos, eos in _KNOWN_SPECIAL_PAIRS:
             if self._tok.token_to_id(bos) is not None and self._tok.token_to_id(eos) is not None:
-                return bos, eos, None
-        raise ValueError(f"{path}: cannot tell its BOS/EOS tokens: put a tokenizer_config.json with "
-                         f"bos_token and eos_token next to it")
+                return path, (bos, eos, None)
+        raise TokenizerError(f"{path}: cannot tell its BOS/EOS tokens: put a tokenizer_config.json with "
+                             f"bos_token and eos_token next to it")
 
-    def _token_id(self, path: str, token: str, key: str) -> int:
+    def _token_id(self, source: str, vocabulary: str, token: str, key: str) -> int:
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"{path}: {key} {token!r} is not in the vocabulary")
+            raise TokenizerError(f"{source}: {key} {token!r} is not in the vocabulary of {vocabulary}")
         return token_id
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -193,6 +261,9 @@ class HuggingFaceTokenizer(Tokenizer):
         byte_at_char = np.concatenate([[0], np.cumsum(char_bytes)])
         char_ends = np.array([end for _, end in encoding.offsets], dtype=np.int64)
         return encoding.ids, byte_at_char[char_ends]
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

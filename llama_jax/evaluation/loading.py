@@ -1,10 +1,11 @@
 """A checkpoint of any supported format, placed on the device mesh for evaluation.
 
-`llama_jax.convert.read_checkpoint` reads run directories, params-only orbax directories and Meta or
-Hugging Face directories into numpy (converted in memory, nothing written). The weights are then put
-on a ("data", "fsdp", "tensor") mesh over every device of every process with the project's sharding
-rules; each process supplies only the shards its own devices hold, so the same code runs on one CPU
-and across hosts. Evaluation batches are replicated inputs split by rows over the batch axes.
+Run directories, params-only orbax directories and Meta or Hugging Face directories are read straight
+into their shards on a ("data", "fsdp", "tensor") mesh over every device of every process, with the
+project's sharding rules (`load_eval_model`, through `llama_jax.convert.sharded_read`): each process
+builds and holds only the shards its own devices hold, so the same code runs on one CPU and across
+hosts without any host holding the whole model. `place_model` places weights already in memory.
+Evaluation batches are replicated inputs split by rows over the batch axes.
 """
 from __future__ import annotations
 
@@ -93,18 +94,23 @@ def load_eval_model(path: str, *, dtype: str = "bf16", mesh_cfg=None, tokenizer_
                     fmt: str | None = None) -> EvalModel:
     """Any checkpoint (format auto-detected unless `fmt`), its tokenizer, on a mesh of all devices.
 
-    The tokenizer is `tokenizer_path` when given, else the one that comes with the checkpoint; its
-    vocabulary must match the model's.
+    The weights go straight into their shards, one parameter group at a time: each process holds only
+    what its own devices hold (`llama_jax.convert.sharded_read`), never the whole model. The tokenizer
+    is `tokenizer_path` when given, else the one that comes with the checkpoint; its vocabulary must
+    match the model's.
     """
-    from llama_jax.convert import read_checkpoint
+    from llama_jax.convert.sharded_read import read_sharded
     from llama_jax.data.tokenizer import check_vocab_size, load_tokenizer
 
-    compute_dtype(dtype)  # a bad flag fails before the checkpoint is read
-    cfg, params, found_tokenizer = read_checkpoint(path, fmt)
+    name = compute_dtype(dtype)  # a bad flag fails before the checkpoint is read
+    mesh_cfg = mesh_cfg or MeshConfig()
+    mesh, rules = make_mesh(mesh_cfg), rules_for(mesh_cfg.strategy)
+    cfg, params, found_tokenizer = read_sharded(path, lambda cfg: api.param_shardings(cfg, mesh, rules), fmt=fmt,
+                                                dtype=name)
     tokenizer_path = tokenizer_path or found_tokenizer
     if tokenizer_path is None:
         raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json comes with this checkpoint; "
                                 f"pass --tokenizer PATH")
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab_size(tokenizer, cfg.vocab_size)
-    return place_model(cfg, params, dtype=dtype, tokenizer=tokenizer, mesh_cfg=mesh_cfg or MeshConfig())
+    return EvalModel(cfg, params, tokenizer, mesh, rules)

@@ -44,7 +44,11 @@ class PerplexityResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_nll)
+        """exp(mean NLL); inf past float range (a mean NLL above ~709.78 nats, e.g. a broken model)."""
+        try:
+            return math.exp(self.mean_nll)
+        except OverflowError:
+            return math.inf
 
     @property
     def bits_per_byte(self) -> float:
@@ -117,7 +121,7 @@ def evaluate_perplexity(scorer: TokenScorer, texts: Sequence[str], tokenizer, *,
                         stride: int | None = None, bos: bool = True) -> PerplexityResult:
     """Perplexity and bits per byte of `texts` (context_len defaults to the scorer's maximum; rolling
     windows unless a `stride` is given)."""
-    context_len = context_len or scorer.max_len
+    context_len = scorer.max_len if context_len is None else context_len
     docs = [tokenizer.encode(t, bos=bos) for t in texts]
     kept = [(t, d) for t, d in zip(texts, docs) if len(d) >= 2]
     if not kept:

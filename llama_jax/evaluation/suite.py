@@ -147,6 +147,8 @@ def read_items(path: str, task: str) -> tuple[str, list, list[str | None]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+        except RecursionError:
+            raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         line_kind = record.get("type", "multiple_choice")

@@ -12,7 +12,8 @@ the fully visible blocks without a mask and the few diagonal blocks with one.
   on transposed scores K Q^T, so no probability tile is transposed between tensor-core products.
 - dQ:      grid (query block, batch, head); loops over key blocks like the forward.
 
-On a machine without a GPU the kernels run in Pallas' interpret mode (`interpret=None` picks it).
+In a program that is not for a GPU the kernels run in Pallas' interpret mode (`interpret=None` picks it from
+`parallel.platform.target_platform`, so a program lowered on a CPU machine for a GPU gets the Triton kernels).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from llama_jax.kernels import common
 from llama_jax.kernels.common import Blocks, KernelConfig
+from llama_jax.parallel.platform import target_platform
 
 ALIGN = 16  # tl.dot needs every matrix dimension >= 16; blocks are powers of two
 # fp32 inputs: every block at most 64. Their dots run IEEE fp32 (no tensor cores) on tiles twice the
@@ -34,7 +36,7 @@ FP32_MAX_BLOCK = 64
 
 
 def default_interpret() -> bool:
-    return jax.default_backend() != "gpu"
+    return target_platform() != "gpu"
 
 
 def _compiler_params(cfg: KernelConfig, head_dim: int):

@@ -1,11 +1,15 @@
 """Run an attention kernel per device shard when a device mesh is in effect.
 
 A `pallas_call` is opaque to the SPMD partitioner: under a mesh it must see per-device arrays. Attention
-is independent across batch rows and across kv-head groups, so `jax.shard_map` over the mesh axes the
-rules give `activation_batch` and `activation_kv_heads` needs no communication at all; the kernel runs
-unchanged on each shard. The rules are the active ones (`llama_jax.parallel.logical.set_rules`), or the
-`fsdp+tp` preset when none are installed. With no mesh set (or those axes already manual, i.e. inside a
-caller's own shard_map) the kernel is called directly.
+is independent across batch rows and across kv-head groups, so `jax.shard_map` splitting rows over the
+mesh axes the rules give `activation_batch` and kv heads over those of `activation_kv_heads` needs no
+communication at all; the kernel runs unchanged on each shard. Every free mesh axis is made manual,
+the ones the rules leave out too (the arrays are whole along them): Mosaic refuses a kernel inside a
+shard_map that leaves any mesh axis to the partitioner, even one of size 1 (tests/test_lowering.py
+caught this for `fsdp` rules on a data × fsdp × tensor=1 TPU mesh). The rules are the active ones
+(`llama_jax.parallel.logical.set_rules`), or the `fsdp+tp` preset when none are installed. With no
+mesh set (or every axis already manual, i.e. inside a caller's own shard_map) the kernel is called
+directly.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def shard_over_mesh(kernel):
         batch_target, head_target = logical_to_spec(("activation_batch", "activation_kv_heads"),
                                                     active_rules() or FALLBACK_RULES, free)
         batch_axes, head_axes = _axes(batch_target), _axes(head_target)
-        if not batch_axes and not head_axes:
+        if not free:
             return kernel(q, k, v, segment_ids)
         batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
         head_shards = math.prod(mesh.shape[a] for a in head_axes)
@@ -50,7 +54,7 @@ def shard_over_mesh(kernel):
         if segment_ids is not None:
             args, specs = args + (segment_ids,), specs + (P(batch_axes or None, None),)
         return jax.shard_map(lambda *a: kernel(*a), in_specs=specs, out_specs=heads,
-                             axis_names=frozenset(batch_axes + head_axes),
+                             axis_names=frozenset(free),
                              check_vma=False)(*args)
 
     return sharded

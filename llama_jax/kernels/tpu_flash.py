@@ -30,12 +30,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from llama_jax.kernels import common
 from llama_jax.kernels.common import Blocks, KernelConfig
+from llama_jax.parallel.platform import target_platform
 
 ALIGN = 8  # sublane tile; lane-dense blocks (multiples of 128) are what the defaults use
 
 
 def default_interpret() -> bool:
-    return jax.default_backend() != "tpu"
+    return target_platform() != "tpu"
 
 
 def _interpret(cfg: KernelConfig):
@@ -301,7 +302,8 @@ def flash_attention_tpu(q, k, v, segment_ids=None, *, block_q: int = 512, block_
 
     q [B, T, H, D], k/v [B, T, KV, D] (KV divides H), segment_ids [B, T] int or None (0 = padding).
     Returns [B, T, H, D] in q's dtype; differentiable. Block sizes are multiples of 8 (128 or more for
-    real TPUs); backward blocks left None take the forward's. interpret None: interpret off a TPU.
+    real TPUs); backward blocks left None take the forward's. interpret None: interpret unless the
+    program is for a TPU (`parallel.platform.target_platform`: a real TPU, or an abstract mesh of TPUs).
     """
     requested = common.requested_blocks(block_q, block_k, block_q_dkdv, block_k_dkdv, block_q_dq, block_k_dq)
     if interpret is None:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.model.cpu_fast_paths import grouped_query_products
+from llama_jax.parallel.platform import target_platform
 
 
 def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None, q_offset: int = 0) -> jax.Array:
@@ -97,13 +98,14 @@ ATTENTION_IMPL_NAMES = ("auto", *IMPLEMENTATIONS)
 
 
 def resolve_impl(name: str, platform: str | None = None) -> str:
-    """Map `auto` to the platform's best implementation (default: the running backend's): a Pallas
-    kernel on GPU/TPU, `xla` on CPU."""
+    """Map `auto` to the platform's best implementation: a Pallas kernel on GPU/TPU, `xla` on CPU.
+    `platform` defaults to the target of the program being traced (`parallel.platform.target_platform`:
+    the mesh's devices, which may be abstract ones, else the host's backend)."""
     if name not in ATTENTION_IMPL_NAMES:
         raise ValueError(f"attention_impl={name!r}; expected one of {ATTENTION_IMPL_NAMES}")
     if name != "auto":
         return name
-    return BEST_FOR_PLATFORM.get(platform or jax.default_backend(), "xla")
+    return BEST_FOR_PLATFORM.get(platform or target_platform(), "xla")
 
 
 def attention(q, k, v, segment_ids=None, *, impl: str = "xla", q_offset: int = 0):

@@ -7,6 +7,7 @@ Meta's `multiple_of` rule) are properties, so a config never holds two values th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +79,10 @@ class ModelConfig:
             raise ConfigError(f"ffn_hidden_dim must be > 0, got {self.ffn_hidden_dim}")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
             raise ConfigError(f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier}")
-        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
-            raise ConfigError("norm_eps, rope_theta and init_std must be > 0")
+        for key in ("norm_eps", "rope_theta", "init_std", "ffn_dim_multiplier"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key} must be a finite number > 0, got {value}")
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in CONFIG_NAMES:
                 raise ConfigError(f"{key}={getattr(self, key)!r}; expected one of {sorted(CONFIG_NAMES)}")

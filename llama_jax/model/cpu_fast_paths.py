@@ -1,9 +1,9 @@
 """XLA:CPU fast paths: the model's few operations that XLA:CPU runs slowly in their plain form, each
 given a CPU-only variant with the same result. Nothing else in the model knows about the CPU.
 
-Every function here computes exactly what its plain form (`plain_*`) computes. A program traced on a
-GPU or TPU host gets the plain form only: no trace of this module's variants. Traced on a CPU host, it
-gets `lax.platform_dependent(cpu=variant, default=plain)`, resolved when the program is compiled: the
+Every function here computes exactly what its plain form (`plain_*`) computes. A program traced for a
+GPU or TPU (on one, or under an abstract mesh of them: `parallel.platform`) gets the plain form only: no
+trace of this module's variants. Traced for a CPU, it gets `lax.platform_dependent(cpu=variant, default=plain)`, resolved when the program is compiled: the
 CPU runs the variant, and the same program exported from a CPU for a GPU or TPU still runs the plain
 form there. The variants run under the named scope `xla_cpu_fast_path`, so a lowered program shows
 whether it holds any (tests/test_cpu_fast_paths.py). `LLAMA_JAX_CPU_FAST_PATHS=0` turns them all off
@@ -28,13 +28,16 @@ import os
 import jax
 import jax.numpy as jnp
 
+from llama_jax.parallel.platform import target_platform
+
 SCOPE = "xla_cpu_fast_path"
 SWITCH = "LLAMA_JAX_CPU_FAST_PATHS"
 
 
 def enabled() -> bool:
-    """The switch: on unless LLAMA_JAX_CPU_FAST_PATHS=0, and only where the host's backend is the CPU."""
-    return os.environ.get(SWITCH, "1") != "0" and jax.default_backend() == "cpu"
+    """The switch: on unless LLAMA_JAX_CPU_FAST_PATHS=0, and only when tracing for a CPU (the host's
+    backend, or the devices of the mesh in context: see `parallel.platform`)."""
+    return os.environ.get(SWITCH, "1") != "0" and target_platform() == "cpu"
 
 
 def _on_cpu(fast, plain, *args):

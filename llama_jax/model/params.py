@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from llama_jax.model.config import ModelConfig, RopeScaling
+from llama_jax.utils.config_io import json_type_problem
 from llama_jax.utils.trees import set_path
 
 
@@ -136,8 +137,29 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     }
 
 
+# The JSON type of each config.json key we read (null where transformers writes it).
+HF_CONFIG_TYPES = {
+    "model_type": (str,), "vocab_size": (int,), "hidden_size": (int,), "num_hidden_layers": (int,),
+    "num_attention_heads": (int,), "num_key_value_heads": (int, None), "intermediate_size": (int,),
+    "head_dim": (int, None), "max_position_embeddings": (int,), "rms_norm_eps": (float,),
+    "rope_theta": (float, None), "rope_scaling": (dict, None), "rope_parameters": (dict, None),
+    "tie_word_embeddings": (bool,),
+}
+HF_ROPE_TYPES = {"rope_type": (str,), "type": (str,), "factor": (float,), "low_freq_factor": (float,),
+                 "high_freq_factor": (float,), "original_max_position_embeddings": (int,), "rope_theta": (float,)}
+
+
 def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
-    """Our ModelConfig from a Hugging Face LLaMA `config.json` mapping (plus field overrides)."""
+    """Our ModelConfig from a Hugging Face LLaMA `config.json` mapping (plus field overrides); a value of
+    the wrong type is a ValueError naming the key."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"config.json: expected a JSON object, got {type(hf).__name__}")
+    problem = json_type_problem(dict(hf), HF_CONFIG_TYPES, "config.json")
+    for key in ("rope_scaling", "rope_parameters"):
+        problem = problem or (json_type_problem(hf[key], HF_ROPE_TYPES, f"config.json: {key}")
+                              if isinstance(hf.get(key), dict) else None)
+    if problem:
+        raise ValueError(problem)
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"config.json: model_type={hf.get('model_type')!r}, expected 'llama'")
     rope = hf.get("rope_scaling") or (hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else None)

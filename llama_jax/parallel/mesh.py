@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.parallel import logical
 from llama_jax.parallel.logical import Rules, logical_to_spec
@@ -129,12 +129,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules: Rules):
-    """Mesh in context and rules installed, so `logical.constrain` takes effect while tracing."""
+def activate(mesh: Mesh | AbstractMesh, rules: Rules):
+    """Mesh in context and rules installed, so `logical.constrain` takes effect while tracing.
+
+    An `AbstractMesh` (devices that need not exist, `parallel.platform.abstract_mesh`) is for lowering
+    only: programs traced under it can be exported for its platform, not run here.
+    """
     previous = logical.active_rules()
     logical.set_rules(rules)
     try:
-        with jax.set_mesh(mesh):
+        with (jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else jax.set_mesh(mesh)):
             yield
     finally:
         logical.set_rules(previous)

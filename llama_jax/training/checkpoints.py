@@ -1,7 +1,8 @@
 """A training run's checkpoints: orbax CheckpointManager under `RUN/checkpoints/`, one step per directory.
 
 Each step directory holds three items: `params` (the model's pure dict), `opt_state` (optax state, same
-tree as the parameters it mirrors) and `meta` (JSON: step, data-iterator state, seed). Every process
+tree as the parameters it mirrors) and `meta` (JSON: step, data-iterator state, seed, spike detector;
+read back by `checkpoint_meta.read_meta`, which checks every field). Every process
 calls `save` and `restore` (orbax writes and reads each process's shards cooperatively); saves are
 asynchronous, so training continues while the arrays are written.
 
@@ -22,6 +23,8 @@ no longer sees it) so that the previous step becomes the latest.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import time
@@ -32,7 +35,28 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from llama_jax.training.checkpoint_meta import read_meta
 from llama_jax.utils.trees import flatten
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, I/O error); one line naming the step, the cause and the intact
+    previous step. Raised by `save`, `wait` and `close` once orbax reports the failure."""
+
+
+def _cause(error: BaseException) -> str:
+    """The OSError at the root of `error` ("[Errno 28] No space left on device: 'PATH'"), else its first line."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return str(e)
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:1000] if lines else ''}"
 
 
 class RunCheckpoints:
@@ -45,6 +69,8 @@ class RunCheckpoints:
             max_to_keep=keep, keep_period=keep_period or None, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
         self._manager = self._open()
+        self._saving: int | None = None  # the step whose save may still be in flight
+        self._failed: CheckpointSaveError | None = None
 
     def _open(self) -> ocp.CheckpointManager:
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
@@ -62,9 +88,27 @@ class RunCheckpoints:
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
         """Start saving `step` (returns once the arrays are copied off; writing continues in the background)."""
         self.wait()  # the previous save is complete: record its files before the next one starts
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self._saving = step
+        with self._failures():
+            self._manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+
+    @contextlib.contextmanager
+    def _failures(self):
+        """Any exception while saving (in this thread or reported from orbax's) becomes one
+        CheckpointSaveError, raised again by every later call: a failed save is not retried."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types for an I/O failure)
+            intact = [s for s in self.steps() if s != self._saving]
+            self._failed = CheckpointSaveError(
+                f"saving checkpoint step {self._saving} in {self.directory} failed: {_cause(e)}; "
+                + (f"the previous checkpoint (step {intact[-1]}) is intact: free space or fix the cause, then "
+                   f"rerun to resume from it" if intact else "no earlier checkpoint exists"))
+            raise self._failed from e
 
     def _record_integrity(self) -> None:
         """Sizes and CRC-32s of the files of every finished step that has no record yet (process 0)."""
@@ -98,10 +142,16 @@ class RunCheckpoints:
                 return f"file {path} changed since it was saved (CRC-32 differs)"
         return None
 
-    def set_aside(self, step: int) -> Path:
-        """Rename a damaged step out of orbax's sight (`<step>.corrupt-<time>`); the previous step becomes
-        the latest. Process 0 renames; every process then reopens the manager."""
-        target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    def set_aside(self, step: int, why: str = "corrupt") -> Path:
+        """Rename a step out of orbax's sight (`<step>.<why>-<time>`, e.g. damaged or saved during a loss
+        spike); the previous step becomes the latest. Process 0 renames; every process then reopens the
+        manager."""
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        target = self.directory / f"{step}.{why}-{stamp}"
+        for n in itertools.count(1):  # the same step set aside twice within a second (repeated rollbacks)
+            if not target.exists():
+                break
+            target = self.directory / f"{step}.{why}-{stamp}-{n}"
         if jax.process_index() == 0:
             os.rename(self.directory / str(step), target)
             (self.integrity_dir / f"{step}.json").unlink(missing_ok=True)
@@ -119,19 +169,23 @@ class RunCheckpoints:
 
     def restore(self, step: int, target_params: Any, target_opt_state: Any) -> tuple[Any, Any, dict]:
         """(params, opt_state, meta) of `step`, read into the targets' shapes, dtypes and shardings."""
+        meta = read_meta(self.directory / str(step), step)  # strict, and names the file (orbax's JSON would not)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target_params), opt_state=ocp.args.StandardRestore(target_opt_state),
-            meta=ocp.args.JsonRestore()))
-        return restored["params"], restored["opt_state"], dict(restored["meta"])
+            params=ocp.args.StandardRestore(target_params), opt_state=ocp.args.StandardRestore(target_opt_state)))
+        return restored["params"], restored["opt_state"], meta
 
     def wait(self) -> None:
         """Block until every started save is complete on disk, and record its files."""
-        self._manager.wait_until_finished()
-        self._record_integrity()
+        with self._failures():
+            self._manager.wait_until_finished()
+            self._record_integrity()
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            if self._failed is None:
+                self._manager.close()
 
 
 def _crc32(path: Path) -> int:

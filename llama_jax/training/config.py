@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_jax.model.config import CONFIG_DIR, ModelConfig, model_config_dict
+from llama_jax.model.lora import LoraConfig
 from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
 from llama_jax.data import DataConfig
 from llama_jax.parallel.mesh import MeshConfig
 from llama_jax.parallel.distributed import DistributedConfig
 from llama_jax.training.optimizer import OptimizerConfig
+from llama_jax.training.spikes import SpikeConfig
 
 DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "train" / "default.yaml"
 PROGRESS_MODES = ("auto", "bar", "lines")
@@ -40,6 +42,8 @@ class TrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)  # loss-spike rollback; off by default
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train adapters on the init_from base
     run_dir: str = "runs/default"
     steps: int = 1000
     stop_at_step: int = 0  # end this invocation (with a checkpoint) after this step; 0 = at `steps`
@@ -51,7 +55,7 @@ class TrainConfig:
     # with the model's vocab_size, trained once and cached under `cache_dir`.
     tokenizer: str = ""
     cache_dir: str = "~/.cache/llama_jax"
-    init_from: str = ""  # params-only checkpoint (or run dir) to start from, with a fresh optimizer
+    init_from: str = ""  # Meta, HF, params-only or run directory to start from, with a fresh optimizer
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 0  # batches per periodic evaluation; 0 = the whole validation split
@@ -93,6 +97,12 @@ class TrainConfig:
             raise ConfigError(f"peak_flops_per_device must be >= 0, got {self.peak_flops_per_device}")
         if not self.run_dir:
             raise ConfigError("run_dir must name a directory")
+        if self.spikes.enabled and self.keep_checkpoints * self.checkpoint_every <= self.spikes.patience:
+            raise ConfigError(f"spikes.patience={self.spikes.patience} needs a checkpoint from before a spike to "
+                              f"roll back to: keep_checkpoints × checkpoint_every "
+                              f"({self.keep_checkpoints} × {self.checkpoint_every}) must exceed it")
+        if self.lora.enabled and not self.init_from:
+            raise ConfigError("lora.rank > 0 needs init_from: the base weights the adapters modify")
         if not 0 < self.lock_heartbeat_s < self.lock_stale_after_s:
             raise ConfigError(f"lock_heartbeat_s={self.lock_heartbeat_s} must be > 0 and below "
                               f"lock_stale_after_s={self.lock_stale_after_s}")

@@ -11,7 +11,8 @@ is checked first (config, run directory, tokenizer, data, checkpoint shapes). Th
 - each step feeds this process's rows of the global batch to `llama_jax.training.step.jit_train_step` (the
   project's one train step), and the next batch is read and placed on the devices while they run it;
   the loss and gradient norm are checked every step, so a non-finite value stops the run before any
-  bad state is saved;
+  bad state is saved, and, with `spikes` configured, a loss spike rolls the run back to the last
+  checkpoint before it and skips the data since (`llama_jax.training.spikes`);
 - checkpoints are saved asynchronously every `checkpoint_every` steps, at the end, and when SIGTERM
   (preemption) arrives; metrics go to the terminal, `metrics.jsonl` and TensorBoard (process 0 only).
 """
@@ -31,16 +32,20 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from llama_jax.convert.orbax_dirs import load_params
+from llama_jax.convert.sharded_read import read_sharded
 from llama_jax.model import api
+from llama_jax.model.lora import adapter_shapes, init_adapters
+from llama_jax.utils.trees import flatten
 from llama_jax.training.checkpoints import RunCheckpoints, abstract_with_shardings
 from llama_jax.utils.config_io import ConfigError, to_dict
 from llama_jax.parallel.distributed import initialize
-from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, format_values, peak_flops
+from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, format_values
+from llama_jax.training.peak import job_peak
 from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.profiling import StepProfiler
 from llama_jax.training.run_lock import RunLock
+from llama_jax.training.spikes import Spike, SpikeDetector, describe_spike
 from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.optimizer import lr_schedule, make_optimizer
@@ -107,6 +112,9 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Tokenizer) -> No
     target = run_dir / f"tokenizer{Path(tokenizer.path).suffix}"
     if Path(tokenizer.path).resolve() != target.resolve():
         shutil.copyfile(tokenizer.path, target)
+        config = Path(tokenizer.path).with_name("tokenizer_config.json")  # special tokens, chat template
+        if config.is_file():
+            shutil.copyfile(config, run_dir / config.name)
 
 
 class Evaluator:
@@ -129,12 +137,15 @@ class Evaluator:
     def __call__(self, params) -> dict:
         nll = tokens = 0.0
         num_bytes = 0
+        text = "num_bytes" in self._batches[0]  # else fine-tuning: the loss on held-out answers only
         for batch in self._batches:
-            num_bytes += int(batch["num_bytes"].sum())
+            num_bytes += int(batch["num_bytes"].sum()) if text else 0
             local = {k: v[self._rows] for k, v in batch.items() if k != "num_bytes"}
             sums = jax.device_get(self._step(params, make_global_batch(local, self._mesh, self._rules)))
             nll += float(sums["nll_sum"])
             tokens += float(sums["tokens"])
+        if not text:
+            return {"loss": nll / max(tokens, 1.0), "tokens": int(tokens)}
         return {"loss": nll / max(tokens, 1.0), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
                 "tokens": int(tokens), "bytes": num_bytes}
 
@@ -152,8 +163,7 @@ class _Window:
 
     def __init__(self, cfg: TrainConfig):
         self._tokens_per_step = cfg.global_batch_size * cfg.seq_len
-        peak = cfg.peak_flops_per_device or peak_flops(jax.devices()[0], cfg.model.dtype)
-        self._flops_per_s_peak = peak * jax.device_count() if peak else None
+        self._peak = job_peak(jax.devices()[0], jax.device_count(), cfg.model.dtype, cfg.peak_flops_per_device)
         self._flops_per_token = flops_per_token(cfg.model, cfg.seq_len)
         self._losses, self._start, self._steps = [], None, 0
 
@@ -175,8 +185,8 @@ class _Window:
         elapsed = time.perf_counter() - self._start
         tokens_per_s = self._steps * self._tokens_per_step / elapsed
         values = {"tokens_per_s": tokens_per_s, "step_time_s": elapsed / self._steps}
-        if self._flops_per_s_peak:
-            values["mfu"] = self._flops_per_token * tokens_per_s / self._flops_per_s_peak
+        if self._peak is not None:
+            values[self._peak.key] = self._peak.mfu(self._flops_per_token * tokens_per_s)
         return values
 
     def exclude(self, seconds: float) -> None:
@@ -211,11 +221,20 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
+def _trained_init(cfg: TrainConfig):
+    """What the optimizer trains, freshly initialised: the model's params, or with LoRA the adapters."""
+    if cfg.lora.enabled:
+        return init_adapters(cfg.model, cfg.lora, cfg.seed)
+    return api.init_params(cfg.model)
+
+
 def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, optimizer, say):
     """(state, meta) of the newest step that passes its integrity record and restores, or None when the
     run has no step. A damaged step is set aside (one line says which file failed) and the previous one
     tried; a checkpoint of another model is a configuration error, not damage."""
     tried, abstract = [], None
+    expected = ({p: s.shape for p, s in flatten(adapter_shapes(cfg.model, cfg.lora)).items()} if cfg.lora.enabled
+                else api.flat_param_shapes(cfg.model))
     while (step := ckpts.latest_step()) is not None:
         where = ckpts.directory / str(step)
         problem = ckpts.damage(step)
@@ -225,9 +244,9 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
             except Exception as e:  # noqa: BLE001  (orbax raises many types for unreadable metadata)
                 problem = f"its metadata does not read ({_one_line(e)})"
         if problem is None:
-            api.check_param_shapes(saved_shapes, cfg.model, f"checkpoint {where}")
+            api.check_shapes(saved_shapes, expected, f"checkpoint {where}")
             if abstract is None:
-                abstract = jax.eval_shape(lambda: init_train_state(api.init_params(cfg.model), optimizer))
+                abstract = jax.eval_shape(lambda: init_train_state(_trained_init(cfg), optimizer))
             try:
                 params, opt_state, meta = ckpts.restore(
                     step, abstract_with_shardings(abstract.params, shardings.params),
@@ -247,14 +266,35 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
     return None
 
 
-def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, mesh, rules, say) -> tuple[TrainState, dict]:
-    """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded."""
-    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules)
+def _lora_base(cfg: TrainConfig, mesh, rules, say):
+    """The frozen base weights of a LoRA run (from `init_from`, sharded, in lora.base_dtype if set)."""
+    _, params, _ = read_sharded(cfg.init_from, lambda _: api.param_shardings(cfg.model, mesh, rules),
+                                expected=cfg.model)
+    if cfg.lora.base_dtype:
+        params = jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), params)
+    say(f"LoRA: base weights from {cfg.init_from} (frozen), rank {cfg.lora.rank} adapters on {cfg.lora.targets}")
+    return params
+
+
+def _with_base(base, *fns):
+    """LoRA's jitted steps take the frozen base as a third argument; the loop calls (trained, batch)."""
+    return tuple(lambda trained, batch, fn=fn: fn(trained, batch, base) for fn in fns)
+
+
+def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, shardings, mesh, rules,
+                   say) -> tuple[TrainState, dict]:
+    """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded.
+    With LoRA the state holds the adapters (fresh: B = 0, the base model) and `init_from` is the base."""
+    lora = cfg.lora if cfg.lora.enabled else None
     restored = _restore_newest_intact(cfg, ckpts, shardings, optimizer, say)
     if restored is not None:
         return restored
+    if lora is not None:
+        init = jax.jit(lambda: init_train_state(_trained_init(cfg), optimizer), out_shardings=shardings)
+        with activate(mesh, rules):
+            return init(), {}
     if cfg.init_from:
-        params = load_params(cfg.init_from, cfg.model, shardings=shardings.params)
+        _, params, _ = read_sharded(cfg.init_from, lambda _: shardings.params, expected=cfg.model)
         init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
         with activate(mesh, rules):
             opt_state = init(params)
@@ -298,15 +338,22 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         f"{cfg.steps} steps of {cfg.global_batch_size} × {cfg.seq_len} tokens, run_dir {run_dir}")
 
     start_time = time.perf_counter()
-    state, meta = _initial_state(cfg, ckpts, optimizer, mesh, rules, say)
+    lora = cfg.lora if cfg.lora.enabled else None
+    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules, lora)
+    state, meta = _initial_state(cfg, ckpts, optimizer, shardings, mesh, rules, say)
+    spikes = SpikeDetector(cfg.spikes)
     if "data" in meta:
         data.set_state(meta["data"])
+    if "spikes" in meta:
+        spikes.set_state(meta["spikes"])
     first = int(meta.get("step", 0))
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
     log = MetricsLog(run_dir, enabled=main, resume_step=first)
     step_fn = jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
-                                      micro_batches=cfg.micro_batches)
-    eval_fn = jit_eval_step(cfg.model, mesh, rules)
+                                      micro_batches=cfg.micro_batches, lora=lora)
+    eval_fn = jit_eval_step(cfg.model, mesh, rules, lora=lora)
+    if lora is not None:  # the frozen base is an argument of every step, never part of the state
+        step_fn, eval_fn = _with_base(_lora_base(cfg, mesh, rules, say), step_fn, eval_fn)
     evaluator = None
     if cfg.eval_every:
         evaluator = Evaluator(cfg, tokenizer, eval_fn, mesh, rules, cfg.eval_batches or None)
@@ -327,12 +374,51 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         nonlocal last_saved
         if last_saved == step:
             return
-        ckpts.save(step, state.params, state.opt_state, {"step": step, "data": data_position, "seed": cfg.seed})
+        meta = {"step": step, "data": data_position, "seed": cfg.seed, "spikes": spikes.get_state()}
+        if cfg.lora.enabled:  # the checkpoint holds only the adapters: say what they adapt
+            meta["lora_base"] = cfg.init_from
+        ckpts.save(step, state.params, state.opt_state, meta)
         last_saved = step
 
+    def roll_back(spike: Spike) -> TrainState:
+        """PaLM's remedy: restore the newest checkpoint from before the spike and continue on the data after
+        the spike's last batch (the batches since that checkpoint are skipped); log it as an event."""
+        nonlocal last_saved
+        ckpts.wait()
+        if len(rollbacks) >= cfg.spikes.max_rollbacks or not any(s < spike.first_step for s in ckpts.steps()):
+            raise TrainingDiverged(
+                f"step {spike.step}: {describe_spike(spike, cfg.spikes)}, and "
+                + (f"spikes.max_rollbacks={cfg.spikes.max_rollbacks} rollbacks were already made" if rollbacks
+                   else f"no checkpoint from before step {spike.first_step} is left in {ckpts.directory} to roll back to")
+                + "; stopping (lower optimizer.peak_lr or check the data)")
+        for bad in [s for s in ckpts.steps() if s >= spike.first_step]:
+            say(f"checkpoint step {bad} was saved during the spike; moved to {ckpts.set_aside(bad, 'spike')}")
+        restored, meta = _restore_newest_intact(cfg, ckpts, shardings, optimizer, say)
+        good = int(meta["step"])
+        skipped = [meta["data"]["batch"], data_position["batch"] - 1]  # data_position: after the spike's last batch
+        data.set_state(data_position)
+        spikes.set_state(meta.get("spikes", {"recent": [], "streak": []}))
+        rollbacks.append(spike)
+        del result.losses[max(0, good - first):]
+        result.first_step, result.last_step = min(result.first_step, good + 1), good
+        last_saved = good
+        window.reset()
+        log.rewind(good)
+        event = {"detected_at_step": spike.step, "first_anomalous_step": spike.first_step, "loss": spike.loss,
+                 "loss_mean": spike.loss_mean, "grad_norm": spike.grad_norm, "grad_norm_mean": spike.grad_norm_mean,
+                 "rolled_back_to_step": good, "skipped_batches": skipped}
+        log.write(good, "spike", event)
+        progress.message(f"step {spike.step}: {describe_spike(spike, cfg.spikes)}; rolled back to step {good}, "
+                         f"skipping data batches {skipped[0]}–{skipped[1]} (rollback {len(rollbacks)} of at most "
+                         f"{cfg.spikes.max_rollbacks})")
+        return restored
+
+    rollbacks: list[Spike] = []
     try:
+        step = first
         upcoming = next_batch() if first < cfg.last_step else None
-        for step in range(first + 1, cfg.last_step + 1):
+        while step < cfg.last_step:
+            step += 1
             profiler.step_starting(step)
             batch, data_position = upcoming
             state, metrics = step_fn(state, batch)  # dispatched: the devices work while the host fetches
@@ -347,12 +433,19 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
                     f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; stopping. The last good checkpoint "
                     f"is {'step ' + str(good) + ' in ' + str(ckpts.directory) if good is not None else 'none'} "
                     f"(lower optimizer.peak_lr or check the data, then restart to resume from it)")
+            spike = spikes.observe(step, loss, grad_norm)
+            if spike is not None:
+                state = roll_back(spike)
+                step = result.last_step
+                upcoming = next_batch()  # the batch after the spike's last one
+                continue
             result.losses.append(loss)
             result.last_step = step
             if window.add(loss):
                 progress.message(f"compiled and ran step {step} in {time.perf_counter() - start_time:.1f} s")
             log_now = step % cfg.log_every == 0 or step == cfg.last_step
-            values = {"loss": window.mean_loss(), "lr": float(metrics["lr"]), "grad_norm": grad_norm}
+            values = {"loss": window.mean_loss(), "lr": float(metrics["lr"]), "grad_norm": grad_norm,
+                      "target_share": float(metrics["target_share"])}
             if log_now:
                 values.update(window.throughput())
                 log.write(step, "train", values)
@@ -379,8 +472,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
             result.validation = final_validation(cfg, evaluator, state.params)
             log.write(cfg.last_step, "final_eval", result.validation)
             v = result.validation
-            progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f} | "
-                             f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
+            if cfg.data.is_chat:
+                progress.message(f"validation ({v['tokens']:,} answer tokens): loss {v['loss']:.4f}")
+            else:
+                progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f} | "
+                                 f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
         ckpts.wait()
     finally:
         profiler.close()
@@ -396,5 +492,7 @@ def final_validation(cfg: TrainConfig, evaluator: Evaluator, params) -> dict:
     from llama_jax.data import validation_text
 
     values = evaluator(params)
+    if cfg.data.is_chat:  # held-out conversations: no text to compress
+        return values
     values["gzip9_bits_per_byte"] = gzip_bits_per_byte(validation_text(cfg.data))
     return values

@@ -11,41 +11,19 @@ counted once, as the output projection. The second term is attention's two matmu
 per token per layer forward, ×3 with the backward pass), counted over the full T×T square as is usual,
 not halved for the causal mask. Rematerialisation is not counted: MFU measures useful work.
 
-MFU = achieved model FLOP/s / (devices × peak FLOP/s per device). The peak per device kind is the
-vendor's dense bf16 matmul figure (`PEAK_FLOPS`); for a CPU it is measured once per process in the
-run's compute dtype, as what a jitted 2048² matmul reaches (`measured_matmul_peak`, ≈ 0.5 s): CPUs
-differ too much for a table (≈ 190 / 370 GFLOP/s fp32 / bf16 on a 2-core AMD EPYC Zen 4, ≈ 230 / 1,000
-on a 2-core Intel Xeon whose bf16 runs on AMX; XLA sees the whole CPU as one device).
+MFU = achieved model FLOP/s / (devices × peak FLOP/s per device); the peak and its caveats are in
+`llama_jax.training.peak`.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.api import param_count
-
-# Dense matmul peak FLOP/s per device, by a substring of `jax.Device.device_kind` (lower case), first
-# match wins. Vendor bf16 dense figures (SXM parts; TPU per chip). CPUs are measured, see above.
-PEAK_FLOPS = (
-    ("h200", 989e12),
-    ("h100", 989e12),
-    ("a100", 312e12),
-    ("v5 lite", 197e12),  # TPU v5e reports "TPU v5 lite"
-    ("v5e", 197e12),
-    ("v5p", 459e12),
-    ("v5", 459e12),
-    ("v6", 918e12),  # TPU v6e (Trillium)
-    ("v4", 275e12),
-)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -54,28 +32,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     if not cfg.tie_embeddings:
         matmul_params -= cfg.vocab_size * cfg.dim  # the input embedding is a lookup
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
-
-
-@functools.lru_cache(maxsize=None)
-def measured_matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of a jitted n×n matmul of random `dtype` matrices on the default device (median of `reps`)."""
-    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.dtype(dtype)) for i in range(2))
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
-
-
-def peak_flops(device: jax.Device, compute_dtype: str) -> float | None:
-    """Peak FLOP/s of one device of this kind (measured on a CPU), or None when the kind is not in the table."""
-    if device.platform == "cpu":
-        return measured_matmul_peak(compute_dtype)
-    kind = device.device_kind.lower()
-    return next((flops for key, flops in PEAK_FLOPS if key in kind), None)
 
 
 class MetricsLog:
@@ -90,7 +46,11 @@ class MetricsLog:
         self._file = self._writer = None
         if not enabled:
             return
-        path = run_dir / "metrics.jsonl"
+        self._run_dir = run_dir
+        self._open(resume_step)
+
+    def _open(self, resume_step: int) -> None:
+        path = self._run_dir / "metrics.jsonl"
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -98,14 +58,23 @@ class MetricsLog:
         self._file = path.open("a")
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        self._writer = SummaryWriter(str(self._run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def rewind(self, step: int) -> None:
+        """Forget the records after `step` (training was rolled back to it), as a resume from it would."""
+        if self.enabled:
+            self.close()
+            self._open(step)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: say which file (the OSError of a write names none)
+            raise OSError(e.errno, e.strerror, self._file.name) from None
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._writer.add_scalar(f"{kind}/{key}", value, step)

@@ -63,9 +63,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     )
 
 
-def opt_state_specs(param_spec_tree: Any, optimizer: optax.GradientTransformation, model_cfg: ModelConfig) -> Any:
-    """Optimizer-state specs derived from the params' (moments mirror the params); scalars replicated."""
-    abstract_state = jax.eval_shape(optimizer.init, api.param_shapes(model_cfg))
+def opt_state_specs(param_spec_tree: Any, optimizer: optax.GradientTransformation, model_cfg: ModelConfig,
+                    shapes: Any = None) -> Any:
+    """Optimizer-state specs derived from the params' (moments mirror the params); scalars replicated.
+    `shapes`: the trained tree's shapes when it is not the model's params (LoRA adapters)."""
+    abstract_state = jax.eval_shape(optimizer.init, api.param_shapes(model_cfg) if shapes is None else shapes)
     return optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_state, param_spec_tree,
                                  transform_non_params=lambda _: PartitionSpec(),
                                  is_leaf=lambda x: isinstance(x, PartitionSpec))

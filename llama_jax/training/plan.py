@@ -28,7 +28,10 @@ from llama_jax.parallel.logical import Rules, logical_to_spec
 from llama_jax.model import api
 from llama_jax.model.attention import IMPLEMENTATIONS, resolve_impl
 from llama_jax.parallel.rules import axis_product, check_rules_use_mesh, rules_for
+from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
 from llama_jax.training.optimizer import make_optimizer, opt_state_specs
+from llama_jax.training.step import trainable_specs
+from llama_jax.utils.trees import flatten
 
 GIB = 1024 ** 3
 PLATFORMS = ("gpu", "tpu", "cpu")
@@ -69,6 +72,26 @@ def state_bytes_per_device(model_cfg: ModelConfig, optimizer: optax.GradientTran
     params = _shard_bytes(shapes, specs, mesh_shape)
     return {"params": params, "grads": params,
             "optimizer": _shard_bytes(opt_shapes, opt_state_specs(specs, optimizer, model_cfg), mesh_shape)}
+
+
+def lora_state_bytes_per_device(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, rules: Rules,
+                                mesh_shape: dict[str, int], lora: LoraConfig) -> dict[str, int]:
+    """The same for a LoRA run: the frozen base (in lora.base_dtype) plus the adapters; gradients and
+    optimizer state for the adapters only; and, while a step runs, the adapted copy of each target
+    kernel and its gradient (the step merges base and adapters, see `llama_jax.model.lora`)."""
+    dtype = lora.base_dtype or model_cfg.param_dtype
+    base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), api.param_shapes(model_cfg))
+    specs = api.param_specs(model_cfg, rules, mesh_shape)
+    shapes, adapter_specs = adapter_shapes(model_cfg, lora), trainable_specs(model_cfg, rules, mesh_shape, lora)
+    adapters = _shard_bytes(shapes, adapter_specs, mesh_shape)
+    flat_shapes, flat_specs = flatten(api.param_shapes(model_cfg)), flatten(specs)
+    targets = target_paths(model_cfg, lora)
+    merged = _shard_bytes([flat_shapes[p] for p in targets], [flat_specs[p] for p in targets], mesh_shape)
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    return {"params": _shard_bytes(base, specs, mesh_shape) + adapters, "grads": adapters,
+            "optimizer": _shard_bytes(opt_shapes, opt_state_specs(adapter_specs, optimizer, model_cfg, shapes),
+                                      mesh_shape),
+            "adapted": 2 * merged}
 
 
 def gathered_weight_bytes(model_cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int]) -> int:
@@ -155,7 +178,15 @@ def render_plan(cfg, options: PlanOptions) -> str:
         warnings.append(f"warning: {rows} rows per micro-batch do not split over the {row_shards} batch shards "
                         f"(data × fsdp); training needs global_batch_size / micro_batches to be a multiple of "
                         f"{row_shards}. Activations above assume {-(-rows // row_shards)} row(s) per device.")
-    state = state_bytes_per_device(model, make_optimizer(cfg.optimizer, cfg.steps), rules, mesh_shape)
+    optimizer = make_optimizer(cfg.optimizer, cfg.steps)
+    state = state_bytes_per_device(model, optimizer, rules, mesh_shape)
+    full_state = sum(state.values())
+    if cfg.lora.enabled:
+        state = lora_state_bytes_per_device(model, optimizer, rules, mesh_shape, cfg.lora)
+        warnings.append(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {adapter_count(model, cfg.lora) / 1e6:,.2f} M "
+                        f"trainable parameters; parameters, gradients and optimizer state take "
+                        f"{sum(state.values()) / GIB:.2f} GiB per device against {full_state / GIB:.2f} GiB for "
+                        f"full fine-tuning (saves {(full_state - sum(state.values())) / GIB:.2f} GiB)")
     if cfg.micro_batches > 1:
         state["grads"] *= 2  # the accumulator plus the current micro-batch's gradients
     acts = {p: activation_bytes(model, rules, mesh_shape, rows, cfg.seq_len, p, options.platform)
@@ -175,6 +206,8 @@ def render_plan(cfg, options: PlanOptions) -> str:
     lines += [f"  {name:22s} {target if target else '-'}" for name, target in rules]
     rows_out = [("parameters", state["params"]), ("gradients", state["grads"]),
                  ("optimizer state", state["optimizer"]), ("gathered weights (transient)", gathered)]
+    if "adapted" in state:
+        rows_out.append(("LoRA adapted weights (transient)", state["adapted"]))
     rows_out += [(f"activations, remat={p}", acts[p]) for p in REMAT_POLICIES]
     rows_out.append((f"total (remat={model.remat})", total))
     lines += ["", f"{'per device':34s}{'GiB':>8s}"]

@@ -19,7 +19,7 @@ class StepProfiler:
         self.active = False
 
     def step_starting(self, step: int) -> None:
-        if self.steps and step == self.start:
+        if self.steps and step == self.start and not self.active:  # a spike rollback can repeat a step
             self.directory.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.directory))
             self.active = True

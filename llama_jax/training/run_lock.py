@@ -5,8 +5,9 @@ interleave its metrics with the first's. Process 0 creates the lock file exclusi
 with the job's identity (a random id, host, PID, start time) and refreshes its `heartbeat` time every
 `heartbeat_s` seconds from a background thread; the other processes of the same job share process 0's
 lock (they wait for its verdict, so a refused job exits 2 on every host). A job finding the file held
-is refused with a message naming the holder, unless the holder's heartbeat is older than
-`stale_after_s` (a crashed job): then the lock is taken over with a warning. The lock is removed when the
+is refused with a message naming the holder, unless the holder is gone: a process of this host that no
+longer runs (killed, out of memory), or a heartbeat older than `stale_after_s` (a crashed job
+elsewhere); then the lock is taken over with a warning. The lock is removed when the
 job ends, however it ends, short of a crash (which leaves a heartbeat that goes stale).
 
 Guarantees: on a local disk and on POSIX shared file systems whose exclusive create is atomic (NFSv3+,
@@ -28,6 +29,7 @@ from pathlib import Path
 import jax
 
 from llama_jax.utils.config_io import ConfigError
+from llama_jax.utils.files import process_alive
 
 LOCK_FILE = "lock.json"
 
@@ -88,13 +90,17 @@ class RunLock:
             except FileExistsError:
                 holder = self._holder()
                 age = time.time() - float(holder.get("heartbeat", 0) or 0)
-                if age <= self.stale_after_s:
+                pid = holder.get("pid")
+                dead = (holder.get("host") == self.identity["host"] and isinstance(pid, int)
+                        and not isinstance(pid, bool) and pid > 0 and not process_alive(pid))
+                if age <= self.stale_after_s and not dead:
                     return (f"run_dir {self.path.parent} is in use by job {holder.get('job', '?')} "
                             f"(host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, heartbeat "
                             f"{age:.0f} s ago): use another run_dir, or wait for it to finish")
+                why = ("is no longer running" if dead else
+                       f"sent no heartbeat for {age:.0f} s (stale after {self.stale_after_s:g} s)")
                 self.say(f"warning: taking over {self.path}: its holder (host {holder.get('host', '?')}, PID "
-                         f"{holder.get('pid', '?')}) sent no heartbeat for {age:.0f} s (stale after "
-                         f"{self.stale_after_s:g} s)")
+                         f"{holder.get('pid', '?')}) {why}")
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "wb") as f:

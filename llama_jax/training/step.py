@@ -18,9 +18,10 @@ from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
+from llama_jax.model.lora import LoraConfig, adapter_axes, adapter_shapes, merge
 from llama_jax.model.loss import token_nll
 from llama_jax.parallel.logical import Rules
-from llama_jax.parallel.mesh import batch_sharding, named, replicated, under
+from llama_jax.parallel.mesh import batch_sharding, named, replicated, specs_for, under
 from llama_jax.training.optimizer import opt_state_specs
 
 
@@ -51,16 +52,22 @@ def _split_micro_batches(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig,
+def _weights(params: Any, frozen: Any, lora: LoraConfig | None) -> Any:
+    """The model's weights: `params` themselves, or with LoRA the frozen base adapted by `params`."""
+    return params if lora is None else merge(frozen, params, lora)
+
+
+def train_step(state: TrainState, batch: dict, frozen: Any = None, *, model_cfg: ModelConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
-               micro_batches: int = 1) -> tuple[TrainState, dict]:
+               micro_batches: int = 1, lora: LoraConfig | None = None) -> tuple[TrainState, dict]:
     """One AdamW update on the mean token loss of `batch`.
 
     With `micro_batches` > 1 the rows are processed in equal chunks whose gradient *sums* are
     accumulated and divided by the total token count at the end: the same update as one large batch,
-    at the activation memory of one chunk.
+    at the activation memory of one chunk. With `lora`, `state.params` are the adapters and `frozen` the
+    base weights: the loss is the adapted model's and only the adapters (and their moments) change.
     """
-    nll_grad = jax.value_and_grad(lambda p, b: batch_nll(model_cfg, p, b), has_aux=True)
+    nll_grad = jax.value_and_grad(lambda p, b: batch_nll(model_cfg, _weights(p, frozen, lora), b), has_aux=True)
 
     if micro_batches == 1:
         (nll_sum, tokens), grad_sum = nll_grad(state.params, batch)
@@ -78,28 +85,41 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig,
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+    # The share of the batch's positions that are targets: ~1 in pretraining, the answers' share in fine-tuning.
+    metrics = {"loss": nll_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens,
+               "target_share": tokens / batch["loss_mask"].size}
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict, *, model_cfg: ModelConfig) -> dict:
+def eval_step(params: Any, batch: dict, frozen: Any = None, *, model_cfg: ModelConfig,
+              lora: LoraConfig | None = None) -> dict:
     """Sums over a batch, to be added across batches: NLL (nats), loss tokens."""
-    nll_sum, tokens = batch_nll(model_cfg, params, batch)
+    nll_sum, tokens = batch_nll(model_cfg, _weights(params, frozen, lora), batch)
     return {"nll_sum": nll_sum, "tokens": tokens}
 
 
+def trainable_specs(model_cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
+                    lora: LoraConfig | None = None) -> Any:
+    """PartitionSpecs of what is trained: every parameter, or with LoRA the adapters."""
+    if lora is None:
+        return api.param_specs(model_cfg, rules, mesh_shape)
+    return specs_for(adapter_axes(model_cfg, lora), adapter_shapes(model_cfg, lora), rules, mesh_shape)
+
+
 def train_state_specs(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, rules: Rules,
-                      mesh_shape: dict[str, int]) -> TrainState:
+                      mesh_shape: dict[str, int], lora: LoraConfig | None = None) -> TrainState:
     """PartitionSpecs of the whole state on a mesh of `mesh_shape` (no devices needed)."""
-    params = api.param_specs(model_cfg, rules, mesh_shape)
-    return TrainState(step=PartitionSpec(), params=params, opt_state=opt_state_specs(params, optimizer, model_cfg))
+    params = trainable_specs(model_cfg, rules, mesh_shape, lora)
+    shapes = None if lora is None else adapter_shapes(model_cfg, lora)
+    return TrainState(step=PartitionSpec(), params=params,
+                      opt_state=opt_state_specs(params, optimizer, model_cfg, shapes))
 
 
 def train_state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                          rules: Rules) -> TrainState:
-    return named(mesh, train_state_specs(model_cfg, optimizer, rules, dict(mesh.shape)))
+                          rules: Rules, lora: LoraConfig | None = None) -> TrainState:
+    return named(mesh, train_state_specs(model_cfg, optimizer, rules, dict(mesh.shape), lora))
 
 
 def create_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -117,23 +137,29 @@ def create_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransfor
 
 def jit_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules,
                    *, schedule: optax.Schedule | None = None, micro_batches: int = 1,
-                   donate: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """`train_step` jitted for `mesh`: `(state, batch) -> (state, metrics)`.
+                   donate: bool = True, lora: LoraConfig | None = None) -> Callable:
+    """`train_step` jitted for `mesh`: `(state, batch) -> (state, metrics)`, with LoRA
+    `(state, batch, frozen_base) -> (state, metrics)`.
 
     The state keeps its shardings from step to step; with `donate` its old buffers are reused for the
     new one (do not touch the input state after the call). Metrics come back replicated.
     """
-    state_sh = train_state_shardings(model_cfg, optimizer, mesh, rules)
+    state_sh = train_state_shardings(model_cfg, optimizer, mesh, rules, lora)
     step = functools.partial(train_step, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
-                             micro_batches=micro_batches)
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh, rules)),
+                             micro_batches=micro_batches, lora=lora)
+    frozen_sh = () if lora is None else (api.param_shardings(model_cfg, mesh, rules),)
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh, rules), *frozen_sh),
                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,) if donate else ())
     return under(mesh, rules, jitted)
 
 
-def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, rules: Rules) -> Callable[[Any, dict], dict]:
-    """`eval_step` jitted for `mesh`: `(params, batch) -> {nll_sum, tokens}`."""
-    step = functools.partial(eval_step, model_cfg=model_cfg)
-    jitted = jax.jit(step, in_shardings=(api.param_shardings(model_cfg, mesh, rules), batch_sharding(mesh, rules)),
+def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, rules: Rules,
+                  lora: LoraConfig | None = None) -> Callable:
+    """`eval_step` jitted for `mesh`: `(params, batch) -> {nll_sum, tokens}`; with LoRA
+    `(adapters, batch, frozen_base)`."""
+    step = functools.partial(eval_step, model_cfg=model_cfg, lora=lora)
+    trained = named(mesh, trainable_specs(model_cfg, rules, dict(mesh.shape), lora))
+    frozen_sh = () if lora is None else (api.param_shardings(model_cfg, mesh, rules),)
+    jitted = jax.jit(step, in_shardings=(trained, batch_sharding(mesh, rules), *frozen_sh),
                      out_shardings=replicated(mesh))
     return under(mesh, rules, jitted)

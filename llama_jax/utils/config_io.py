@@ -7,6 +7,7 @@ dotted path) in every error, so a typo fails at load time instead of deep inside
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -92,6 +93,26 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         raise
 
 
+def json_type_problem(data: dict, schema: dict[str, tuple], where: str) -> str | None:
+    """The first key of `data` whose value has the wrong JSON type, as a message, or None.
+
+    `schema` maps keys to the allowed types among int, float (any finite number), bool, str, dict and
+    None; absent keys are not checked. For files from outside (params.json, config.json), whose values
+    are read with int()/float() later and must not be a list, a string or NaN by accident.
+    """
+    for key, allowed in schema.items():
+        if key not in data:
+            continue
+        value = data[key]
+        ok = ((value is None and None in allowed) or (int in allowed and type(value) is int)
+              or (float in allowed and type(value) in (int, float) and math.isfinite(value))
+              or any(t in allowed and type(value) is t for t in (bool, str, dict)))
+        if not ok:
+            names = " or ".join("null" if t is None else "number" if t is float else t.__name__ for t in allowed)
+            return f"{where}: {key} is {value!r}; expected {names}"[:300]
+    return None
+
+
 def to_dict(cfg: Any) -> dict:
     """The plain-data form of a config, as written back to YAML next to checkpoints."""
     return dataclasses.asdict(cfg)
@@ -109,6 +130,8 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -132,6 +155,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: invalid YAML value: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"override {text[:80]!r}...: invalid YAML value: nested too deeply") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

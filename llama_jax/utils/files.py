@@ -39,7 +39,8 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (PermissionError: it does, under another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +56,7 @@ def remove_stale_siblings(path: Path, purpose: str) -> list[Path]:
     host, removed = socket.gethostname(), []
     for candidate in path.parent.glob(f".{glob.escape(path.name)}.{purpose}-*"):
         owner_host, _, pid = candidate.name.rpartition("-")
-        if owner_host.endswith(f".{purpose}-{host}") and pid.isdigit() and not _process_alive(int(pid)):
+        if owner_host.endswith(f".{purpose}-{host}") and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed

@@ -1,0 +1,128 @@
+"""Read instruction and chat data (JSONL) as conversations: lists of {"role", "content"} messages.
+
+Three record formats, one JSON object per line:
+
+    alpaca    {"instruction": str, "input": str (optional), "output": str}
+    sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+    chat      {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+
+Every record becomes the same thing (roles `system`, `user`, `assistant`), so templates and masking never
+care where a conversation came from. An Alpaca record's user message also keeps `instruction` and `input`
+apart, for the Alpaca prompt (which prints them under separate headings).
+
+The readers are strict because a silently dropped or misread record changes what the model learns: a line
+that is not JSON, a missing or mistyped field, an unknown role or a conversation without an assistant turn
+is a `RecordError` naming the file, the line and the field (`data.jsonl:12: conversations[3].from: ...`).
+`skip_bad_lines` turns those errors into a count and a warning instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class RecordError(ValueError):
+    """One record is malformed; the message is one line naming file, line and field."""
+
+
+def _string(record: dict, key: str, where: str, *, optional: bool = False) -> str:
+    if key not in record:
+        if optional:
+            return ""
+        raise RecordError(f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise RecordError(f"{where}: {key}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(record: dict, key: str, where: str) -> list:
+    value = record.get(key)
+    if key not in record:
+        raise RecordError(f"{where}: missing field {key!r}")
+    if not isinstance(value, list) or not value:
+        raise RecordError(f"{where}: {key}: expected a non-empty list of turns")
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise RecordError(f"{where}: {key}[{i}]: expected an object, got {type(turn).__name__}")
+    return value
+
+
+def alpaca_messages(record: dict, where: str) -> list[dict]:
+    instruction = _string(record, "instruction", where)
+    extra = _string(record, "input", where, optional=True)
+    output = _string(record, "output", where)
+    content = f"{instruction}\n\n{extra}" if extra else instruction
+    return [{"role": "user", "content": content, "instruction": instruction, "input": extra},
+            {"role": "assistant", "content": output}]
+
+
+def sharegpt_messages(record: dict, where: str) -> list[dict]:
+    messages = []
+    for i, turn in enumerate(_turns(record, "conversations", where)):
+        at = f"{where}: conversations[{i}]"
+        speaker = _string(turn, "from", at)
+        if speaker not in SHAREGPT_ROLES:
+            raise RecordError(f"{at}.from: unknown speaker {speaker!r} (expected one of {sorted(SHAREGPT_ROLES)})")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _string(turn, "value", at)})
+    return messages
+
+
+def chat_messages(record: dict, where: str) -> list[dict]:
+    messages = []
+    for i, turn in enumerate(_turns(record, "messages", where)):
+        at = f"{where}: messages[{i}]"
+        role = _string(turn, "role", at)
+        if role not in ROLES:
+            raise RecordError(f"{at}.role: unknown role {role!r} (expected one of {list(ROLES)})")
+        messages.append({"role": role, "content": _string(turn, "content", at)})
+    return messages
+
+
+_READERS = {"alpaca": alpaca_messages, "sharegpt": sharegpt_messages, "chat": chat_messages}
+
+
+def record_messages(kind: str, line: str, where: str) -> list[dict]:
+    """The messages of one JSONL line of format `kind`; `where` ("file:line") prefixes every error."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    messages = _READERS[kind](record, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError(f"{where}: the conversation has no assistant turn: nothing to learn from it")
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise RecordError(f"{where}: a system message must come first")
+    return messages
+
+
+def read_conversations(kind: str, path: str, *, skip_bad_lines: bool = False) -> Iterator[tuple[str, list[dict]]]:
+    """("file:line", messages) of every non-blank line of the JSONL file `path`."""
+    skipped, first = 0, None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}: not UTF-8 text ({e.reason})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            messages = record_messages(kind, line, where)
+        except RecordError as e:
+            if not skip_bad_lines:
+                raise RecordError(f"{e}; set skip_bad_lines to skip such records") from None
+            skipped, first = skipped + 1, first or str(e)
+            continue
+        yield where, messages
+    if skipped:
+        log.warning("skipped %d bad record(s) in %s, first: %s", skipped, path, first)

@@ -1,0 +1,52 @@
+"""Which platform a program being traced is for, and abstract meshes to lower for hardware that is absent.
+
+Every choice that depends on the hardware (what `attention_impl: auto` means, whether a Pallas kernel
+is compiled or interpreted, whether the XLA:CPU fast paths are traced) asks `target_platform()`, never
+`jax.default_backend()` directly. Under a mesh whose devices are known (a real mesh, or an abstract one
+from `abstract_mesh`) the target is those devices' platform; with no mesh, the host's backend. So a
+program lowered on a CPU machine for a TPU (`jax.export.export(..., platforms=["tpu"])` inside
+`jax.sharding.use_abstract_mesh(abstract_mesh(...))`) holds the TPU kernel, compiled by Mosaic, exactly
+as if it had been traced on the TPU itself.
+
+What an abstract mesh cannot express: which process owns which device. Lowering sees one program over
+the whole mesh, so a multi-host layout (`parallel.mesh.device_grid` across hosts, each process feeding
+its own rows) is never exercised by it.
+"""
+from __future__ import annotations
+
+import jax
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from llama_jax.parallel.rules import MESH_AXES
+
+# `jax.Device.device_kind` as the hardware reports it -> (platform, cores per JAX device).
+# TPU v4 and v5p run two TensorCores as one device (megacore); NVIDIA cores are streaming multiprocessors.
+DEVICE_KINDS: dict[str, tuple[str, int]] = {
+    "TPU v4": ("tpu", 2),
+    "TPU v5 lite": ("tpu", 1),  # v5e
+    "TPU v5": ("tpu", 2),  # v5p
+    "TPU v6 lite": ("tpu", 1),  # v6e (Trillium)
+    "NVIDIA H100 80GB HBM3": ("cuda", 132),
+}
+
+# jax.default_backend() says "gpu" for CUDA and ROCm; the registry and the kernels know "gpu".
+_BACKEND_OF_PLATFORM = {"cuda": "gpu", "rocm": "gpu"}
+
+
+def target_platform() -> str:
+    """"cpu", "gpu" or "tpu": the platform of the mesh in context, else of the host's backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return _BACKEND_OF_PLATFORM.get(platform, platform)
+
+
+def abstract_mesh(shape: dict[str, int], device_kind: str) -> AbstractMesh:
+    """A ("data", "fsdp", "tensor") mesh of `shape` made of `device_kind` devices that need not exist
+    (axis types Auto, as `parallel.mesh.make_mesh` builds them)."""
+    if device_kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device kind {device_kind!r}; expected one of {sorted(DEVICE_KINDS)}")
+    platform, cores = DEVICE_KINDS[device_kind]
+    device = AbstractDevice(device_kind=device_kind, num_cores=cores, platform=platform)
+    return AbstractMesh(tuple(shape.get(axis, 1) for axis in MESH_AXES), MESH_AXES,
+                        axis_types=(AxisType.Auto,) * len(MESH_AXES), abstract_device=device)
