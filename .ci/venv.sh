@@ -20,7 +20,7 @@ find_python312() {
 }
 
 PY=$(find_python312)
-key=$( (cat requirements.txt .ci/constraints.txt; "$PY" --version) | sha256sum | cut -c1-16)
+key=$( (cat requirements.txt .ci/constraints.txt .ci/requirements-nodeps.txt .ci/build_kenlm.sh; "$PY" --version) | sha256sum | cut -c1-16)
 cache="${LLAMA_JAX_CACHE:-$HOME/.cache/llama_jax}"
 venv="$cache/venv-$key"
 if [ ! -f "$venv/.complete" ]; then
@@ -30,6 +30,9 @@ if [ ! -f "$venv/.complete" ]; then
   "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -r requirements.txt -c .ci/constraints.txt
+  # Packages whose declared dependencies would break the environment (see that file).
+  "$venv/bin/python" -m pip install -q --no-deps -r .ci/requirements-nodeps.txt
+  bash .ci/build_kenlm.sh "$venv"
   touch "$venv/.complete"
 fi
 ln -sfn "$venv" .venv

@@ -43,7 +43,8 @@ def test_console_scripts_run_from_the_installed_package(clean_venv, tmp_path):
                 cwd=tmp_path, env=env)
     assert str(clean_venv) in where.stdout, where.stdout + where.stderr  # not the checkout's copy
     for script, expected in (("llama-jax-train", "Train a LLaMA"), ("llama-jax-eval", "usage: llama-jax-eval"),
-                             ("llama-jax-convert", "usage: llama-jax-convert")):
+                             ("llama-jax-convert", "usage: llama-jax-convert"),
+                             ("llama-jax-curate", "usage: llama-jax-curate")):
         proc = run([str(clean_venv / "bin" / script), "--help"], cwd=tmp_path, env=env)
         assert proc.returncode == 0 and expected in proc.stdout, (script, proc.stdout[-2000:], proc.stderr[-2000:])
     # the model presets and training configs are package data: `plan` reads both, no checkout around

@@ -12,7 +12,7 @@ import llama_jax
 
 PACKAGE = Path(llama_jax.__file__).resolve().parent
 # Bottom to top: a package may import itself and any package before it, never one after it.
-LAYERS = ("utils", "parallel", "kernels", "model", "data", "convert", "evaluation", "training", "cli")
+LAYERS = ("utils", "parallel", "kernels", "model", "data", "curate", "convert", "evaluation", "training", "cli")
 
 
 def modules() -> dict[str, Path]:

