@@ -1,5 +1,5 @@
-"""Hypothesis settings shared by the fuzz tests: a few hundred examples per property in every run, ten
-times as many in a `slow`-marked twin (CI runs both)."""
+"""Hypothesis settings shared by the fuzz tests: a few hundred examples per property in every run (CI
+included), ten times as many in a `thorough`-marked twin (`pytest -m thorough`; outside CI's time budget)."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +13,8 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st
 
 
 def fast_and_slow(check, **strategies):
-    """(test, slow test): `check` under hypothesis with EXAMPLES examples, and a slow twin with 10 × as many."""
+    """(test, thorough test): `check` under hypothesis with EXAMPLES examples, and a twin with 10 × as many."""
     def build(examples):
         return settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))(
             given(**strategies)(check))
-    return build(EXAMPLES), pytest.mark.slow(build(10 * EXAMPLES))
+    return build(EXAMPLES), pytest.mark.thorough(build(10 * EXAMPLES))

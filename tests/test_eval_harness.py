@@ -15,23 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from llama_jax.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
 from llama_jax.evaluation.loading import place_model  # noqa: E402
 from llama_jax.evaluation.suite import build_prompts, load_task_file  # noqa: E402
-from llama_jax.model.config import ModelConfig  # noqa: E402
 from oracle import hf_model, lm_eval_task, ours_from_hf  # noqa: E402
+from test_eval import CFG, TOL, VOCAB, WORDS, sentence  # noqa: E402  (the same tiny model and sentences)
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
-
-VOCAB = 300
-CFG = ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=96,
-                  dtype="float32", attention_impl="xla", norm_eps=1e-5, max_seq_len=64)
-WORDS = ("the cat sat on a mat while dogs ran far away from home and birds sang in green trees "
-         "under bright blue skies every morning people walk to work").split()
-TOL = 1e-4
-
-
-def sentence(rng, n):
-    return " ".join(rng.choice(WORDS, n)).capitalize() + "."
-
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):

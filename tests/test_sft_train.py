@@ -79,7 +79,7 @@ def test_bad_record_is_exit_status_2_naming_file_and_line(files, tmp_path, capsy
     assert code == 2 and err.startswith(f"error: {bad}:25: ") and message in err and "\n" not in err
 
 
-@pytest.mark.slow
+@pytest.mark.thorough
 def test_cpu_example_learns_its_instruction_task(tmp_path, monkeypatch):
     """configs/train/sft-tiny.yaml as documented, from random weights: >= 90 % exact match on held-out prompts."""
     from llama_jax.data.chat_records import read_conversations

@@ -63,26 +63,25 @@ def alpaca_messages(record: dict, where: str) -> list[dict]:
             {"role": "assistant", "content": output}]
 
 
-def sharegpt_messages(record: dict, where: str) -> list[dict]:
+def _role_messages(record: dict, where: str, key: str, role_key: str, content_key: str, roles: dict,
+                   noun: str) -> list[dict]:
+    """The turns under `key` as messages; each turn's `role_key` names its role through `roles`."""
     messages = []
-    for i, turn in enumerate(_turns(record, "conversations", where)):
-        at = f"{where}: conversations[{i}]"
-        speaker = _string(turn, "from", at)
-        if speaker not in SHAREGPT_ROLES:
-            raise RecordError(f"{at}.from: unknown speaker {speaker!r} (expected one of {sorted(SHAREGPT_ROLES)})")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _string(turn, "value", at)})
+    for i, turn in enumerate(_turns(record, key, where)):
+        at = f"{where}: {key}[{i}]"
+        name = _string(turn, role_key, at)
+        if name not in roles:
+            raise RecordError(f"{at}.{role_key}: unknown {noun} {name!r} (expected one of {list(roles)})")
+        messages.append({"role": roles[name], "content": _string(turn, content_key, at)})
     return messages
+
+
+def sharegpt_messages(record: dict, where: str) -> list[dict]:
+    return _role_messages(record, where, "conversations", "from", "value", SHAREGPT_ROLES, "speaker")
 
 
 def chat_messages(record: dict, where: str) -> list[dict]:
-    messages = []
-    for i, turn in enumerate(_turns(record, "messages", where)):
-        at = f"{where}: messages[{i}]"
-        role = _string(turn, "role", at)
-        if role not in ROLES:
-            raise RecordError(f"{at}.role: unknown role {role!r} (expected one of {list(ROLES)})")
-        messages.append({"role": role, "content": _string(turn, "content", at)})
-    return messages
+    return _role_messages(record, where, "messages", "role", "content", {role: role for role in ROLES}, "role")
 
 
 _READERS = {"alpaca": alpaca_messages, "sharegpt": sharegpt_messages, "chat": chat_messages}
