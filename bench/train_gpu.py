@@ -13,7 +13,7 @@ case with the first policy under both paths, then the other policies) until `--b
 passed. Each finished run is appended to `--markdown` at once, so a timeout loses only the run in flight;
 the best run per (case, path) is appended at the end.
 
-    python bench/train_gpu.py --markdown bench/RESULTS.md [--budget-s 240]
+    python bench/train_gpu.py --markdown bench/RESULTS.md [--budget-s 170] [--policies none,full]
     python bench/train_gpu.py --smoke          # CPU dry run: the tiny preset, seq 64
 """
 from __future__ import annotations
@@ -88,6 +88,8 @@ def format_row(case: tuple[str, int], impl: str, policy: str, batch: int, result
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny preset, seq 64, one policy")
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="remat policies to try, in this order (a rerun can ask for the ones a budget skipped)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--budget-s", type=float, default=240, help="start no run that would end past this")
     parser.add_argument("--mem-fraction", type=float, default=0.6,
@@ -95,7 +97,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=65536, help="most tokens per step")
     parser.add_argument("--markdown", type=Path, help="append each row, then the best per case, to this file")
     args = parser.parse_args(argv)
-    cases, policies = (SMOKE_CASES, POLICIES[:1]) if args.smoke else (CASES, POLICIES)
+    policies = args.policies.split(",")
+    if unknown := set(policies) - set(POLICIES):
+        parser.error(f"unknown remat policies {sorted(unknown)}; choose from {POLICIES}")
+    cases, policies = (SMOKE_CASES, policies[:1]) if args.smoke else (CASES, policies)
     if args.smoke:
         args.max_tokens = 4 * SMOKE_CASES[0][1]
     if not args.smoke and jax.default_backend() != "gpu":
