@@ -17,7 +17,7 @@
 #
 # Everything is appended as one dated section to bench/RESULTS.md (GPU, driver, jax/jaxlib/torch
 # versions first), each stage's part as soon as it ends, so a stage that hangs (each has its own
-# timeout) or an outer kill loses only what was in flight. Worst case 140 + 110 + 220 + 120 s < 10 min.
+# timeout) or an outer kill loses only what was in flight. Worst case 140 + 130 + 210 + 110 s < 10 min.
 # Compiled programs are cached in .cache/jax (ignored; kept while the device machine stays warm), so a
 # rerun of a stage skips most compiling (its "compile s" column then shows the cache's load time).
 # Without a GPU it refuses (exit 2) unless --smoke is given; --smoke writes its section to a temporary
@@ -25,6 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the device image's python3 has llama_jax only from here
 SMOKE=0
 STAGES=()
 for arg in "$@"; do
@@ -91,7 +92,7 @@ for name in "${STAGES[@]}"; do
     attention)
         # On a CPU bench/attention.py runs its interpret-mode correctness check instead of the table.
         # Its rows are taken from the log (table lines as they are, the rest indented), so a timeout keeps them.
-        stage attention 110 "$PYTHON" bench/attention.py
+        stage attention 130 "$PYTHON" bench/attention.py
         {
             echo; grep '^device:' "$WORK/attention.log" | sed 's/^/    /'
             echo; grep '^|' "$WORK/attention.log"
@@ -101,14 +102,14 @@ for name in "${STAGES[@]}"; do
     train)
         SMOKE_ARGS=(); [ "$SMOKE" -eq 1 ] && SMOKE_ARGS=(--smoke --steps 2)
         # Most of the GPU's memory for the training state and activations (the default is 75%).
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 stage train 220 "$PYTHON" bench/train_gpu.py --budget-s 170 \
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 stage train 210 "$PYTHON" bench/train_gpu.py --budget-s 160 \
             --markdown "$RESULTS" "${SMOKE_ARGS[@]}"
         ;;
     decode)
         DECODE_ARGS=(--configs llama3.2-1b --batches 1,32 --prompt 128 --new 256 --repeats 2)
         [ "$SMOKE" -eq 1 ] && DECODE_ARGS=(--configs S --batches 1,2 --prompt 8 --new 8 --repeats 2)
         # torch shares the GPU with jax here: jax must not take 75% of its memory up front.
-        XLA_PYTHON_CLIENT_PREALLOCATE=false stage decode 120 "$PYTHON" bench/generate.py "${DECODE_ARGS[@]}" \
+        XLA_PYTHON_CLIENT_PREALLOCATE=false stage decode 110 "$PYTHON" bench/generate.py "${DECODE_ARGS[@]}" \
             --dtype bf16 --hf-dtype bf16
         printf '\nGreedy decoding (bench/generate.py %s --dtype bf16 --hf-dtype bf16):\n\n' "${DECODE_ARGS[*]}" >>"$RESULTS"
         grep -E "^(machine|ratio)" "$WORK/decode.log" | sed 's/^/    /' >>"$RESULTS"

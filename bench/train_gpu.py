@@ -13,7 +13,7 @@ case with the first policy under both paths, then the other policies) until `--b
 passed. Each finished run is appended to `--markdown` at once, so a timeout loses only the run in flight;
 the best run per (case, path) is appended at the end.
 
-    python bench/train_gpu.py --markdown bench/RESULTS.md [--budget-s 170] [--policies none,full]
+    python bench/train_gpu.py --markdown bench/RESULTS.md [--budget-s 160] [--policies none,full]
     python bench/train_gpu.py --smoke          # CPU dry run: the tiny preset, seq 64
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         try:
             result = run(cfg, case[1], batch, args.steps)
-            if result["mfu"] > best.get((case, impl), ({"mfu": -1},))[0]["mfu"]:
+            if (case, impl) not in best or result["mfu"] > best[(case, impl)][0]["mfu"]:
                 best[(case, impl)] = (result, policy, batch)
         except Exception as e:  # noqa: BLE001  (an OOM or unsupported path is a table entry, not a crash)
             result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"}
