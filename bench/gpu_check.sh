@@ -17,7 +17,8 @@
 #
 # Everything is appended as one dated section to bench/RESULTS.md (GPU, driver, jax/jaxlib/torch
 # versions first), each stage's part as soon as it ends, so a stage that hangs (each has its own
-# timeout) or an outer kill loses only what was in flight. Worst case 140 + 130 + 210 + 110 s < 10 min.
+# timeout) or an outer kill loses only what was in flight. Worst case 135 + 125 + 205 + 105 s < 10 min
+# (+ 10 s for each stage that ignores SIGTERM and must be killed).
 # Compiled programs are cached in .cache/jax (ignored; kept while the device machine stays warm), so a
 # rerun of a stage skips most compiling (its "compile s" column then shows the cache's load time).
 # Without a GPU it refuses (exit 2) unless --smoke is given; --smoke writes its section to a temporary
@@ -44,16 +45,23 @@ if [ "$SMOKE" -eq 1 ]; then
     RESULTS="$WORK/RESULTS.md"
     GPU="CPU smoke run" DRIVER="none"
 else
-    nvidia-smi -L >/dev/null 2>&1 || { echo "no NVIDIA GPU here: bench/gpu_check.sh needs one (--smoke runs the CPU dry modes)"; exit 2; }
+    if ! nvidia-smi -L >/dev/null 2>&1; then
+        echo "no NVIDIA GPU here: bench/gpu_check.sh needs one (--smoke runs the CPU dry modes)"
+        exit 2
+    fi
     export JAX_PLATFORMS=cuda JAX_COMPILATION_CACHE_DIR="$PWD/.cache/jax"
     RESULTS=bench/RESULTS.md
     GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
     DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1)
 fi
 VERSIONS=$("$PYTHON" -c 'import jax, jaxlib, torch, transformers
-print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, backend {jax.default_backend()}")') \
+print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, backend {jax.default_backend()}")') \
     || { echo "$PYTHON cannot import jax, jaxlib, torch and transformers"; exit 1; }
-if [ "$SMOKE" -eq 0 ] && [[ "$VERSIONS" != *"backend gpu" ]]; then echo "jax does not see the GPU: $VERSIONS"; exit 1; fi
+if [ "$SMOKE" -eq 0 ] && [[ "$VERSIONS" != *"backend gpu" ]]; then
+    echo "jax does not see the GPU: $VERSIONS"
+    exit 1
+fi
 
 printf '\n### %s - %s (driver %s), %s: bench/gpu_check.sh %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" "$GPU" \
     "$DRIVER" "$VERSIONS" "${STAGES[*]}" | tee -a "$RESULTS"
@@ -64,12 +72,13 @@ stage() {
     local name=$1 seconds=$2
     shift 2
     echo "== $name (timeout ${seconds} s)"
-    timeout "$seconds" "$@" 2>&1 | tee "$WORK/$name.log"
+    timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee "$WORK/$name.log"  # kills the whole process group
     local status=${PIPESTATUS[0]}
     if [ "$status" -ne 0 ]; then
         FAILED+=("$name")
-        printf '\n%s: exit %s%s\n' "$name" "$status" "$([ "$status" -eq 124 ] && echo " (timed out after $seconds s)")" \
-            | tee -a "$RESULTS"
+        local why=""
+        [ "$status" -eq 124 ] && why=" (timed out after $seconds s)"
+        printf '\n%s: exit %s%s\n' "$name" "$status" "$why" | tee -a "$RESULTS"
     fi
 }
 
@@ -77,12 +86,12 @@ for name in "${STAGES[@]}"; do
     case "$name" in
     tests)
         if [ "$SMOKE" -eq 1 ]; then
-            echo "== tests: the compiled-kernel matrix needs a GPU (the attention stage's CPU check covers interpret mode)"
+            echo "== tests: the compiled-kernel matrix needs a GPU (attention's CPU check covers interpret mode)"
             continue
         fi
         # Four test processes share the GPU (compiling is the slow part), so none may preallocate its memory.
         # -v: each test's verdict as it ends (kept if the timeout strikes); faulthandler: stacks of a test stuck 60 s.
-        XLA_PYTHON_CLIENT_PREALLOCATE=false stage tests 140 "$PYTHON" -m pytest -v -rfE --tb=short -n 4 \
+        XLA_PYTHON_CLIENT_PREALLOCATE=false stage tests 135 "$PYTHON" -m pytest -v -rfE --tb=short -n 4 \
             -p no:cacheprovider -o faulthandler_timeout=60 \
             tests/test_kernels.py tests/test_kernels_train.py -k "not tpu and not poison"
         printf '\nCorrectness (compiled kernels vs xla: tests/test_kernels.py GPU cases + training step): %s\n' \
@@ -92,7 +101,7 @@ for name in "${STAGES[@]}"; do
     attention)
         # On a CPU bench/attention.py runs its interpret-mode correctness check instead of the table.
         # Its rows are taken from the log (table lines as they are, the rest indented), so a timeout keeps them.
-        stage attention 130 "$PYTHON" bench/attention.py
+        stage attention 125 "$PYTHON" bench/attention.py
         {
             echo; grep '^device:' "$WORK/attention.log" | sed 's/^/    /'
             echo; grep '^|' "$WORK/attention.log"
@@ -102,16 +111,17 @@ for name in "${STAGES[@]}"; do
     train)
         SMOKE_ARGS=(); [ "$SMOKE" -eq 1 ] && SMOKE_ARGS=(--smoke --steps 2)
         # Most of the GPU's memory for the training state and activations (the default is 75%).
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 stage train 210 "$PYTHON" bench/train_gpu.py --budget-s 160 \
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 stage train 205 "$PYTHON" bench/train_gpu.py --budget-s 155 \
             --markdown "$RESULTS" "${SMOKE_ARGS[@]}"
         ;;
     decode)
         DECODE_ARGS=(--configs llama3.2-1b --batches 1,32 --prompt 128 --new 256 --repeats 2)
         [ "$SMOKE" -eq 1 ] && DECODE_ARGS=(--configs S --batches 1,2 --prompt 8 --new 8 --repeats 2)
         # torch shares the GPU with jax here: jax must not take 75% of its memory up front.
-        XLA_PYTHON_CLIENT_PREALLOCATE=false stage decode 110 "$PYTHON" bench/generate.py "${DECODE_ARGS[@]}" \
+        XLA_PYTHON_CLIENT_PREALLOCATE=false stage decode 105 "$PYTHON" bench/generate.py "${DECODE_ARGS[@]}" \
             --dtype bf16 --hf-dtype bf16
-        printf '\nGreedy decoding (bench/generate.py %s --dtype bf16 --hf-dtype bf16):\n\n' "${DECODE_ARGS[*]}" >>"$RESULTS"
+        printf '\nGreedy decoding (bench/generate.py %s --dtype bf16 --hf-dtype bf16):\n\n' \
+            "${DECODE_ARGS[*]}" >>"$RESULTS"
         grep -E "^(machine|ratio)" "$WORK/decode.log" | sed 's/^/    /' >>"$RESULTS"
         ;;
     esac

@@ -13,7 +13,7 @@ case with the first policy under both paths, then the other policies) until `--b
 passed. Each finished run is appended to `--markdown` at once, so a timeout loses only the run in flight;
 the best run per (case, path) is appended at the end.
 
-    python bench/train_gpu.py --markdown bench/RESULTS.md [--budget-s 160] [--policies none,full]
+    python bench/train_gpu.py --markdown bench/RESULTS.md [--budget-s 155] [--policies none,full]
     python bench/train_gpu.py --smoke          # CPU dry run: the tiny preset, seq 64
 """
 from __future__ import annotations
