@@ -67,8 +67,10 @@ def model_config(shape: dict, precision: str, scan_layers: bool) -> ModelConfig:
 
 
 class Ours:
-    def __init__(self, shape: dict, precision: str, scan_layers: bool):
-        self.cfg = model_config(shape, precision, scan_layers)
+    """`train.py`'s jitted step on a one-device mesh (also timed on a GPU by `bench/train_gpu.py`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
         mesh = make_mesh(MeshConfig())
         rules = rules_for("fsdp")
         optimizer = make_optimizer(OPT, TOTAL_STEPS)
@@ -120,7 +122,7 @@ def _worker(conn, framework: str, name: str, precision: str, scan_layers: bool, 
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, shape["vocab_size"], (shape["batch"], shape["seq"] + 1), dtype=np.int32)
                for _ in range(steps)]
-    runner = Ours(shape, precision, scan_layers) if framework == "ours" else Torch(shape, precision)
+    runner = Ours(model_config(shape, precision, scan_layers)) if framework == "ours" else Torch(shape, precision)
     t = time.perf_counter()
     runner.run(batches[:1])
     conn.send(time.perf_counter() - t)
