@@ -268,11 +268,10 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
 
 
 def _lora_base(cfg: TrainConfig, mesh, rules, say):
-    """The frozen base weights of a LoRA run (from `init_from`, sharded, in lora.base_dtype if set)."""
-    _, params, _ = read_sharded(cfg.init_from, lambda _: api.param_shardings(cfg.model, mesh, rules),
-                                expected=cfg.model)
-    if cfg.lora.base_dtype:
-        params = jax.tree.map(lambda x: x.astype(cfg.lora.base_dtype), params)
+    """The frozen base weights of a LoRA run (from `init_from`, sharded, read straight into lora.base_dtype
+    if set: a bf16 base never exists in full precision on the devices)."""
+    base = cfg.model.replace(param_dtype=cfg.lora.base_dtype) if cfg.lora.base_dtype else cfg.model
+    _, params, _ = read_sharded(cfg.init_from, lambda _: api.param_shardings(base, mesh, rules), expected=base)
     say(f"LoRA: base weights from {cfg.init_from} (frozen), rank {cfg.lora.rank} adapters on {cfg.lora.targets}")
     return params
 
@@ -286,11 +285,10 @@ def _initial_state(cfg: TrainConfig, ckpts: RunCheckpoints, optimizer, shardings
                    say) -> tuple[TrainState, dict]:
     """(state, meta) from the newest intact checkpoint, else from `init_from`, else random; always sharded.
     With LoRA the state holds the adapters (fresh: B = 0, the base model) and `init_from` is the base."""
-    lora = cfg.lora if cfg.lora.enabled else None
     restored = _restore_newest_intact(cfg, ckpts, shardings, optimizer, say)
     if restored is not None:
         return restored
-    if lora is not None:
+    if cfg.lora.enabled:
         init = jax.jit(lambda: init_train_state(_trained_init(cfg), optimizer), out_shardings=shardings)
         with activate(mesh, rules):
             return init(), {}
