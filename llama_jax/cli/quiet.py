@@ -3,9 +3,11 @@
 When a checkpoint save fails (a full disk), orbax logs the exception from each of its worker threads and
 tensorstore's callbacks print hundreds of lines of "Event loop is closed" tracebacks into the dying event
 loops, before the main thread even learns of the failure. The command then reports the failure itself,
-as one line. Without `--debug` the commands therefore hide (a) ERROR records that orbax logs and (b)
-traceback blocks written to `sys.stderr`; every other line passes through unchanged, and an exception
-that escapes the main thread (a bug, not a reported failure) still prints its traceback.
+as one line. At exit, the coroutines those dead loops never ran are garbage-collected, and Python warns
+about each ("coroutine ... was never awaited"). Without `--debug` the commands therefore hide (a) ERROR
+records that orbax logs, (b) traceback blocks written to `sys.stderr` and (c) those never-awaited
+warnings; every other line passes through unchanged, and an exception that escapes the main thread (a
+bug, not a reported failure) still prints its traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import sys
 import threading
 import traceback
+import warnings
 
 # What starts a block: the traceback itself, or the header Python prints before a thread's or an atexit
 # callback's traceback.
@@ -71,3 +74,4 @@ def hide_library_tracebacks() -> None:
     sys.stderr = _TracebackFilter(real)
     sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=real)
     logging.getLogger("absl").addFilter(_not_orbax_error)  # orbax logs through absl's logger
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
