@@ -101,3 +101,27 @@ def test_never_awaited_coroutines_of_dead_event_loops_are_hidden_without_debug(h
     child = run_python(program)
     assert child.returncode == 0 and "another warning" in child.stderr
     assert ("was never awaited" in child.stderr) is not hide, child.stderr
+
+
+@pytest.mark.parametrize("hide", [True, False])
+def test_never_retrieved_task_exceptions_raised_in_orbax_are_hidden_without_debug(hide):
+    """orbax's failed write tasks are garbage-collected at exit and asyncio logs each ("Task exception
+    was never retrieved" plus the traceback; seen in CI as 21 extra lines after the error line). Without
+    --debug those raised inside orbax are hidden; one raised elsewhere (a bug) still shows, and with
+    hide=False both show (control)."""
+    program = ("import asyncio, gc, logging\n"
+               "from llama_jax.cli.quiet import hide_library_tracebacks\n"
+               "logging.basicConfig()\n"  # as absl does on orbax's first log call
+               f"if {hide}: hide_library_tracebacks()\n"
+               "scope = {}\n"
+               "exec(compile('async def write_fragment():\\n    raise ValueError(\"disk\")\\n',\n"
+               "             '/site-packages/orbax/checkpoint/serialization.py', 'exec'), scope)\n"
+               "async def ours():\n    raise KeyError('bug')\n"
+               "async def main():\n"
+               "    tasks = [asyncio.ensure_future(scope['write_fragment']()), asyncio.ensure_future(ours())]\n"
+               "    await asyncio.sleep(0.01)\n"
+               "asyncio.run(main()); gc.collect()\n")
+    child = run_python(program)
+    assert child.returncode == 0, child.stderr
+    assert ("ValueError: disk" in child.stderr) is not hide, child.stderr
+    assert "KeyError: 'bug'" in child.stderr, child.stderr
