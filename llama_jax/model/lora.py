@@ -5,7 +5,10 @@ W + (alpha / rank) · A B with A [L, in, rank] and B [L, rank, out]; B starts at
 starts as the base model. Adapters travel as their own pure dict, shaped like the params' target branches:
 {"layers": {"attention": {"wq": {"a": ..., "b": ...}, ...}}}. Training computes the adapted weights from
 (base, adapters) inside the step (`merge`), so the model code is unchanged and gradients reach only the
-adapters; conversion merges them once for export.
+adapters; conversion merges them once for export. With `dropout` > 0 the adapters' input is dropped out
+(x W + scale · dropout(x) A B, as in the paper and Hugging Face peft), which no merged weight can express:
+the training step then runs the model with the adapters unmerged (`transformer.LoraPath`); evaluation,
+generation and export never drop out and use the merged weights.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 
 from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
+from llama_jax.model.transformer import LoraPath
 from llama_jax.utils.config_io import ConfigError
 from llama_jax.utils.trees import flatten, unflatten
 
@@ -26,12 +30,14 @@ BASE_DTYPES = ("", "bfloat16")
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """rank 0: off (full fine-tuning). `targets`: which projections get adapters. `base_dtype`: "" keeps
-    the frozen base in the model's param_dtype, "bfloat16" halves its memory."""
+    """rank 0: off (full fine-tuning). `targets`: which projections get adapters. `dropout`: the
+    probability of zeroing each input feature of an adapter in training. `base_dtype`: "" keeps the frozen
+    base in the model's param_dtype, "bfloat16" halves its memory."""
 
     rank: int = 0
     alpha: float = 16.0
     targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    dropout: float = 0.0
     base_dtype: str = ""
 
     def __post_init__(self):
@@ -39,6 +45,8 @@ class LoraConfig:
             raise ConfigError(f"lora.rank must be >= 0, got {self.rank}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"lora.alpha must be a finite number > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:  # NaN fails too
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise ConfigError(f"lora.targets: {unknown or 'none'}; expected some of {list(TARGETS)}")
@@ -113,3 +121,9 @@ def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
         if a is not None:
             flat[path] = adapted(weight, a, deltas[path[:-1] + ("b",)], lora.scale).astype(a.dtype)
     return unflatten(flat)
+
+
+def unmerged(adapters: dict, lora: LoraConfig, key: jax.Array) -> LoraPath:
+    """The adapters for a training forward pass with dropout on their inputs (`api.apply(..., lora=)` on
+    the frozen base weights); `key` seeds the pass's masks."""
+    return LoraPath(adapters, key, lora.scale, lora.dropout)

@@ -42,15 +42,79 @@ def _param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, stack: tuple[in
     return nnx.Param(value, axes=("layers",) * len(stack) + tuple(axes))
 
 
+@flax.struct.dataclass
+class Adapter:
+    """One projection's LoRA adapter in its unmerged form, for one layer and one call: the projection
+    computes x W + scale · dropout(x) A B (Hu et al., 2021; Hugging Face peft's LoraLayer), the dropout
+    (inverted: kept inputs scaled by 1/(1 - rate)) on the adapter's input only. Training uses this form
+    only when lora.dropout > 0: otherwise the adapted weight W + scale · A B is merged beforehand."""
+
+    a: jax.Array  # [in, rank]
+    b: jax.Array  # [rank, out]
+    key: jax.Array  # this projection's dropout key
+    scale: float = flax.struct.field(pytree_node=False)
+    rate: float = flax.struct.field(pytree_node=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """scale · dropout(x) A B for 2-D activations x [tokens, in], in x's dtype."""
+        if self.rate > 0:
+            keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+        low_rank = matmul(matmul(x, self.a.astype(x.dtype)), self.b.astype(x.dtype))
+        return (self.scale * low_rank).astype(x.dtype)
+
+
+@flax.struct.dataclass
+class LoraPath:
+    """The adapters of every target projection for one forward pass in the unmerged form (see `Adapter`):
+    `adapters` is shaped like the params' target branches ({"layers": {"attention": {"wq": {"a": [L, in,
+    rank], "b": [L, rank, out]}}}}); `key` is the pass's dropout key, from which each layer and projection
+    draws its own independent mask (`dropout_keys`)."""
+
+    adapters: dict
+    key: jax.Array
+    scale: float = flax.struct.field(pytree_node=False)
+    rate: float = flax.struct.field(pytree_node=False)
+
+
+def dropout_keys(key: jax.Array, layer_adapters: dict, n_layers: int) -> dict:
+    """One dropout key per layer for each adapted projection, [n_layers] stacked, shaped like
+    `layer_adapters` with each {"a", "b"} replaced by its keys (projections in sorted path order)."""
+    groups = sorted(jax.tree_util.tree_flatten_with_path(
+        layer_adapters, is_leaf=lambda x: isinstance(x, dict) and "a" in x)[0], key=lambda kv: str(kv[0]))
+    keys = jax.random.split(key, (len(groups), n_layers))
+    out: dict = {}
+    for (path, _), group_keys in zip(groups, keys):
+        node = out
+        names = [p.key for p in path]
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = group_keys
+    return out
+
+
+def _layer_adapters(adapters: dict | None, keys: dict | None, lora: LoraPath | None) -> dict | Adapter:
+    """One layer's slices of the adapters and keys as `Adapter`s, shaped like the layer's params."""
+    if adapters is None:
+        return {}
+    if "a" in adapters:
+        return Adapter(adapters["a"], adapters["b"], keys, lora.scale, lora.rate)
+    return {name: _layer_adapters(sub, keys[name], lora) for name, sub in adapters.items()}
+
+
 class Linear(nnx.Module):
-    """y = x @ W with W [in, out], computed in the config's compute dtype on 2-D activations."""
+    """y = x @ W with W [in, out], computed in the config's compute dtype on 2-D activations; plus a
+    LoRA `Adapter`'s term when one is given."""
 
     def __init__(self, in_dim: int, out_dim: int, axes: tuple[str, str], cfg: ModelConfig, *, stack=(), rngs):
         self.kernel = _param(rngs, (in_dim, out_dim), axes, cfg, stack, nnx.initializers.normal(cfg.init_std))
         self.dtype = cfg.compute_dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
+    def __call__(self, x: jax.Array, adapter: Adapter | None = None) -> jax.Array:
+        x2d = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = matmul(x2d, self.kernel[...].astype(self.dtype))
+        if adapter is not None:
+            y = y + adapter(x2d)
         y = checkpoint_name(y, MATMUL_CHECKPOINT_NAME)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -135,11 +199,12 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, d
         self.impl = cfg.attention_impl
 
-    def __call__(self, x, rope, segment_ids, cache=None, cache_index=None):
+    def __call__(self, x, rope, segment_ids, cache=None, cache_index=None, adapters: dict | None = None):
         batch, length, _ = x.shape
-        q = self.wq(x).reshape(batch, length, self.n_heads, self.head_dim)
-        k = self.wk(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        adapters = adapters or {}
+        q = self.wq(x, adapters.get("wq")).reshape(batch, length, self.n_heads, self.head_dim)
+        k = self.wk(x, adapters.get("wk")).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.wv(x, adapters.get("wv")).reshape(batch, length, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         q_offset = 0
@@ -152,7 +217,7 @@ class Attention(nnx.Module):
             # one its score product would otherwise apply to the whole cache on every token.
             k, v = k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3)
         out = attention(q, k, v, segment_ids, impl=self.impl, q_offset=q_offset)
-        return self.wo(out.reshape(batch, length, self.n_heads * self.head_dim)), cache
+        return self.wo(out.reshape(batch, length, self.n_heads * self.head_dim), adapters.get("wo")), cache
 
 
 class FeedForward(nnx.Module):
@@ -163,8 +228,9 @@ class FeedForward(nnx.Module):
         self.w3 = Linear(cfg.dim, cfg.hidden_dim, ("embed", "mlp"), cfg, stack=stack, rngs=rngs)
         self.w2 = Linear(cfg.hidden_dim, cfg.dim, ("mlp", "embed"), cfg, stack=stack, rngs=rngs)
 
-    def __call__(self, x):
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+    def __call__(self, x, adapters: dict | None = None):
+        adapters = adapters or {}
+        return self.w2(jax.nn.silu(self.w1(x, adapters.get("w1"))) * self.w3(x, adapters.get("w3")), adapters.get("w2"))
 
 
 class Block(nnx.Module):
@@ -176,10 +242,13 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg, stack=stack)
         self.feed_forward = FeedForward(cfg, stack=stack, rngs=rngs)
 
-    def __call__(self, x, rope, segment_ids, cache=None, cache_index=None):
-        attn_out, cache = self.attention(self.attention_norm(x), rope, segment_ids, cache, cache_index)
+    def __call__(self, x, rope, segment_ids, cache=None, cache_index=None, adapters: dict | None = None):
+        """`adapters`: this layer's `Adapter`s, shaped like its params ({"attention": {"wq": ...}})."""
+        adapters = adapters or {}
+        attn_out, cache = self.attention(self.attention_norm(x), rope, segment_ids, cache, cache_index,
+                                         adapters.get("attention"))
         x = x + attn_out
-        x = x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.feed_forward(self.ffn_norm(x), adapters.get("feed_forward"))
         return constrain(x, BATCH_LENGTH_EMBED), cache
 
 
@@ -206,7 +275,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                 layer_params: list | None = None, logits_at: jax.Array | None = None):
+                 layer_params: list | None = None, logits_at: jax.Array | None = None,
+                 lora: LoraPath | None = None):
         """tokens [batch, length] int. positions default to 0.. (or the cache's next slots).
 
         segment_ids [batch, length]: document ids for packed sequences, 0 for padding (see
@@ -218,6 +288,7 @@ class Transformer(nnx.Module):
         logits_at [batch, n] int: only the logits at these positions, [batch, n, vocab] (scoring a
         continuation reads a few positions: the output layer, a large share of a small model's work,
         then runs on those only).
+        lora: LoRA adapters applied unmerged, with dropout on their inputs (training; see `LoraPath`).
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -237,9 +308,15 @@ class Transformer(nnx.Module):
 
         block_def, block_params = nnx.split(self.layers)
 
-        def layer(x, params_and_cache):
-            params, layer_cache = params_and_cache
-            return nnx.merge(block_def, params)(x, rope, segment_ids, layer_cache, start)
+        adapters = keys = None
+        if lora is not None:
+            adapters = lora.adapters["layers"]
+            keys = dropout_keys(lora.key, adapters, cfg.n_layers)
+
+        def layer(x, params_cache_adapters):
+            params, layer_cache, layer_adapters, layer_keys = params_cache_adapters
+            block_adapters = _layer_adapters(layer_adapters, layer_keys, lora)
+            return nnx.merge(block_def, params)(x, rope, segment_ids, layer_cache, start, block_adapters)
 
         layer = _remat(layer, cfg.remat)
         kv = None if cache is None else (cache.k, cache.v)
@@ -247,12 +324,13 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             if layer_params is not None or per_layer_cache:
                 raise ValueError("layer_params and a per-layer KVCache need scan_layers=False")
-            x, kv = jax.lax.scan(layer, x, (block_params, kv))
+            x, kv = jax.lax.scan(layer, x, (block_params, kv, adapters, keys))
         else:
             layer_params = layer_params or unstack_layers(block_params, cfg.n_layers)
             outputs = []
             for i in range(cfg.n_layers):
-                x, layer_kv = layer(x, (layer_params[i], None if kv is None else (kv[0][i], kv[1][i])))
+                x, layer_kv = layer(x, (layer_params[i], None if kv is None else (kv[0][i], kv[1][i]),
+                                        *jax.tree.map(lambda a: a[i], (adapters, keys))))
                 outputs.append(layer_kv)
             if cache is not None:
                 kv = tuple(zip(*outputs)) if per_layer_cache else jax.tree.map(lambda *a: jnp.stack(a), *outputs)

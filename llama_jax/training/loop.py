@@ -350,7 +350,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
     log = MetricsLog(run_dir, enabled=main, resume_step=first)
     step_fn = jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
-                                      micro_batches=cfg.micro_batches, lora=lora)
+                                      micro_batches=cfg.micro_batches, lora=lora, seed=cfg.seed)
     eval_fn = jit_eval_step(cfg.model, mesh, rules, lora=lora)
     if lora is not None:  # the frozen base is an argument of every step, never part of the state
         step_fn, eval_fn = _with_base(_lora_base(cfg, mesh, rules, say), step_fn, eval_fn)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.lora import LoraConfig, adapter_axes, adapter_shapes, merge
+from llama_jax.model.lora import LoraConfig, adapter_axes, adapter_shapes, merge, unmerged
 from llama_jax.model.loss import token_nll
 from llama_jax.parallel.logical import Rules
 from llama_jax.parallel.mesh import batch_sharding, named, replicated, specs_for, under
@@ -36,10 +36,11 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> Tr
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def batch_nll(cfg: ModelConfig, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked NLL, number of loss tokens) of a packed batch (see `llama_jax.data`)."""
+def batch_nll(cfg: ModelConfig, params: Any, batch: dict, lora_path=None) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked NLL, number of loss tokens) of a packed batch (see `llama_jax.data`); `lora_path`:
+    unmerged adapters on `params` (`lora.unmerged`)."""
     logits, _ = api.apply(cfg, params, batch["inputs"], positions=batch.get("positions"),
-                            segment_ids=batch.get("segment_ids"))
+                          segment_ids=batch.get("segment_ids"), lora=lora_path)
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
 
@@ -57,29 +58,44 @@ def _weights(params: Any, frozen: Any, lora: LoraConfig | None) -> Any:
     return params if lora is None else merge(frozen, params, lora)
 
 
+def _training_nll(params: Any, batch: dict, key: jax.Array, frozen: Any, model_cfg: ModelConfig,
+                  lora: LoraConfig | None) -> tuple[jax.Array, jax.Array]:
+    """`batch_nll` in training: with LoRA dropout the adapters run unmerged, their input masks drawn from
+    `key`; otherwise on the merged weights (one matmul per projection, no mask to draw)."""
+    if lora is not None and lora.dropout > 0:
+        return batch_nll(model_cfg, frozen, batch, unmerged(params, lora, key))
+    return batch_nll(model_cfg, _weights(params, frozen, lora), batch)
+
+
 def train_step(state: TrainState, batch: dict, frozen: Any = None, *, model_cfg: ModelConfig,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
-               micro_batches: int = 1, lora: LoraConfig | None = None) -> tuple[TrainState, dict]:
+               micro_batches: int = 1, lora: LoraConfig | None = None, seed: int = 0) -> tuple[TrainState, dict]:
     """One AdamW update on the mean token loss of `batch`.
 
     With `micro_batches` > 1 the rows are processed in equal chunks whose gradient *sums* are
     accumulated and divided by the total token count at the end: the same update as one large batch,
     at the activation memory of one chunk. With `lora`, `state.params` are the adapters and `frozen` the
     base weights: the loss is the adapted model's and only the adapters (and their moments) change.
+    Randomness (LoRA dropout) comes from (`seed`, state.step, micro-batch index) alone, so a run
+    resumed from a checkpoint draws the same masks as the uninterrupted one.
     """
-    nll_grad = jax.value_and_grad(lambda p, b: batch_nll(model_cfg, _weights(p, frozen, lora), b), has_aux=True)
+    nll_grad = jax.value_and_grad(functools.partial(_training_nll, frozen=frozen, model_cfg=model_cfg, lora=lora),
+                                  has_aux=True)
+    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
     if micro_batches == 1:
-        (nll_sum, tokens), grad_sum = nll_grad(state.params, batch)
+        (nll_sum, tokens), grad_sum = nll_grad(state.params, batch, jax.random.fold_in(step_key, 0))
     else:
-        def accumulate(carry, micro):
-            (nll, count), grads = nll_grad(state.params, micro)
+        def accumulate(carry, micro_and_index):
+            micro, index = micro_and_index
+            (nll, count), grads = nll_grad(state.params, micro, jax.random.fold_in(step_key, index))
             acc_nll, acc_count, acc_grads = carry
             return (acc_nll + nll, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (nll_sum, tokens, grad_sum), _ = jax.lax.scan(
-            accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), _split_micro_batches(batch, micro_batches))
+            accumulate, (jnp.zeros(()), jnp.zeros(()), zeros),
+            (_split_micro_batches(batch, micro_batches), jnp.arange(micro_batches)))
 
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
@@ -137,7 +153,7 @@ def create_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransfor
 
 def jit_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules,
                    *, schedule: optax.Schedule | None = None, micro_batches: int = 1,
-                   donate: bool = True, lora: LoraConfig | None = None) -> Callable:
+                   donate: bool = True, lora: LoraConfig | None = None, seed: int = 0) -> Callable:
     """`train_step` jitted for `mesh`: `(state, batch) -> (state, metrics)`, with LoRA
     `(state, batch, frozen_base) -> (state, metrics)`.
 
@@ -146,7 +162,7 @@ def jit_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformati
     """
     state_sh = train_state_shardings(model_cfg, optimizer, mesh, rules, lora)
     step = functools.partial(train_step, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
-                             micro_batches=micro_batches, lora=lora)
+                             micro_batches=micro_batches, lora=lora, seed=seed)
     frozen_sh = () if lora is None else (api.param_shardings(model_cfg, mesh, rules),)
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh, rules), *frozen_sh),
                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,) if donate else ())
