@@ -1,6 +1,7 @@
-"""Read instruction and chat data (JSONL) as conversations: lists of {"role", "content"} messages.
+"""Read instruction and chat data (JSONL, or TFDS records) as conversations: lists of {"role", "content"}
+messages.
 
-Three record formats, one JSON object per line:
+Three record formats, one JSON object per line (or one TFDS record, see `tfds_source.py`):
 
     alpaca    {"instruction": str, "input": str (optional), "output": str}
     sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
@@ -13,13 +14,15 @@ apart, for the Alpaca prompt (which prints them under separate headings).
 The readers are strict because a silently dropped or misread record changes what the model learns: a line
 that is not JSON, a missing or mistyped field, an unknown role or a conversation without an assistant turn
 is a `RecordError` naming the file, the line and the field (`data.jsonl:12: conversations[3].from: ...`).
-`skip_bad_lines` turns those errors into a count and a warning instead.
+`skip_bad_lines` turns those errors into a count and a warning instead. A source's `fields` renames a
+dataset's own field names to the format's ("instruction=question" reads field `question` as `instruction`,
+also inside turns).
 """
 from __future__ import annotations
 
 import json
 import logging
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,26 @@ def chat_messages(record: dict, where: str) -> list[dict]:
 _READERS = {"alpaca": alpaca_messages, "sharegpt": sharegpt_messages, "chat": chat_messages}
 
 
-def record_messages(kind: str, line: str, where: str) -> list[dict]:
+def field_renames(fields: Iterable[str]) -> dict[str, str]:
+    """{dataset field: format field} from "format_field=dataset_field" items (a source's `fields`)."""
+    renames = {}
+    for item in fields:
+        ours, sep, theirs = item.partition("=")
+        if not (sep and ours.strip() and theirs.strip()):
+            raise ValueError(f"fields: {item!r} is not of the form format_field=dataset_field")
+        renames[theirs.strip()] = ours.strip()
+    return renames
+
+
+def _renamed(record: dict, renames: dict[str, str]) -> dict:
+    """`record` with its fields, and those of the turns in its list fields, renamed by `renames`."""
+    def rename(d: dict) -> dict:
+        return {renames.get(k, k): v for k, v in d.items()}
+    return {k: [rename(t) if isinstance(t, dict) else t for t in v] if isinstance(v, list) else v
+            for k, v in rename(record).items()}
+
+
+def record_messages(kind: str, line: str, where: str, renames: dict[str, str] | None = None) -> list[dict]:
     """The messages of one JSONL line of format `kind`; `where` ("file:line") prefixes every error."""
     try:
         record = json.loads(line)
@@ -95,7 +117,12 @@ def record_messages(kind: str, line: str, where: str) -> list[dict]:
         raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(record, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    messages = _READERS[kind](record, where)
+    return messages_of(kind, record, where, renames)
+
+
+def messages_of(kind: str, record: dict, where: str, renames: dict[str, str] | None = None) -> list[dict]:
+    """The messages of one record (a parsed JSON object or a decoded TFDS record) of format `kind`."""
+    messages = _READERS[kind](_renamed(record, renames) if renames else record, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError(f"{where}: the conversation has no assistant turn: nothing to learn from it")
     if any(m["role"] == "system" for m in messages[1:]):
@@ -103,20 +130,28 @@ def record_messages(kind: str, line: str, where: str) -> list[dict]:
     return messages
 
 
-def read_conversations(kind: str, path: str, *, skip_bad_lines: bool = False) -> Iterator[tuple[str, list[dict]]]:
+def read_conversations(kind: str, path: str, *, skip_bad_lines: bool = False,
+                       fields: Iterable[str] = ()) -> Iterator[tuple[str, list[dict]]]:
     """("file:line", messages) of every non-blank line of the JSONL file `path`."""
-    skipped, first = 0, None
+    renames = field_renames(fields)
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except UnicodeDecodeError as e:
         raise RecordError(f"{path}: not UTF-8 text ({e.reason})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
+    records = ((f"{path}:{number}", lambda where, line=line: record_messages(kind, line, where, renames))
+               for number, line in enumerate(lines, start=1) if line.strip())
+    return strict_conversations(records, path, skip_bad_lines=skip_bad_lines)
+
+
+def strict_conversations(records: Iterable[tuple[str, Callable[[str], list[dict]]]], source: str, *,
+                         skip_bad_lines: bool) -> Iterator[tuple[str, list[dict]]]:
+    """(where, messages) for each (where, read) of `records` (`read(where)` gives the messages): the first
+    `RecordError` stops the source, or with `skip_bad_lines` each is counted, then warned about once."""
+    skipped, first = 0, None
+    for where, read in records:
         try:
-            messages = record_messages(kind, line, where)
+            messages = read(where)
         except RecordError as e:
             if not skip_bad_lines:
                 raise RecordError(f"{e}; set skip_bad_lines to skip such records") from None
@@ -124,4 +159,4 @@ def read_conversations(kind: str, path: str, *, skip_bad_lines: bool = False) ->
             continue
         yield where, messages
     if skipped:
-        log.warning("skipped %d bad record(s) in %s, first: %s", skipped, path, first)
+        log.warning("skipped %d bad record(s) in %s, first: %s", skipped, source, first)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from llama_jax.data.chat_records import field_renames
 from llama_jax.data.chat_template import TEMPLATE_CHOICES
 from llama_jax.utils.config_io import ConfigError
 
@@ -35,6 +36,9 @@ class SourceConfig:
                     the configured proportions inside them.
     kind="alpaca" | "sharegpt" | "chat": `path` as for jsonl; one line = one conversation (formats in
                     `llama_jax/data/chat_records.py`); `skip_bad_lines` skips (and counts) bad records.
+                    Or, instead of `path`, a TFDS dataset's `name`, `split` and `data_dir` as for tfds: one
+                    record = one conversation. `fields` renames the dataset's fields to the format's, as
+                    "format_field=dataset_field" items (e.g. [instruction=question, output=answer]).
     `weight` is the source's sampling weight in the training mixture (normalised over the sources).
     """
 
@@ -46,12 +50,22 @@ class SourceConfig:
     data_dir: str = ""
     weight: float = 1.0
     skip_bad_lines: bool = False
+    fields: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"source kind: {self.kind!r} is not one of {list(SOURCE_KINDS)}")
-        if self.kind in ("text", "jsonl", "curated", *CHAT_KINDS) and not self.path:
+        if self.kind in ("text", "jsonl", "curated") and not self.path:
             raise ConfigError(f"source path: a {self.kind} source needs a file, directory or glob")
+        if self.kind in CHAT_KINDS and bool(self.path) == bool(self.name):
+            raise ConfigError(f"source path/name: a {self.kind} source needs either a path (JSONL) or a name "
+                              f"(TFDS dataset){', not both' if self.path else ''}")
+        if self.fields and self.kind not in CHAT_KINDS:
+            raise ConfigError(f"source fields: only conversation sources ({', '.join(CHAT_KINDS)}) rename fields")
+        try:
+            field_renames(self.fields)
+        except ValueError as e:
+            raise ConfigError(f"source {e}") from None
         if self.kind == "tfds" and not self.name:
             raise ConfigError("source name: a tfds source needs a dataset name")
         if self.kind == "builtin" and self.split not in BUILTIN_SPLITS:
@@ -66,6 +80,8 @@ class SourceConfig:
         """Short name for messages and logs."""
         if self.kind == "tfds":
             return f"tfds:{self.name}[{self.split}]"
+        if self.kind in CHAT_KINDS and self.name:
+            return f"{self.kind}:tfds:{self.name}[{self.split}]"
         if self.kind == "builtin":
             return f"builtin[{self.split}]"
         return f"{self.kind}:{self.path}"

@@ -48,25 +48,35 @@ class ChatExamples:
         return len(self.offsets) - 1
 
 
+def read_source(src: SourceConfig) -> Iterator[tuple[str, list[dict]]]:
+    """("where", messages) of every conversation of `src`: its JSONL files in order, or its TFDS split."""
+    if src.name:
+        from llama_jax.data.tfds_source import read_tfds_conversations
+
+        yield from read_tfds_conversations(src)
+        return
+    for path in resolve_paths(src.path, key=f"source path ({src.describe()})"):
+        yield from read_conversations(src.kind, path, skip_bad_lines=src.skip_bad_lines, fields=src.fields)
+
+
 def encode_source(src: SourceConfig, template: ChatTemplate, seq_len: int) -> ChatExamples:
     """Every conversation of `src`, rendered, tokenized and cut to seq_len + 1 tokens (see module doc)."""
     ids, masks, lengths, too_long = [], [], [], 0
-    for path in resolve_paths(src.path, key=f"source path ({src.describe()})"):
-        for where, messages in read_conversations(src.kind, path, skip_bad_lines=src.skip_bad_lines):
-            try:
-                example, mask = template.encode(messages)
-            except TemplateError as e:
-                if src.skip_bad_lines:
-                    log.warning("skipped %s: %s", where, e)
-                    continue
-                raise RecordError(f"{where}: chat_template {template.name}: {e}") from None
-            example, mask = example[:seq_len + 1], mask[:seq_len + 1]
-            if not mask[1:].any():
-                too_long += 1
+    for where, messages in read_source(src):
+        try:
+            example, mask = template.encode(messages)
+        except TemplateError as e:
+            if src.skip_bad_lines:
+                log.warning("skipped %s: %s", where, e)
                 continue
-            ids.append(example)
-            masks.append(mask)
-            lengths.append(len(example))
+            raise RecordError(f"{where}: chat_template {template.name}: {e}") from None
+        example, mask = example[:seq_len + 1], mask[:seq_len + 1]
+        if not mask[1:].any():
+            too_long += 1
+            continue
+        ids.append(example)
+        masks.append(mask)
+        lengths.append(len(example))
     if too_long:
         log.warning("%s: skipped %d conversation(s) whose first answer starts after seq_len=%d tokens",
                     src.describe(), too_long, seq_len)
