@@ -99,6 +99,9 @@ def test_model_with_dropped_out_adapters_equals_transformers_with_the_same_masks
             return output + torch.as_tensor(delta.reshape(output.shape), dtype=output.dtype)
         return add_adapter
 
+    masks = [np.asarray(jax.random.bernoulli(keys[group][target][layer], 0.5, (tokens.size, CFG.dim)))
+             for target, (group, _) in TARGETS.items() for layer in range(CFG.n_layers)]
+    assert all(not np.array_equal(m, n) for i, m in enumerate(masks) for n in masks[i + 1:])  # independent keys
     for layer, block in enumerate(hf.model.layers):
         for target, (_, name) in TARGETS.items():
             block.get_submodule(name).register_forward_hook(hook(layer, target))
