@@ -109,8 +109,8 @@ def test_config_checks():
 
 
 def test_train_py_lora_run_saves_adapters_resumes_and_exports_merged_to_transformers(tmp_path):
-    """train.py with lora.rank: checkpoints hold only the adapters (+ the base's path), a rerun resumes,
-    and `convert --to hf` merges them: transformers' logits equal ours for base + scale·A·B (fp32)."""
+    """train.py with lora.rank (and dropout): checkpoints hold only the adapters (+ the base's path), a rerun
+    resumes, and `convert --to hf` merges them: transformers' logits equal ours for base + scale·A·B (fp32)."""
     import torch
     import transformers
 
@@ -122,7 +122,7 @@ def test_train_py_lora_run_saves_adapters_resumes_and_exports_merged_to_transfor
     from test_sft_train import overrides, write_chat_files
 
     files = write_chat_files(tmp_path / "data")
-    lora_args = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "[wq, wv, w2]", "steps": 2}
+    lora_args = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "[wq, wv, w2]", "lora.dropout": 0.1, "steps": 2}
     model_cfg = load_train_config(None, overrides(files, tmp_path / "x", **lora_args, init_from="x")).model
     base = api.init_params(model_cfg, 7)
     save_params(tmp_path / "base", base, model_cfg)

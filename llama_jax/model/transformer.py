@@ -15,6 +15,9 @@ stacked parameters, so both modes share checkpoints and produce identical output
 Projections multiply 2-D activations, `(batch·length, features) @ W`. The products, attention's inner
 products and the loss's target gather go through `cpu_fast_paths`, which lowers them in their plain form
 everywhere but on XLA:CPU. Build, apply and inspect the model through `llama_jax.model.api`.
+
+LoRA training with dropout passes its adapters unmerged (`lora=`, a `LoraPath`): each target projection
+then adds its `Adapter`'s term, scale · dropout(x) A B. Everything else sees plain (or merged) weights.
 """
 from __future__ import annotations
 
