@@ -116,11 +116,14 @@ def test_model_with_dropped_out_adapters_equals_transformers_with_the_same_masks
 
 @pytest.fixture(scope="module")
 def steps():
-    """The jitted train step `(state, batch, base, seed)` with dropout, two micro-batches."""
+    """The jitted train step `(state, batch, base, seed)` with dropout, two micro-batches (and one)."""
     optimizer = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=0), 10)
-    step = jax.jit(lambda s, b, f, seed: train_step(s, b, f, model_cfg=CFG, optimizer=optimizer, lora=LORA,
-                                                    micro_batches=2, seed=seed))
-    return {"state": init_train_state(trained_adapters(1), optimizer), "base": random_base(0), "dropout": step}
+
+    def jitted(micro_batches):
+        return jax.jit(lambda s, b, f, seed: train_step(s, b, f, model_cfg=CFG, optimizer=optimizer, lora=LORA,
+                                                        micro_batches=micro_batches, seed=seed))
+    return {"state": init_train_state(trained_adapters(1), optimizer), "base": random_base(0), "dropout": jitted(2),
+            "one_micro_batch": jitted(1)}
 
 
 def test_training_drops_out_evaluation_does_not(steps):
@@ -139,7 +142,9 @@ def test_training_drops_out_evaluation_does_not(steps):
 
 def test_masks_depend_on_seed_and_step_only_so_a_resumed_run_repeats_the_uninterrupted_one(steps):
     """Two steps in a row against the second step rerun from a host copy of the first one's state (what a
-    checkpoint restores): bitwise equal. Another seed or step count draws other masks."""
+    checkpoint restores): bitwise equal. Another seed or step count draws other masks, and so does each
+    micro-batch: rows [A, B] twice in two micro-batches do not repeat the loss of [A, B] in one (they would,
+    bitwise, with the same masks)."""
     state, base = steps["state"], steps["base"]
     first, _ = steps["dropout"](state, batch_of(1, rows=4), base, 0)
     saved = jax.tree.map(np.array, first)
@@ -153,6 +158,10 @@ def test_masks_depend_on_seed_and_step_only_so_a_resumed_run_repeats_the_uninter
     other_step = float(steps["dropout"](jax.tree.map(jnp.asarray, saved).replace(step=jnp.asarray(5, jnp.int32)),
                                         batch_of(2, rows=4), base, 0)[1]["loss"])
     assert other_seed != float(metrics["loss"]) and other_step != float(metrics["loss"])
+    rows = batch_of(3, rows=2)
+    twice = jax.tree.map(lambda x: np.concatenate([x, x]), rows)
+    assert float(steps["dropout"](state, twice, base, 0)[1]["loss"]) != float(
+        steps["one_micro_batch"](state, rows, base, 0)[1]["loss"])
 
 
 @pytest.mark.parametrize("rate", [1.0, -0.1, float("nan")])

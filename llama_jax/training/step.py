@@ -58,11 +58,13 @@ def _weights(params: Any, frozen: Any, lora: LoraConfig | None) -> Any:
     return params if lora is None else merge(frozen, params, lora)
 
 
-def _training_nll(params: Any, batch: dict, key: jax.Array, frozen: Any, model_cfg: ModelConfig,
-                  lora: LoraConfig | None) -> tuple[jax.Array, jax.Array]:
+def _training_nll(params: Any, batch: dict, micro_batch: jax.Array | int, frozen: Any, model_cfg: ModelConfig,
+                  lora: LoraConfig | None, seed: int, step: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`batch_nll` in training: with LoRA dropout the adapters run unmerged, their input masks drawn from
-    `key`; otherwise on the merged weights (one matmul per projection, no mask to draw)."""
+    (seed, step, micro-batch index); otherwise on the merged weights (one matmul per projection, nothing
+    random drawn)."""
     if lora is not None and lora.dropout > 0:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_batch)
         return batch_nll(model_cfg, frozen, batch, unmerged(params, lora, key))
     return batch_nll(model_cfg, _weights(params, frozen, lora), batch)
 
@@ -79,16 +81,15 @@ def train_step(state: TrainState, batch: dict, frozen: Any = None, *, model_cfg:
     Randomness (LoRA dropout) comes from (`seed`, state.step, micro-batch index) alone, so a run
     resumed from a checkpoint draws the same masks as the uninterrupted one.
     """
-    nll_grad = jax.value_and_grad(functools.partial(_training_nll, frozen=frozen, model_cfg=model_cfg, lora=lora),
-                                  has_aux=True)
-    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+    nll_grad = jax.value_and_grad(functools.partial(_training_nll, frozen=frozen, model_cfg=model_cfg, lora=lora,
+                                                    seed=seed, step=state.step), has_aux=True)
 
     if micro_batches == 1:
-        (nll_sum, tokens), grad_sum = nll_grad(state.params, batch, jax.random.fold_in(step_key, 0))
+        (nll_sum, tokens), grad_sum = nll_grad(state.params, batch, 0)
     else:
         def accumulate(carry, micro_and_index):
             micro, index = micro_and_index
-            (nll, count), grads = nll_grad(state.params, micro, jax.random.fold_in(step_key, index))
+            (nll, count), grads = nll_grad(state.params, micro, index)
             acc_nll, acc_count, acc_grads = carry
             return (acc_nll + nll, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
 
