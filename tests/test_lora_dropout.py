@@ -2,8 +2,8 @@
 
 Oracles: a numpy evaluation of the formula with the mask recovered by probing the layer (identity adapters
 on a ones input); transformers' LlamaForCausalLM (torch fp32) with the adapters added by forward hooks on
-its projections, each with its mask drawn from the same key; the merged weights (eval, dropout 0); an
-uninterrupted pair of steps (resume).
+its projections, each with its mask drawn from the same key; numpy's loss of the merged model (evaluation
+never drops out); an uninterrupted pair of steps (resume).
 """
 from __future__ import annotations
 
