@@ -4,7 +4,7 @@ A generated fp32 model is written as a params dir (orbax), a Meta directory and 
 directory; then 1, 2 and 4 processes sharing 8 CPU devices (mesh fsdp=8, jax.distributed on localhost)
 each load it with `llama_jax.convert.sharded_read.read_sharded`. Each process reports its peak RSS
 growth while loading (VmHWM, reset just before, after the readers' libraries are imported); the table
-shows the largest per process next to the bound the tests hold Meta and HF loads to, 1.2 × (the
+shows the largest per process next to the bound the tests hold every format to, 1.2 × (the
 process's 1/N share + the largest checkpoint tensor). The worker is tests/test_sharded_read.py's.
 
     python bench/load.py [--layers 6] [--workdir /tmp/llama_jax_load_bench]

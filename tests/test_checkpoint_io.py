@@ -8,7 +8,10 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
-from llama_jax.convert.orbax_dirs import find_tokenizer, load_params, read_model_config, save_params
+from llama_jax.convert import convert
+from llama_jax.convert.orbax_dirs import (find_tokenizer, load_params, params_item_path, read_model_config,
+                                         save_params, stored_arrays, write_model_config)
+from llama_jax.model import api
 from llama_jax.utils.config_io import to_dict
 from llama_jax.utils.trees import flatten
 from test_convert import CONFIGS, assert_bit_equal, random_params
@@ -89,3 +92,35 @@ def test_load_with_shardings_returns_placed_arrays_in_the_config_dtype(tmp_path)
         assert isinstance(value, jax.Array) and value.sharding == device
         expected = flatten(params)[path].astype(ml_dtypes.bfloat16)
         assert np.array_equal(np.asarray(value).view(np.uint16), expected.view(np.uint16)), path
+
+
+@pytest.mark.parametrize("writer", ["save_params", "convert", "unchunked", "run"])
+def test_params_dirs_are_chunked_along_embed_and_every_layout_loads_into_shardings(tmp_path, writer):
+    """Params dirs (save_params, convert --to orbax) store every parameter in chunks one `embed` index
+    thick, so a host loading an fsdp slice reads only its own chunks; a params dir written before that
+    (one chunk per parameter) and a run's checkpoint (the trainer's shards) load too, bit-exact."""
+    cfg = CONFIGS["gqa"]
+    params = random_params(cfg)
+    path = tmp_path / "ckpt"
+    if writer == "unchunked":  # what save_params wrote before chunking
+        path.mkdir()
+        write_model_config(path, cfg)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((path / "params").absolute(), params)
+        checkpointer.wait_until_finished()
+    elif writer == "run":
+        _write_run(path, cfg, {1: params})
+    else:
+        save_params(tmp_path / "src", params, cfg)
+        if writer == "convert":
+            convert(tmp_path / "src", path, to="orbax", progress=False)
+        else:
+            path = tmp_path / "src"
+    stores = stored_arrays(params_item_path(path))
+    for p, names in flatten(api.param_axes(cfg)).items():
+        shape = flatten(params)[p].shape
+        thin = tuple(1 if name == "embed" else n for name, n in zip(names, shape))
+        assert tuple(stores(p).chunk_layout.read_chunk.shape) == (shape if writer in ("unchunked", "run") else thin), p
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    loaded = load_params(path, cfg, shardings=jax.tree.map(lambda _: device, params))
+    assert_bit_equal(jax.tree.map(np.asarray, loaded), params)

@@ -101,9 +101,7 @@ def test_control_a_whole_model_read_exceeds_the_budget():
     assert model >= 200e6 and model + model / 2 > allowed, (model, largest, allowed)
 
 
-FORMATS = ["meta", "hf", pytest.param("orbax", marks=pytest.mark.xfail(strict=True, reason=(
-    "orbax's restore with target shardings reads a single-chunk stored array whole and holds it twice "
-    "while placing it, and keeps its own caches: 315 MB measured against the 203 MB bound")))]
+FORMATS = ["meta", "hf", "orbax"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +124,7 @@ def two_host_load(request, checkpoints, tmp_path_factory) -> dict:
     return {"path": path, "growth": growth, "logits": np.load(out)}
 
 
-@pytest.mark.parametrize("two_host_load", ["meta", "hf", "orbax"], indirect=True)
+@pytest.mark.parametrize("two_host_load", FORMATS, indirect=True)
 def test_logits_equal_a_single_process_load(two_host_load):
     from llama_jax.convert import read_checkpoint
     from llama_jax.model import api

@@ -2,7 +2,8 @@
 
 Params-only directory (written by `convert --to orbax`, read by `init_from=` and evaluation):
     DIR/model.yaml                  the ModelConfig mapping
-    DIR/params/                     orbax StandardCheckpointer of the pure-dict params
+    DIR/params/                     orbax StandardCheckpointer of the pure-dict params, stored in
+                                    chunks one `embed` index thick (`storage_shard_axes`)
     DIR/tokenizer.model|.json       optional
 Run directory (written by the trainer): RUN/config.yaml (its `model:` key is the ModelConfig mapping),
 RUN/checkpoints/<step>/params (an orbax CheckpointManager item), RUN/tokenizer.model|.json.
@@ -12,7 +13,9 @@ checkpoint of another model fails with the parameter's name and both shapes inst
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -143,10 +146,10 @@ def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None)
     """The params of a params dir or run dir as a pure dict, checked against `model_cfg` first.
 
     Without `shardings` the arrays come back as numpy in `model_cfg.param_dtype`; with a pure-dict tree
-    of `jax.sharding.Sharding` they come back as jax arrays laid out that way, restored one parameter at
-    a time: each host reads the stored chunks its devices' shards overlap, and beyond its own share holds
-    at most one parameter's chunks (a params dir written by one process stores each stacked parameter
-    as one chunk; a sharded run's checkpoint as its shards).
+    of `jax.sharding.Sharding` they come back as jax arrays laid out that way, read one parameter and
+    one device shard at a time: beyond its own share a host holds one shard and the stored chunks that
+    shard overlaps (one `embed` index thick in a params dir; the writer's shards in a run checkpoint;
+    the whole parameter in a params dir written before chunking, which still loads).
     """
     item = params_item_path(path)
     stored = stored_param_metadata(item)
@@ -155,17 +158,53 @@ def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None)
     if shardings is None:
         flat = flatten(restore_numpy(item, stored))
         return unflatten({p: np.asarray(v).astype(dtype, copy=False) for p, v in flat.items()})
-    import orbax.checkpoint as ocp
-
     flat_shardings = flatten(shardings)
-    params = {}
-    for p, meta in stored.items():
-        restore_args = ocp.ArrayRestoreArgs(sharding=flat_shardings[p], global_shape=meta.shape, dtype=dtype)
-        args = ocp.args.PyTreeRestore(item=unflatten({p: 0}), partial_restore=True,
-                                      restore_args=unflatten({p: restore_args}))
-        with _without_orbax_warnings():
-            (params[p],) = flatten(ocp.PyTreeCheckpointer().restore(item, args=args)).values()
-    return unflatten(params)
+    with _without_orbax_warnings():
+        stores = stored_arrays(item)
+        return unflatten({p: _read_into_shards(stores(p), flat_shardings[p], dtype) for p in stored})
+
+
+def stored_arrays(item: Path):
+    """A function from a parameter path to the opened TensorStore of its stored array in `item`.
+
+    Orbax's own spec for each array (OCDBT or not, zarr 2 or 3 as the item's metadata records), in
+    one TensorStore context shared by all of them: orbax's, which caches only OCDBT B-tree nodes
+    (bounded), never array data."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(item)
+    metadata = item / "_METADATA"  # orbax's tree metadata; zarr 2 when it does not say
+    use_zarr3 = metadata.is_file() and bool(json.loads(metadata.read_text()).get("use_zarr3", False))
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
+
+    def store(path: tuple[str, ...]):
+        info = ocp.type_handlers.ParamInfo(name=".".join(path), parent_dir=item, use_zarr3=use_zarr3,
+                                           ts_context=context)
+        return ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt), open=True,
+                       context=context).result()
+    return store
+
+
+def _read_into_shards(store, sharding, dtype) -> jax.Array:
+    """One stored array as a jax array laid out by `sharding`, read one device shard at a time.
+
+    Each distinct shard this process's devices hold is read (only the stored chunks it overlaps),
+    cast, placed on its devices and dropped before the next is read; orbax's own restore reads all
+    shards of an array at once and keeps every host copy until all are placed, twice the array's share.
+    """
+    import jax
+
+    shape = tuple(store.shape)
+    by_index = collections.defaultdict(list)
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        by_index[tuple((s.indices(n)[:2]) for s, n in zip(index, shape))].append(device)
+    arrays = []
+    for bounds, devices in by_index.items():
+        host = store[tuple(slice(*b) for b in bounds)].read().result().astype(dtype, copy=False)
+        arrays += [jax.device_put(host, device).block_until_ready() for device in devices]
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def save_params(path: str | os.PathLike, params: Mapping, model_cfg: ModelConfig,
@@ -187,6 +226,18 @@ def save_params(path: str | os.PathLike, params: Mapping, model_cfg: ModelConfig
         write_params_dir(tmp, params, model_cfg, tokenizer_path)
 
 
+def storage_shard_axes(model_cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{parameter path: its `embed` axes}: the axes a params dir stores in chunks one index thick.
+
+    Orbax stores an array written from one process as a single compressed chunk, and a chunk is read
+    and decoded whole: a host loading its fsdp shard (a slice along `embed`) would decode every
+    parameter whole, once per device. Chunks one `embed` index thick (orbax's `shard_axes`) line up
+    with the fsdp slices of any mesh, so each host reads only the chunks its shards hold.
+    """
+    return {p: tuple(i for i, name in enumerate(names) if name == "embed")
+            for p, names in flatten(api.param_axes(model_cfg)).items()}
+
+
 def write_model_config(directory: Path, model_cfg: ModelConfig) -> None:
     (directory / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
 
@@ -197,8 +248,10 @@ def write_params_dir(directory: Path, params: Mapping, model_cfg: ModelConfig,
     import orbax.checkpoint as ocp
 
     write_model_config(directory, model_cfg)
+    axes = storage_shard_axes(model_cfg)
+    save_args = unflatten({p: ocp.SaveArgs(shard_axes=axes[p]) for p in flatten(params)})
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(directory).absolute() / PARAMS_DIR, dict(params))
+    checkpointer.save(Path(directory).absolute() / PARAMS_DIR, dict(params), save_args=save_args)
     checkpointer.wait_until_finished()
     if tokenizer_path is not None:
         name = Path(tokenizer_path).name

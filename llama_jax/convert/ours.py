@@ -155,13 +155,19 @@ class OrbaxWriter(ParamTreeBuilder):
     def __init__(self, directory: Path, cfg: ModelConfig, dtype: np.dtype):
         super().__init__(cfg, dtype)
         self.directory = directory
+        self._shard_axes = checkpoint_io.storage_shard_axes(cfg)
 
     def finished(self, path: tuple[str, ...], value: np.ndarray) -> None:
         import jax
+        from orbax.checkpoint import v1 as ocp
         from orbax.checkpoint.experimental.v1 import partial
 
         array = jax.device_put(value, jax.devices("cpu")[0], may_alias=True)
-        partial.save(self.directory / self.PARTIAL_DIR, _nest(path, array))
+        shard_axes = self._shard_axes[path]  # chunked along `embed`: hosts read only their fsdp slices
+        storage = ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=shard_axes)
+        with ocp.Context(array_options=ocp.options.ArrayOptions(saving=ocp.options.ArrayOptions.Saving(
+                storage_options=storage))):
+            partial.save(self.directory / self.PARTIAL_DIR, _nest(path, array))
 
     def finish(self) -> None:
         from orbax.checkpoint.experimental.v1 import partial
