@@ -185,13 +185,6 @@ def test_two_processes_checkpoint_and_resume_on_two_processes_then_on_another_me
                     run_args(corpus, run_dir, stop_at_step=4, **two_mesh))
     ((other_mesh,),) = run_job(1, cache_env, run_args(corpus, run_dir, stop_at_step=6, **{"mesh.fsdp": 4}))
 
-    assert [[r["first_step"] for r in runs] for runs in hosts] == [[1, 3], [1, 3]]
-    assert other_mesh["first_step"] == 5
-    assert [r["losses"] for r in hosts[0]] == [r["losses"] for r in hosts[1]]  # metrics are replicated
-    got = hosts[0][0]["losses"] + hosts[0][1]["losses"] + other_mesh["losses"]
-    assert got == pytest.approx(losses, rel=RTOL)
-    assert_params_close(final_params(run_dir), params)
-
     half = ROWS // 2
     for i, numbers in enumerate(([0, 1], [2, 3])):
         for p, runs in enumerate(hosts):  # process p yielded rows [p*4, (p+1)*4) of each global batch, nothing else
@@ -203,6 +196,13 @@ def test_two_processes_checkpoint_and_resume_on_two_processes_then_on_another_me
     assert [b for b, _ in other_mesh["yielded"]] == [4, 5]
     for b, inputs in other_mesh["yielded"]:
         np.testing.assert_array_equal(inputs, batches[b])
+
+    assert [[r["first_step"] for r in runs] for runs in hosts] == [[1, 3], [1, 3]]
+    assert other_mesh["first_step"] == 5
+    assert [r["losses"] for r in hosts[0]] == [r["losses"] for r in hosts[1]]  # metrics are replicated
+    got = hosts[0][0]["losses"] + hosts[0][1]["losses"] + other_mesh["losses"]
+    assert got == pytest.approx(losses, rel=RTOL)
+    assert_params_close(final_params(run_dir), params)
 
 
 if __name__ == "__main__":
