@@ -7,10 +7,11 @@ same config in the pytest process on its single device, with one batch per step 
 
 - micro-batches: 1 process × 4 devices (data=2 × fsdp=2) with micro_batches=2 has its per-step losses and
   final parameters;
-- multi-host: 2 processes × 2 devices (data=2 × fsdp=2) stop after step 2 (every process writes its
-  shards of the checkpoint), resume on 2 processes to step 4, then on 1 process × 4 devices (fsdp=4, another
-  mesh and process count) to step 6: the per-step losses and the final parameters are the oracle's, and each
-  process's iterator yielded exactly its block of rows of every global batch of a single-process iterator.
+- multi-host: 2 processes × 2 devices (fsdp=4: each process holds half of every parameter) stop after step
+  2 (every process writes its shards of the checkpoint), resume on 2 processes to step 4, then on 1 process ×
+  4 devices (data=2 × fsdp=2, another mesh and process count) to step 6: the per-step losses and the final
+  parameters are the oracle's, and each process's iterator yielded exactly its block of rows of every global
+  batch of a single-process iterator.
 
 Tolerances (fp32, highest matmul precision; sharded sums and micro-batch accumulation change only the order
 of additions): losses within 1e-5 relative, each parameter array within 1e-5 of its largest magnitude.
@@ -175,15 +176,21 @@ def test_micro_batches_on_a_mesh_match_one_large_batch_on_one_device(corpus, cac
 
 def test_two_processes_checkpoint_and_resume_on_two_processes_then_on_another_mesh(corpus, cache_env, oracle,
                                                                                     tmp_path):
-    """2 processes × 2 devices stop after step 2 (each writes its shards), resume on 2 processes to step 4
-    and exit; 1 process × 4 devices resumes with fsdp=4 to step 6. The oracle's per-step losses and final
-    parameters; every process read exactly its rows of each global batch of a single-process iterator."""
+    """2 processes × 2 devices (fsdp=4 across them) stop after step 2 (each writes its shards), resume on 2
+    processes to step 4 and exit; 1 process × 4 devices resumes with data=2 × fsdp=2 to step 6. The oracle's
+    per-step losses and final parameters; every process read exactly its rows of each global batch of a
+    single-process iterator."""
     losses, params, batches = oracle
     run_dir = tmp_path / "run"
-    two_mesh = {"mesh.data": 2, "mesh.fsdp": 2}
-    hosts = run_job(2, cache_env, run_args(corpus, run_dir, stop_at_step=2, **two_mesh),
-                    run_args(corpus, run_dir, stop_at_step=4, **two_mesh))
-    ((other_mesh,),) = run_job(1, cache_env, run_args(corpus, run_dir, stop_at_step=6, **{"mesh.fsdp": 4}))
+    hosts = run_job(2, cache_env, run_args(corpus, run_dir, stop_at_step=2, **{"mesh.fsdp": 4}),
+                    run_args(corpus, run_dir, stop_at_step=4, **{"mesh.fsdp": 4}))
+    for step in (2, 4):  # each process wrote its own shards (orbax: one OCDBT store per process)
+        for item in ("params", "opt_state"):
+            for p in (0, 1):
+                written = (run_dir / "checkpoints" / str(step) / item / f"ocdbt.process_{p}" / "d").iterdir()
+                assert sum(f.stat().st_size for f in written) > 0, (step, item, p)
+    ((other_mesh,),) = run_job(1, cache_env, run_args(corpus, run_dir, stop_at_step=6,
+                                                      **{"mesh.data": 2, "mesh.fsdp": 2}))
 
     half = ROWS // 2
     for i, numbers in enumerate(([0, 1], [2, 3])):
