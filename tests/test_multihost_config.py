@@ -29,6 +29,17 @@ def test_config_validation():
         DistributedConfig(mode="off", coordinator_address="h:1")
 
 
+def test_mode_on_and_off_as_written_in_yaml_or_on_the_command_line():
+    """A bare on/off is a YAML 1.1 boolean; the documented `distributed.mode=on` must still mean "on"."""
+    from llama_jax.training.config import load_train_config
+
+    for written, mode in (("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto")):
+        assert load_train_config(None, [f"distributed.mode={written}"]).distributed.mode == mode
+    assert from_dict(DistributedConfig, {"mode": False}).mode == "off"
+    with pytest.raises(ConfigError, match="distributed.mode='yes please'"):
+        load_train_config(None, ["distributed.mode=yes please"])
+
+
 def test_auto_mode_joins_only_multi_process_launches(bare_env):
     assert cluster_in_environment() is None and not should_join(DistributedConfig())
     bare_env.setenv("SLURM_JOB_ID", "7")

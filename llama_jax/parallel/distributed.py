@@ -29,13 +29,16 @@ MODES = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    mode: str = "auto"
+    # YAML 1.1 reads a bare on/off (`distributed.mode=on`, `mode: off`) as a boolean: taken as "on"/"off".
+    mode: str | bool = "auto"
     coordinator_address: str | None = None  # host:port of process 0's coordinator service
     num_processes: int | None = None
     process_id: int | None = None
     initialization_timeout_s: int = 300
 
     def __post_init__(self):
+        if isinstance(self.mode, bool):
+            object.__setattr__(self, "mode", "on" if self.mode else "off")
         if self.mode not in MODES:
             raise ConfigError(f"distributed.mode={self.mode!r}; expected one of {list(MODES)}")
         if self.num_processes is not None and self.num_processes <= 0:
