@@ -180,6 +180,101 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpu
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+# A configured peak per device far above this CPU's rate (so the MFU is never capped at 1).
+CONFIGURED_PEAK = 1e13
+
+
+@pytest.fixture(scope="module")
+def options_run(corpus, tmp_path_factory):
+    """One completed 8-step run exercising shipped options: a checkpoint every 2 steps with
+    keep_checkpoints=2 and keep_period=4, a configured peak_flops_per_device, every step logged, the
+    final validation pass. Returns (run_dir, TrainResult)."""
+    run_dir = tmp_path_factory.mktemp("options") / "run"
+    result = run_in_process(corpus, run_dir, steps=8, checkpoint_every=2, keep_checkpoints=2, keep_period=4,
+                            peak_flops_per_device=CONFIGURED_PEAK, log_every=1)
+    assert result.status == "completed" and result.last_step == 8
+    return run_dir, result
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_keep_checkpoints_and_keep_period_prune_as_documented(options_run):
+    """docs/training.md: "the last `keep_checkpoints` are kept, plus every multiple of `keep_period`"."""
+    run_dir, _ = options_run
+    saved = range(2, 9, 2)  # checkpoint_every=2, steps=8
+    expected = set(list(saved)[-2:]) | {s for s in saved if s % 4 == 0}
+    on_disk = {int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()}
+    assert on_disk == expected == {4, 6, 8}
+
+
+def test_configured_peak_gives_mfu_and_throughput_is_tokens_over_step_time(options_run):
+    """MFU = model FLOPs/token (counted by hand from the run's shapes) × tokens/s ÷ the configured peak
+    (one device), logged as `mfu`; tokens/s = the step's 4 × 32 tokens ÷ the logged step time, and the step
+    time is measured inside the wall-clock time between consecutive log records (log_every=1) and makes
+    up most of it (the rest: writing the records)."""
+    run_dir, _ = options_run
+    dim, layers, hidden, vocab, seq = 32, 2, 64, VOCAB, 32  # overrides(): 4 heads, no grouped queries
+    flops_per_token = 6 * (layers * (4 * dim * dim + 3 * dim * hidden) + vocab * dim) + 12 * layers * dim * seq
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    timed = records[1:]  # step 1 compiled: its window has no timing
+    assert "tokens_per_s" not in records[0]
+    for r in timed:
+        assert "mfu_cpu_measured" not in r
+        assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_s"] / CONFIGURED_PEAK, rel=1e-12)
+        assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_time_s"], rel=1e-12)
+    gaps = np.diff([r["time"] for r in records])  # `time` is rounded to 1 ms
+    logged = np.array([r["step_time_s"] for r in timed])
+    assert (logged <= gaps + 0.002).all() and logged.sum() >= 0.8 * gaps.sum(), (gaps, logged)
+
+
+def read_scalar_events(directory: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of TensorBoard event files, read without TensorBoard: TFRecord framing (length,
+    its CRC, the record, its CRC) around `Event` protos (the proto definitions tensorboardX ships)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+        assert offset == len(data), f"{path}: truncated record"
+    return scalars
+
+
+def test_tensorboard_holds_the_losses_of_metrics_jsonl(options_run):
+    """The same loss per step in both logs (TensorBoard stores float32), and the final validation too."""
+    run_dir, result = options_run
+    scalars = read_scalar_events(run_dir / "tensorboard")
+    jsonl = losses_from_jsonl(run_dir)
+    assert sorted(jsonl) == list(range(1, 9))
+    assert scalars["train/loss"] == {step: float(np.float32(loss)) for step, loss in jsonl.items()}
+    assert scalars["train/mfu"][8] == float(np.float32(train_records(run_dir)[-1]["mfu"]))
+    assert scalars["final_eval/bits_per_byte"] == {8: float(np.float32(result.validation["bits_per_byte"]))}
+
+
+def test_validation_bits_per_byte_and_the_gzip_baseline(corpus, options_run):
+    """Bits per byte = nats/token × tokens/bytes ÷ ln 2, the bytes being the validation files' own; the
+    gzip -9 baseline is what the `gzip` program itself achieves on the same bytes (its own deflate, not
+    Python's zlib: within 0.5%)."""
+    _, result = options_run
+    v = result.validation
+    files = sorted(Path(corpus["val_dir"]).iterdir())
+    text = b"".join(f.read_bytes() for f in files)
+    assert v["bytes"] == len(text)
+    assert v["bits_per_byte"] == pytest.approx(v["loss"] * v["tokens"] / v["bytes"] / np.log(2), rel=1e-12)
+    gzip_cli = subprocess.run(["gzip", "-9", "-c", "-n"], input=text, capture_output=True, check=True).stdout
+    assert v["gzip9_bits_per_byte"] == pytest.approx(8 * len(gzip_cli) / len(text), rel=5e-3)
+
+
 def saved_weights(corpus, tmp_path) -> tuple[dict, float]:
     """Random weights saved as a params dir at tmp_path/weights, and the loss of the run's first batch
     under them, computed outside the loop (the oracle of a run started from them)."""
