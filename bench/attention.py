@@ -221,7 +221,12 @@ def cudnn_check() -> int:
     for seq in (1024, 333):
         q, k, v, d_out = inputs(2, seq, 32, 8, 128, jnp.bfloat16, seed=seq)
         _, cudnn_grads = programs(lambda q, k, v: attention(q, k, v, impl="cudnn"))
-        got = (jax.jit(lambda q, k, v: attention(q, k, v, impl="cudnn"))(q, k, v),) + cudnn_grads(q, k, v, d_out)
+        try:
+            got = (jax.jit(lambda q, k, v: attention(q, k, v, impl="cudnn"))(q, k, v),) + cudnn_grads(q, k, v, d_out)
+        except Exception as e:  # noqa: BLE001  (an unsupported shape is a failed check, and the table follows)
+            failures += 1
+            print(f"check cudnn vs xla (fp32) T={seq}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
         up = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
         _, ref_grads = programs(xla_attention)
         want = (jax.jit(xla_attention)(*up[:3]),) + ref_grads(*up)
