@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -304,6 +305,42 @@ def test_init_from_starts_from_the_given_weights_with_a_fresh_optimizer(corpus, 
         run_in_process(corpus, tmp_path / "other", stop_at_step=2, init_from=str(tmp_path / "weights"), **{"model.dim": 48})
 
 
+def test_init_from_a_run_directory_takes_its_final_params_with_fresh_data_and_optimizer(corpus, options_run, tmp_path):
+    """docs/training.md: a run directory as `init_from` gives "its latest params" and "a fresh optimizer at
+    step 0". Oracles: the first loss is the loss of the data's *first* batch under the source's final
+    (step 8) params, computed outside the loop; and two steps equal, bitwise, a run started from those
+    params saved as a params directory (the path tested above with a fresh optimizer), so no optimizer
+    moment, step count or data position of the source carries over."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
+    from llama_jax.data.tokenizer import load_tokenizer
+    from llama_jax.training.step import batch_nll
+
+    source, _ = options_run
+    cfg = load_train_config(source / "config.yaml").model
+    final = ocp.StandardCheckpointer().restore(source / "checkpoints" / "8" / "params")  # plain orbax, step 8
+    final = jax.tree.map(np.asarray, final)
+    save_params(tmp_path / "final", final, cfg)
+    data = make_train_iterator(DataConfig(sources=[SourceConfig(kind="text", path=corpus["train_dir"])]),
+                               load_tokenizer(corpus["tokenizer"]), seq_len=32, global_batch_size=4)
+    mean_nll = jax.jit(lambda params, batch: jnp.divide(*batch_nll(cfg, params, batch)))
+    first = float(mean_nll(final, next(data)))
+    for _ in range(8):
+        later = next(data)  # the batch the source would have trained on next
+    from_run = run_in_process(corpus, tmp_path / "from_run", stop_at_step=2, init_from=str(source))
+    from_params = run_in_process(corpus, tmp_path / "from_params", stop_at_step=2, init_from=str(tmp_path / "final"))
+    assert from_run.first_step == 1 and from_run.losses[0] == pytest.approx(first, rel=1e-6)
+    assert abs(float(mean_nll(final, later)) - first) > 1e-3  # batch 1, not batch 9
+    assert from_run.losses == from_params.losses and len(from_run.losses) == 2
+    assert losses_from_jsonl(tmp_path / "from_run") == losses_from_jsonl(tmp_path / "from_params")
+    opt_state = ocp.StandardCheckpointer().restore(tmp_path / "from_run" / "checkpoints" / "2" / "opt_state")
+    counts = [int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+              if "count" in jax.tree_util.keystr(path)]
+    assert counts and set(counts) == {2}  # AdamW's step counters: two updates, none of the source's eight
+
+
 @pytest.mark.parametrize("fmt", ["meta", "hf"])
 def test_init_from_reads_meta_and_hugging_face_directories(corpus, tmp_path, fmt):
     """No conversion step: the same weights written as a Meta or HF directory start the same run."""
@@ -363,6 +400,17 @@ def test_checkpoint_of_another_shape_fails_before_compiling(corpus, tmp_path, mo
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoints/3: parameter layers.feed_forward.w1.kernel "
                                          r"has shape \(2, 32, 64\), the config expects \(2, 32, 96\)"):
         run_in_process(corpus, tmp_path / "run", stop_at_step=3, **{"model.ffn_hidden_dim": 96})
+
+
+def test_cudnn_on_a_cpu_is_a_one_line_configuration_error_before_compiling(corpus, tmp_path, capsys, monkeypatch):
+    """`attention_impl: cudnn` on this CPU: exit 2 and one line naming the platform, before the train step
+    is built (it was jax's "cuDNN is not detected" RuntimeError and a traceback from inside the compile)."""
+    from llama_jax.cli.train import main
+
+    _no_compile(monkeypatch)
+    assert main(overrides(corpus, tmp_path / "run", **{"model.attention_impl": "cudnn"})) == 2
+    assert capsys.readouterr().err == ("error: attention_impl='cudnn' runs only on an NVIDIA GPU, but this "
+                                       "program targets cpu: use auto or xla\n")
 
 
 def test_command_line_rejects_unknown_arguments():
