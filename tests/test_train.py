@@ -228,7 +228,7 @@ def test_configured_peak_gives_mfu_and_throughput_is_tokens_over_step_time(optio
         assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_time_s"], rel=1e-12)
     gaps = np.diff([r["time"] for r in records])  # `time` is rounded to 1 ms
     logged = np.array([r["step_time_s"] for r in timed])
-    assert (logged <= gaps + 0.002).all() and logged.sum() >= 0.8 * gaps.sum(), (gaps, logged)
+    assert (logged <= gaps + 0.002).all() and logged.sum() >= 0.6 * gaps.sum(), (gaps, logged)
 
 
 def read_scalar_events(directory: Path) -> dict[str, dict[int, float]]:
