@@ -13,7 +13,10 @@ Peak memory is XLA's own account of the compiled fwd+bwd program (arguments + ou
 so it is per implementation, not a process-wide high-water mark. With batch * T fixed, memory that grows
 linearly in T per sequence stays flat down the table; the reference's T x T scores grow with T.
 
-On a CPU (no GPU): correctness only, small shapes in interpret mode, both Pallas kernels vs `xla`.
+First, on a GPU, `attention_impl: cudnn` (through the registry) is checked against the `xla` reference
+(forward and backward, bf16, GQA, causal; `check` lines, exit 1 on a failure, the table still follows).
+On a CPU (no GPU): correctness only, small shapes in interpret mode, both Pallas kernels vs `xla`, and
+`cudnn` refused by the dispatch.
 
     python bench/attention.py [--seq-lens 1024,2048,4096,8192,16384] [--markdown bench/RESULTS.md]
                               [--sweep 4096]
@@ -37,7 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llama_jax.model.attention import cudnn_attention, xla_attention  # noqa: E402
+from llama_jax.model.attention import attention, cudnn_attention, xla_attention  # noqa: E402
+from llama_jax.utils.config_io import ConfigError  # noqa: E402
 from llama_jax.kernels import flash_attention_gpu, flash_attention_tpu  # noqa: E402
 
 IMPLS = {"pallas_gpu": flash_attention_gpu, "xla": xla_attention, "cudnn": cudnn_attention}
@@ -198,8 +202,41 @@ def cpu_check() -> int:
             failures += not ok
             print(f"check {name} segments={segments is not None}: max abs error (out, dq, dk, dv) {err:.2e} "
                   f"{'ok' if ok else 'FAILED (> 2e-5)'}")
+    try:
+        attention(q, k, v, impl="cudnn")
+        print("check cudnn dispatch on cpu: FAILED (ran instead of refusing)")
+        failures += 1
+    except ConfigError as e:
+        print(f"check cudnn dispatch on cpu: refused, ok ({e})")
     print("no GPU here: timings, TFLOP/s and memory are open until this runs on one")
     return 1 if failures else 0
+
+
+def cudnn_check() -> int:
+    """On a GPU: `attention(..., impl="cudnn")` (the registry's dispatch, what `attention_impl: cudnn`
+    runs) against the `xla` reference in fp32 on the same bf16 inputs, causal, GQA 32/8 heads, head_dim
+    128, T 1024 and 333 (not a block multiple): out, dq, dk, dv each within ||err|| / ||ref|| <= 2e-2
+    (tests/test_kernels.py's bf16 tolerance). Returns the number of failures."""
+    failures = 0
+    for seq in (1024, 333):
+        q, k, v, d_out = inputs(2, seq, 32, 8, 128, jnp.bfloat16, seed=seq)
+        _, cudnn_grads = programs(lambda q, k, v: attention(q, k, v, impl="cudnn"))
+        try:
+            got = (jax.jit(lambda q, k, v: attention(q, k, v, impl="cudnn"))(q, k, v),) + cudnn_grads(q, k, v, d_out)
+        except Exception as e:  # noqa: BLE001  (an unsupported shape is a failed check, and the table follows)
+            failures += 1
+            print(f"check cudnn vs xla (fp32) T={seq}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        up = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+        _, ref_grads = programs(xla_attention)
+        want = (jax.jit(xla_attention)(*up[:3]),) + ref_grads(*up)
+        errors = [float(jnp.linalg.norm((g.astype(jnp.float32) - w).ravel()) / jnp.linalg.norm(w.ravel()))
+                  for g, w in zip(got, want)]
+        ok = all(e <= 2e-2 for e in errors) and all(g.dtype == jnp.bfloat16 for g in got)
+        failures += not ok
+        print(f"check cudnn vs xla (fp32) T={seq} bf16 GQA 32/8 causal: relative error (out, dq, dk, dv) "
+              + ", ".join(f"{e:.1e}" for e in errors) + f" {'ok' if ok else 'FAILED (> 2e-2)'}", flush=True)
+    return failures
 
 
 def main(argv=None) -> int:
@@ -219,6 +256,7 @@ def main(argv=None) -> int:
         return cpu_check()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, heads {args.heads}/{args.kv_heads}, "
           f"head_dim {args.head_dim}, bf16, batch*T = {args.tokens}")
+    failures = cudnn_check()
     print(HEADER)
     rows = benchmark(args)
     ratios = ratio_lines(rows)
@@ -231,7 +269,7 @@ def main(argv=None) -> int:
     if args.markdown:
         with args.markdown.open("a") as f:
             f.write("\n".join(lines) + "\n")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

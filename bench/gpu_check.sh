@@ -8,8 +8,9 @@
 #   tests      correctness of the compiled Triton kernels against the xla reference: the shape matrix of
 #              tests/test_kernels.py (forward and dq/dk/dv; fp32 <= 2e-5, bf16 <= 2e-2 relative) and the
 #              tiny-model training step of tests/test_kernels_train.py
-#   attention  bench/attention.py: ours vs cuDNN vs xla, T = 1k..16k, 32/8 heads, head_dim 128, bf16, fwd
-#              and fwd+bwd, with the ratio to cuDNN and xla per T
+#   attention  bench/attention.py: first `attention_impl: cudnn` against the xla reference (fwd+bwd, bf16,
+#              GQA 32/8, causal, T 1024 and 333; `check` lines), then ours vs cuDNN vs xla, T = 1k..16k,
+#              32/8 heads, head_dim 128, bf16, fwd and fwd+bwd, with the ratio to cuDNN and xla per T
 #   train      bench/train_gpu.py: training MFU, LLaMA 3.2-1B (full vocab) at seq 2048 and 8192, 3B at
 #              2048, attention auto vs cudnn, remat policies and batches as its budget allows
 #   decode     bench/generate.py: greedy decoding of LLaMA 3.2-1B (random weights), batch 1 and 32,

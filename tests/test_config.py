@@ -11,12 +11,42 @@ PUBLISHED_PARAM_COUNTS = {
     "llama1-7b": 6_738_415_616, "llama1-13b": 13_015_864_320, "llama1-33b": 32_528_943_616,
     "llama1-65b": 65_285_660_672, "llama2-70b": 68_976_648_192, "llama3-8b": 8_030_261_248,
     "llama3-70b": 70_553_706_496, "llama3.2-1b": 1_235_814_400, "llama3.2-3b": 3_212_749_824,
+    "llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama3.1-8b": 8_030_261_248,
+    "llama3.1-70b": 70_553_706_496,
 }
+
+# The shapes in the published Hugging Face `config.json` of each model (meta-llama/Llama-2-7b-hf, ...):
+# vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size.
+HF_SHAPES = {
+    "llama2-7b": (32000, 4096, 32, 32, 32, 11008),
+    "llama2-13b": (32000, 5120, 40, 40, 40, 13824),
+    "llama3.1-8b": (128256, 4096, 32, 32, 8, 14336),
+    "llama3.1-70b": (128256, 8192, 80, 64, 8, 28672),
+}
+
+
+def count_from_hf_shapes(vocab, dim, layers, heads, kv_heads, hidden) -> int:
+    """Parameters by hand: untied embedding and output, per layer q/o (dim²), k/v (dim × kv_heads·head_dim),
+    three SwiGLU matrices and two RMSNorm scales, plus the final norm."""
+    kv_dim = kv_heads * (dim // heads)
+    per_layer = 2 * dim * dim + 2 * dim * kv_dim + 3 * dim * hidden + 2 * dim
+    return 2 * vocab * dim + layers * per_layer + dim
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAM_COUNTS))
 def test_published_parameter_counts(preset):
     assert param_count(load_model_config(preset)) == PUBLISHED_PARAM_COUNTS[preset]
+
+
+@pytest.mark.parametrize("preset", sorted(HF_SHAPES))
+def test_preset_shapes_are_the_published_ones_and_count_by_hand(preset):
+    """The published count follows from the published shapes (so neither table has a typo), and the
+    preset has exactly those shapes (Meta's multiple_of rule reproduces intermediate_size)."""
+    shapes = HF_SHAPES[preset]
+    assert count_from_hf_shapes(*shapes) == PUBLISHED_PARAM_COUNTS[preset]
+    cfg = load_model_config(preset)
+    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden_dim) == shapes
+    assert not cfg.tie_embeddings
 
 
 def test_published_ffn_sizes():

@@ -134,6 +134,36 @@ def test_dtype_cast_matches_numpy_rounding(tmp_path):
     assert_bit_equal(got, {k: v for k, v in _cast(params, NP_DTYPES["bf16"]).items()})
 
 
+def test_fp16_flag_writes_fp32_rounded_to_fp16_and_reads_back_exactly(tmp_path, capsys):
+    """`llama-jax-convert --dtype fp16` (what `python -m llama_jax.convert` runs): every tensor written to
+    Hugging Face safetensors (read by the `safetensors` package) and to Meta's .pth (read by plain
+    torch.load) is float16 and equals numpy's round-to-nearest of the fp32 value; converting that fp16
+    checkpoint back with `--dtype fp32` gives those fp16 values widened exactly."""
+    import safetensors.numpy
+
+    src, cfg, params = save_random(tmp_path, "ours", CONFIGS["gqa"], "fp32")
+    expected = _cast(params, np.float16)
+    assert not all(np.array_equal(a.astype(np.float32), b) for a, b in zip(
+        flatten(expected).values(), flatten(params).values()))  # the rounding is visible in these values
+    for fmt in ("hf", "meta"):
+        assert main(["--to", fmt, str(src), str(tmp_path / fmt), "--dtype", "fp16", "--no-progress"]) == 0
+        assert capsys.readouterr().out.startswith(f"wrote {tmp_path / fmt} ({fmt};")
+    written = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        written.update(safetensors.numpy.load_file(f))
+    meta = {k: v.numpy() for k, v in torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True).items()}
+    for fmt, tensors in (("hf", written), ("meta", meta)):
+        assert {t.dtype for t in tensors.values()} == {np.dtype(np.float16)}, fmt
+        assert_bit_equal(params_from_torch(tensors.__getitem__, cfg, fmt), expected)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
+    for fmt in ("hf", "meta"):
+        assert main(["--to", "orbax", str(tmp_path / fmt), str(tmp_path / f"{fmt}-back"), "--dtype", "fp32",
+                     "--preset", str(src / "model.yaml"), "--no-progress"]) == 0
+        back_cfg = read_model_config(tmp_path / f"{fmt}-back")
+        assert back_cfg.param_dtype == "float32"
+        assert_bit_equal(load_params(tmp_path / f"{fmt}-back", back_cfg), _cast(expected, np.float32))
+
+
 def _cast(tree, dtype):
     return {k: _cast(v, dtype) if isinstance(v, dict) else v.astype(dtype) for k, v in tree.items()}
 

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -106,3 +107,36 @@ def test_tfds_bad_input(prepared, tmp_path):
         build(tfds_source(data_dir, split="test"))
     with pytest.raises(ValueError, match=r"has no feature 'body' \(features: \['name', 'text'\]\)"):
         build(tfds_source(data_dir, text_field="body"))
+
+
+def test_eval_perplexity_reads_a_tfds_split(prepared, tmp_path, capsys):
+    """`eval.py perplexity CKPT --data tfds:NAME --split S --data-dir D` scores exactly split S's records:
+    the same numbers as the same texts (as `tfds.data_source` returns them) in a JSONL file, and the two
+    splits give different numbers."""
+    import importlib
+    import shutil
+
+    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.model.api import init_params
+    from llama_jax.model.config import ModelConfig
+
+    data_dir, tok = prepared
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_hidden_dim=64, max_seq_len=32,
+                      dtype="float32", attention_impl="xla")
+    shutil.copy(tok.path, tmp_path / "tokenizer.model")  # a checkpoint's tokenizer travels under this name
+    save_params(tmp_path / "ckpt", jax.tree.map(np.asarray, init_params(cfg, seed=1)), cfg,
+                tokenizer_path=tmp_path / "tokenizer.model")
+    cli = importlib.import_module("eval")
+    common = [str(tmp_path / "ckpt"), "--dtype", "fp32", "--distributed", "off"]
+    results = {}
+    for split in ("train", "validation"):
+        records = tfds.data_source("llama_jax_local_text", split=split, data_dir=str(data_dir))
+        lines = "".join(json.dumps({"text": records[i]["text"].decode("utf-8")}) + "\n" for i in range(len(records)))
+        (tmp_path / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+        assert cli.main(["perplexity", *common, "--data", "tfds:llama_jax_local_text", "--split", split,
+                         "--data-dir", str(data_dir)]) == 0
+        results[split] = json.loads(capsys.readouterr().out)
+        assert cli.main(["perplexity", *common, "--data", str(tmp_path / f"{split}.jsonl")]) == 0
+        assert json.loads(capsys.readouterr().out) == results[split]
+        assert results[split]["documents"] == len(records)
+    assert results["train"]["bytes"] != results["validation"]["bytes"]

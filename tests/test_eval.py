@@ -323,6 +323,54 @@ def test_command_line_on_a_hugging_face_directory(hf, tok, tmp_path, capsys):
     assert out["generations"][0]["completion"] == tok.decode(expected.tolist()) and out["new_tokens"] == 5
 
 
+def test_command_line_no_bos_limit_and_prompt_file(hf, tok, model, tmp_path, capsys):
+    """Flags against transformers on the same weights (a params directory): `perplexity --no-bos` scores
+    each text's tokens without BOS in front (its first token unscored); `tasks --limit 2` scores exactly
+    the first two items as a run without the limit does; `generate --prompt-file` continues every
+    non-blank line, in order, as transformers' greedy generate does."""
+    import importlib
+
+    from llama_jax.convert.orbax_dirs import save_params
+
+    cli = importlib.import_module("eval")
+    ckpt = str(tmp_path / "ckpt")
+    save_params(ckpt, jax.tree.map(np.asarray, model.params), CFG, tokenizer_path=tok.path)
+    common = ["--dtype", "fp32", "--distributed", "off"]
+    rng = np.random.default_rng(6)
+    texts = [sentence(rng, 9), sentence(rng, 4)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+
+    assert cli.main(["perplexity", ckpt, "--data", str(tmp_path / "docs.jsonl"), "--no-bos", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    refs = [hf_token_logprobs(hf, tok.encode(t, bos=False))[0] for t in texts]
+    assert result["tokens"] == sum(len(r) for r in refs)
+    assert abs(result["mean_nll"] - (-sum(r.sum() for r in refs) / result["tokens"])) <= TOL
+
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps({"context": sentence(rng, 3), "choices": [sentence(rng, 2), sentence(rng, 1)],
+                                        "label": i % 2}) + "\n" for i in range(4)), encoding="utf-8")
+    runs = {}
+    for name, limit in (("all", []), ("limited", ["--limit", "2"])):
+        out = tmp_path / name
+        assert cli.main(["tasks", ckpt, "--tasks", str(task), "--output-dir", str(out), *limit, *common]) == 0
+        runs[name] = (json.loads(capsys.readouterr().out)["toy"],
+                      [json.loads(line) for line in (out / "toy.jsonl").read_text().splitlines()])
+    assert runs["all"][0]["n"] == 4 and runs["limited"][0]["n"] == 2
+    assert runs["limited"][1] == runs["all"][1][:2]
+
+    prompts = ["The cat sat", "Birds", "Every morning people walk"]
+    (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n\n{prompts[1]}\n{prompts[2]}\n", encoding="utf-8")
+    assert cli.main(["generate", ckpt, "--prompt-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "4",
+                     "--ignore-eos", *common]) == 0
+    generations = json.loads(capsys.readouterr().out)["generations"]
+    assert [g["prompt"] for g in generations] == prompts
+    for g in generations:
+        ids = tok.encode(g["prompt"])
+        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               do_sample=False, max_new_tokens=4, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+        assert g["completion"] == tok.decode(expected.tolist()) and g["new_tokens"] == 4
+
+
 def test_params_directory_loads_with_its_tokenizer(hf, tok, model, tmp_path):
     """A llama_jax params directory (what `convert --to orbax` writes) loads onto a one-device mesh with
     the weights and tokenizer it was saved with; a tokenizer of another vocabulary is refused."""

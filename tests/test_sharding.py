@@ -161,12 +161,34 @@ def state_bytes(state) -> dict:
     return {"per_device": sorted(per_device.values()), "total": total, "replicated_allowance": replicated_allowance}
 
 
-@pytest.fixture(scope="module")
-def worker_run() -> subprocess.CompletedProcess:
+def worker_env() -> dict:
+    """The environment of the 8-device child processes (XLA's warnings go to their stderr)."""
     # LLVM optimisation level 0: the same numerics at a fraction of the compile time (tiny shapes).
     xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=300, env=env,
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags}
+
+
+def involuntary_remat(stderr: str) -> bool:
+    """Whether XLA's SPMD partitioner logged that it could not reshard a tensor and replicated it whole on
+    every device instead."""
+    return "Involuntary full rematerialization" in stderr
+
+
+# The positive control of that check: a 1-D array split 4 ways, reshaped to (6, 8) split by columns, is a
+# resharding the partitioner cannot do in place (it replicates, and says so).
+REMAT_CONTROL = """
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+jax.config.update("jax_num_cpu_devices", 8)
+mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
+split = lambda x, *spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+jax.jit(lambda x: split(split(x, "b").reshape(6, 8), None, "b")).lower(jnp.ones(48)).compile()
+"""
+
+
+@pytest.fixture(scope="module")
+def worker_run() -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=300, env=worker_env(),
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
@@ -192,7 +214,16 @@ def test_mesh_matches_single_device(results, mesh):
 def test_no_mesh_falls_back_to_replicating_a_tensor(worker_run):
     """XLA's SPMD partitioner logs this when it cannot reshard a tensor and replicates it whole on every
     device instead (the embedding lookup under fsdp+tp did, before the table's shards were gathered)."""
-    assert "Involuntary full rematerialization" not in worker_run.stderr
+    assert not involuntary_remat(worker_run.stderr)
+
+
+def test_the_remat_check_sees_the_warning_when_xla_logs_it():
+    """Positive control: the check above would also pass if XLA's warnings were silenced or reworded; a
+    child with the worker's environment that does force a full rematerialization must be caught by it."""
+    proc = subprocess.run([sys.executable, "-c", REMAT_CONTROL], capture_output=True, text=True, timeout=120,
+                          env=worker_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert involuntary_remat(proc.stderr), proc.stderr[-3000:]
 
 
 def test_attention_kernel_runs_per_shard_in_shard_map(results):

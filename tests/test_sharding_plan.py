@@ -56,6 +56,22 @@ def test_plan_cli_report(capsys):
     assert "warning: 8 rows per micro-batch do not split over the 256 batch shards" in capsys.readouterr().out
 
 
+def test_gradient_accumulation_counts_gradients_twice(capsys):
+    """With micro_batches > 1 the step holds the accumulator and the current micro-batch's gradients: the
+    report's gradients are 2 × the hand-counted parameter bytes (1 × without accumulation), and the total
+    grows by exactly that one copy (4 micro-batches of 256 rows against one batch of 256 rows: the same
+    activations)."""
+    params, _ = hand_counted_65b_bytes(256)
+    totals = {}
+    for micro, copies in ((1, 1), (4, 2)):
+        assert plan_cli(PLAN_65B + [f"micro_batches={micro}", f"global_batch_size={256 * micro}"]) == 0
+        out = capsys.readouterr().out
+        assert f"gradients{copies * params / GIB:31.2f}" in out, out
+        assert "warning" not in out
+        totals[micro] = float(next(line for line in out.splitlines() if line.startswith("  total")).split()[-1])
+    assert totals[4] - totals[1] == pytest.approx(params / GIB, abs=0.011)  # two-decimal rounding of each
+
+
 def test_plan_cli_errors(capsys):
     assert plan_cli(["model=llama1-65b", "mesh.fsdp=7", "devices=7", "global_batch_size=7"]) == 2
     assert "is not divisible by mesh axes fsdp of total size 7" in capsys.readouterr().err

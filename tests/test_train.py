@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -180,6 +181,125 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpu
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+# A configured peak per device far above this CPU's rate (so the MFU is never capped at 1).
+CONFIGURED_PEAK = 1e13
+
+
+@pytest.fixture(scope="module")
+def options_run(corpus, tmp_path_factory):
+    """One completed 8-step run exercising shipped options: a checkpoint every 2 steps with
+    keep_checkpoints=2 and keep_period=4, a configured peak_flops_per_device, every step logged, the
+    final validation pass. Returns (run_dir, TrainResult)."""
+    run_dir = tmp_path_factory.mktemp("options") / "run"
+    result = run_in_process(corpus, run_dir, steps=8, checkpoint_every=2, keep_checkpoints=2, keep_period=4,
+                            peak_flops_per_device=CONFIGURED_PEAK, log_every=1)
+    assert result.status == "completed" and result.last_step == 8
+    return run_dir, result
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_keep_checkpoints_and_keep_period_prune_as_documented(options_run):
+    """docs/training.md: "the last `keep_checkpoints` are kept, plus every multiple of `keep_period`"."""
+    run_dir, _ = options_run
+    saved = range(2, 9, 2)  # checkpoint_every=2, steps=8
+    expected = set(list(saved)[-2:]) | {s for s in saved if s % 4 == 0}
+    on_disk = {int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()}
+    assert on_disk == expected == {4, 6, 8}
+
+
+def test_configured_peak_gives_mfu_and_throughput_is_tokens_over_step_time(options_run):
+    """MFU = model FLOPs/token (counted by hand from the run's shapes) × tokens/s ÷ the configured peak
+    (one device), logged as `mfu`; tokens/s = the step's 4 × 32 tokens ÷ the logged step time, and the step
+    time is measured inside the wall-clock time between consecutive log records (log_every=1) and makes
+    up most of it (the rest: writing the records)."""
+    run_dir, _ = options_run
+    dim, layers, hidden, vocab, seq = 32, 2, 64, VOCAB, 32  # overrides(): 4 heads, no grouped queries
+    flops_per_token = 6 * (layers * (4 * dim * dim + 3 * dim * hidden) + vocab * dim) + 12 * layers * dim * seq
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    timed = records[1:]  # step 1 compiled: its window has no timing
+    assert "tokens_per_s" not in records[0]
+    for r in timed:
+        assert "mfu_cpu_measured" not in r
+        assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_s"] / CONFIGURED_PEAK, rel=1e-12)
+        assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_time_s"], rel=1e-12)
+    gaps = np.diff([r["time"] for r in records])  # `time` is rounded to 1 ms
+    logged = np.array([r["step_time_s"] for r in timed])
+    assert (logged <= gaps + 0.002).all() and logged.sum() >= 0.6 * gaps.sum(), (gaps, logged)
+
+
+def read_scalar_events(directory: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of TensorBoard event files, read without TensorBoard: TFRecord framing (length,
+    its CRC, the record, its CRC) around `Event` protos (the proto definitions tensorboardX ships)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+        assert offset == len(data), f"{path}: truncated record"
+    return scalars
+
+
+def test_tensorboard_holds_the_losses_of_metrics_jsonl(options_run):
+    """The same loss per step in both logs (TensorBoard stores float32), and the final validation too."""
+    run_dir, result = options_run
+    scalars = read_scalar_events(run_dir / "tensorboard")
+    jsonl = losses_from_jsonl(run_dir)
+    assert sorted(jsonl) == list(range(1, 9))
+    assert scalars["train/loss"] == {step: float(np.float32(loss)) for step, loss in jsonl.items()}
+    assert scalars["train/mfu"][8] == float(np.float32(train_records(run_dir)[-1]["mfu"]))
+    assert scalars["final_eval/bits_per_byte"] == {8: float(np.float32(result.validation["bits_per_byte"]))}
+
+
+def test_validation_bits_per_byte_and_the_gzip_baseline(corpus, options_run):
+    """Bits per byte = nats/token × tokens/bytes ÷ ln 2, the bytes being the validation files' own; the
+    gzip -9 baseline is what the `gzip` program itself achieves on the same bytes (its own deflate, not
+    Python's zlib: within 0.5%)."""
+    _, result = options_run
+    v = result.validation
+    files = sorted(Path(corpus["val_dir"]).iterdir())
+    text = b"".join(f.read_bytes() for f in files)
+    assert v["bytes"] == len(text)
+    assert v["bits_per_byte"] == pytest.approx(v["loss"] * v["tokens"] / v["bytes"] / np.log(2), rel=1e-12)
+    gzip_cli = subprocess.run(["gzip", "-9", "-c", "-n"], input=text, capture_output=True, check=True).stdout
+    assert v["gzip9_bits_per_byte"] == pytest.approx(8 * len(gzip_cli) / len(text), rel=5e-3)
+
+
+@pytest.mark.thorough
+def test_the_default_run_beats_gzip(tmp_path):
+    """README: `python train.py` (configs/train/default.yaml: the `tiny` model, vocab 8000, 400 steps of
+    8 × 256 tokens of the built-in corpus) ends with validation bits per byte below gzip -9's on the same
+    text. Run as stated, only its output and cache directories moved under tmp_path (so the built-in
+    tokenizer and the token cache are built afresh). About 2 minutes of training on 2 cores plus a
+    minute of tokenizer and tokenizing: outside CI's budget (`-m thorough`). Oracle for the baseline: the
+    `gzip` program on the validation text."""
+    from llama_jax.data import validation_text
+
+    args = [f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"data.cache_dir={tmp_path / 'tokens'}"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=3600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = re.search(r"^validation \(([\d,]+) bytes, [\d,]+ tokens\): loss \S+ \| (\S+) bits/byte \| "
+                     r"gzip -9: (\S+) bits/byte$", proc.stdout, re.M)
+    assert line, proc.stdout[-3000:]
+    text = validation_text(load_train_config(None, args).data)
+    assert int(line.group(1).replace(",", "")) == len(text)
+    gzip_cli = subprocess.run(["gzip", "-9", "-c", "-n"], input=text, capture_output=True, check=True).stdout
+    assert float(line.group(3)) == pytest.approx(8 * len(gzip_cli) / len(text), rel=5e-3)
+    assert float(line.group(2)) < float(line.group(3)), line.group(0)
+
+
 def saved_weights(corpus, tmp_path) -> tuple[dict, float]:
     """Random weights saved as a params dir at tmp_path/weights, and the loss of the run's first batch
     under them, computed outside the loop (the oracle of a run started from them)."""
@@ -207,6 +327,42 @@ def test_init_from_starts_from_the_given_weights_with_a_fresh_optimizer(corpus, 
     with pytest.raises(ValueError, match=r"parameter layers\.attention\.wk\.kernel has shape \(2, 32, 32\), "
                                          r"the config expects \(2, 48, 48\)"):
         run_in_process(corpus, tmp_path / "other", stop_at_step=2, init_from=str(tmp_path / "weights"), **{"model.dim": 48})
+
+
+def test_init_from_a_run_directory_takes_its_final_params_with_fresh_data_and_optimizer(corpus, options_run, tmp_path):
+    """docs/training.md: a run directory as `init_from` gives "its latest params" and "a fresh optimizer at
+    step 0". Oracles: the first loss is the loss of the data's *first* batch under the source's final
+    (step 8) params, computed outside the loop; and two steps equal, bitwise, a run started from those
+    params saved as a params directory (the path tested above with a fresh optimizer), so no optimizer
+    moment, step count or data position of the source carries over."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
+    from llama_jax.data.tokenizer import load_tokenizer
+    from llama_jax.training.step import batch_nll
+
+    source, _ = options_run
+    cfg = load_train_config(source / "config.yaml").model
+    final = ocp.StandardCheckpointer().restore(source / "checkpoints" / "8" / "params")  # plain orbax, step 8
+    final = jax.tree.map(np.asarray, final)
+    save_params(tmp_path / "final", final, cfg)
+    data = make_train_iterator(DataConfig(sources=[SourceConfig(kind="text", path=corpus["train_dir"])]),
+                               load_tokenizer(corpus["tokenizer"]), seq_len=32, global_batch_size=4)
+    mean_nll = jax.jit(lambda params, batch: jnp.divide(*batch_nll(cfg, params, batch)))
+    first = float(mean_nll(final, next(data)))
+    for _ in range(8):
+        later = next(data)  # the batch the source would have trained on next
+    from_run = run_in_process(corpus, tmp_path / "from_run", stop_at_step=2, init_from=str(source))
+    from_params = run_in_process(corpus, tmp_path / "from_params", stop_at_step=2, init_from=str(tmp_path / "final"))
+    assert from_run.first_step == 1 and from_run.losses[0] == pytest.approx(first, rel=1e-6)
+    assert abs(float(mean_nll(final, later)) - first) > 1e-3  # batch 1, not batch 9
+    assert from_run.losses == from_params.losses and len(from_run.losses) == 2
+    assert losses_from_jsonl(tmp_path / "from_run") == losses_from_jsonl(tmp_path / "from_params")
+    opt_state = ocp.StandardCheckpointer().restore(tmp_path / "from_run" / "checkpoints" / "2" / "opt_state")
+    counts = [int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+              if "count" in jax.tree_util.keystr(path)]
+    assert counts and set(counts) == {2}  # AdamW's step counters: two updates, none of the source's eight
 
 
 @pytest.mark.parametrize("fmt", ["meta", "hf"])
@@ -268,6 +424,17 @@ def test_checkpoint_of_another_shape_fails_before_compiling(corpus, tmp_path, mo
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoints/3: parameter layers.feed_forward.w1.kernel "
                                          r"has shape \(2, 32, 64\), the config expects \(2, 32, 96\)"):
         run_in_process(corpus, tmp_path / "run", stop_at_step=3, **{"model.ffn_hidden_dim": 96})
+
+
+def test_cudnn_on_a_cpu_is_a_one_line_configuration_error_before_compiling(corpus, tmp_path, capsys, monkeypatch):
+    """`attention_impl: cudnn` on this CPU: exit 2 and one line naming the platform, before the train step
+    is built (it was jax's "cuDNN is not detected" RuntimeError and a traceback from inside the compile)."""
+    from llama_jax.cli.train import main
+
+    _no_compile(monkeypatch)
+    assert main(overrides(corpus, tmp_path / "run", **{"model.attention_impl": "cudnn"})) == 2
+    assert capsys.readouterr().err == ("error: attention_impl='cudnn' runs only on an NVIDIA GPU, but this "
+                                       "program targets cpu: use auto or xla\n")
 
 
 def test_command_line_rejects_unknown_arguments():

@@ -213,3 +213,19 @@ def test_the_lock_of_a_killed_job_on_this_host_is_taken_over_at_once(corpus, tmp
     (run_dir / "lock.json").write_text(json.dumps(killed))
     with pytest.raises(ConfigError, match=f"is in use by job killed .*PID {os.getpid()}"):
         run_in_process(corpus, run_dir, steps=6, lock_stale_after_s=600)
+
+
+def test_divergence_exits_1_with_one_line_naming_the_steps(corpus, cache_env, tmp_path):
+    """`python train.py` whose loss becomes NaN/inf: exit status 1 and one line on stderr naming the bad
+    step and the last good checkpoint (the step before it), no traceback."""
+    args = overrides(corpus, tmp_path / "run", checkpoint_every=1, **{"optimizer.peak_lr": "1.0e+30",
+                                                                       "optimizer.warmup_steps": 0})
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env={**child_env(), **cache_env},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    match = re.fullmatch(r"error: step (\d+): the loss \((\S+)\) or gradient norm \(\S+\) is not finite; "
+                         r"stopping\. The last good checkpoint is step (\d+) in (\S+) \(lower optimizer\.peak_lr "
+                         r"or check the data, then restart to resume from it\)\n", proc.stderr)
+    assert match, proc.stderr[-3000:]
+    assert int(match.group(3)) == int(match.group(1)) - 1 and Path(match.group(4)) == tmp_path / "run" / "checkpoints"
+    assert "nan" in match.group(0) or "inf" in match.group(0)

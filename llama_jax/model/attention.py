@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from llama_jax.model.cpu_fast_paths import grouped_query_products
 from llama_jax.parallel.platform import target_platform
+from llama_jax.utils.config_io import ConfigError
 
 
 def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None, q_offset: int = 0) -> jax.Array:
@@ -81,6 +82,7 @@ class AttentionImpl:
     name: str
     function: str  # "module:attribute", imported on first use (the kernels load Pallas)
     stores_scores: bool  # keeps the [q_len, kv_len] scores per head (the reference), else O(T) per row
+    platforms: tuple[str, ...] = ()  # the only platforms it runs on; () = any (a Pallas kernel interprets)
 
     def load(self) -> Callable:
         module, attribute = self.function.split(":")
@@ -89,7 +91,8 @@ class AttentionImpl:
 
 IMPLEMENTATIONS: dict[str, AttentionImpl] = {impl.name: impl for impl in (
     AttentionImpl("xla", "llama_jax.model.attention:xla_attention", stores_scores=True),
-    AttentionImpl("cudnn", "llama_jax.model.attention:cudnn_attention", stores_scores=False),
+    AttentionImpl("cudnn", "llama_jax.model.attention:cudnn_attention", stores_scores=False,
+                  platforms=("gpu", "cuda")),
     AttentionImpl("pallas_gpu", "llama_jax.kernels:pallas_gpu", stores_scores=False),
     AttentionImpl("pallas_tpu", "llama_jax.kernels:pallas_tpu", stores_scores=False),
 )}
@@ -100,12 +103,19 @@ ATTENTION_IMPL_NAMES = ("auto", *IMPLEMENTATIONS)
 def resolve_impl(name: str, platform: str | None = None) -> str:
     """Map `auto` to the platform's best implementation: a Pallas kernel on GPU/TPU, `xla` on CPU.
     `platform` defaults to the target of the program being traced (`parallel.platform.target_platform`:
-    the mesh's devices, which may be abstract ones, else the host's backend)."""
+    the mesh's devices, which may be abstract ones, else the host's backend). An implementation asked
+    for on a platform it cannot run on (`cudnn` off an NVIDIA GPU) is a ConfigError, one line, instead of
+    jax's "cuDNN is not detected" from deep inside the first compile."""
     if name not in ATTENTION_IMPL_NAMES:
         raise ValueError(f"attention_impl={name!r}; expected one of {ATTENTION_IMPL_NAMES}")
-    if name != "auto":
-        return name
-    return BEST_FOR_PLATFORM.get(platform or target_platform(), "xla")
+    platform = platform or target_platform()
+    if name == "auto":
+        return BEST_FOR_PLATFORM.get(platform, "xla")
+    supported = IMPLEMENTATIONS[name].platforms
+    if supported and platform not in supported:
+        raise ConfigError(f"attention_impl={name!r} runs only on an NVIDIA GPU, but this program targets "
+                          f"{platform}: use auto or xla")
+    return name
 
 
 def attention(q, k, v, segment_ids=None, *, impl: str = "xla", q_offset: int = 0):

@@ -34,6 +34,7 @@ import yaml
 
 from llama_jax.convert.sharded_read import read_sharded
 from llama_jax.model import api
+from llama_jax.model.attention import resolve_impl
 from llama_jax.model.lora import adapter_shapes, init_adapters
 from llama_jax.utils.trees import flatten
 from llama_jax.training.checkpoints import RunCheckpoints, abstract_with_shardings
@@ -315,6 +316,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResult:
     check_same_model(run_dir, cfg)
+    resolve_impl(cfg.model.attention_impl)  # `cudnn` on a CPU fails here, before any data or compiling
     task_eval = TaskEval.prepare(cfg)  # bad tasks fail here, before anything compiles
     clock = time.perf_counter()
     tokenizer = load_run_tokenizer(cfg)
