@@ -72,3 +72,17 @@ def test_integrity_records_name_the_damaged_file(reference, tmp_path):
     assert problem.startswith(f"file {largest_file(run / 'checkpoints' / '4' / 'params')}") and "CRC-32" in problem
     assert ckpts.damage(2) is None
     ckpts.close()
+
+
+def test_a_record_left_by_a_pruned_step_is_forgotten_when_the_run_reopens(reference, tmp_path):
+    """A step number saved again (after every kept step was set aside, the run restarts from scratch) must
+    not be judged against the record of the pruned step it once was: opening the run drops such records."""
+    from llama_jax.training.checkpoints import RunCheckpoints
+
+    root, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(root / "stopped", run)
+    shutil.copy(run / "checkpoint_integrity" / "2.json", run / "checkpoint_integrity" / "8.json")  # step 8 pruned
+    ckpts = RunCheckpoints(run, keep=5)
+    assert sorted(p.name for p in (run / "checkpoint_integrity").iterdir()) == ["2.json", "4.json"]
+    ckpts.close()

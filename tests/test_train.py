@@ -208,6 +208,8 @@ def test_keep_checkpoints_and_keep_period_prune_as_documented(options_run):
     expected = set(list(saved)[-2:]) | {s for s in saved if s % 4 == 0}
     on_disk = {int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()}
     assert on_disk == expected == {4, 6, 8}
+    records = {int(p.stem) for p in (run_dir / "checkpoint_integrity").glob("*.json")}
+    assert records == on_disk  # a pruned step's integrity record goes with it
 
 
 def test_configured_peak_gives_mfu_and_throughput_is_tokens_over_step_time(options_run):

@@ -71,6 +71,8 @@ class RunCheckpoints:
         self._manager = self._open()
         self._saving: int | None = None  # the step whose save may still be in flight
         self._failed: CheckpointSaveError | None = None
+        if jax.process_index() == 0:
+            self._forget_records_of_pruned_steps()
 
     def _open(self) -> ocp.CheckpointManager:
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
@@ -115,12 +117,22 @@ class RunCheckpoints:
         if jax.process_index() != 0:
             return
         self.integrity_dir.mkdir(parents=True, exist_ok=True)
+        self._forget_records_of_pruned_steps()
         for step in self.steps():
             record = self.integrity_dir / f"{step}.json"
             if not record.exists():
                 tmp = record.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(file_digests(self.directory / str(step)), sort_keys=True))
                 tmp.replace(record)
+
+    def _forget_records_of_pruned_steps(self) -> None:
+        """Delete the records of steps orbax pruned (keep_checkpoints): a step number saved again later
+        (a run restarted after every kept step was set aside) must get a fresh record, not be judged
+        damaged against the old one."""
+        kept = {str(step) for step in self.steps()}
+        for record in self.integrity_dir.glob("*.json"):
+            if record.stem.isdigit() and record.stem not in kept:
+                record.unlink(missing_ok=True)
 
     def damage(self, step: int) -> str | None:
         """What differs between `step`'s files and their record (None: intact, or saved without a record)."""
