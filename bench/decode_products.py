@@ -7,7 +7,8 @@ call of one jitted `fori_loop`, each fed by the previous one (x += 1e-3·mean(y)
 drop nor overlap them), as the decode loop runs them; torch runs `F.linear` on its own [out, in] layout
 eagerly, as transformers does. The output layer is also timed as two column halves (XLA may run the
 halves on both cores at once) and stored [vocab, dim] (read transposed). Each product's result is
-checked against torch's (1e-5 relative) first. Per product, best of `--reps` calls:
+checked against torch's (1e-5 relative) first. Per product, best of `--reps` calls (many short calls:
+on a shared machine some are free of the scheduling stalls that inflate a long one, torch's above all):
 
     product M [512,1536] b8: jax 112 µs, torch linear 107 µs -> 0.96x
     product M output [512,32000] two halves b8: jax 2.9 ms, torch linear 4.1 ms -> 1.41x
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import torch
 
 from llama_jax.model.config import load_model_config
 from llama_jax.utils.host_memory import tune_host_allocator
-from timer import check, machine_line
+from timer import best_seconds, check, jax_runner, machine_line
 
 PRESETS = {"S": "tiny", "M": "small"}  # bench/generate.py's configs
 FEEDBACK = 1e-3
@@ -61,28 +61,15 @@ def jax_seconds_per_product(product, x, weights, per_loop: int, reps: int) -> fl
             return x + FEEDBACK * jnp.mean(product(x, *ws))
         return jax.lax.fori_loop(0, per_loop, body, x)
 
-    run = jax.jit(chain)
-    args = [jnp.asarray(a) for a in (x, *weights)]
-    run(*args).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        run(*args).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best / per_loop
+    return best_seconds(jax_runner(chain, *(jnp.asarray(a) for a in (x, *weights))), reps) / per_loop
 
 
 def torch_seconds_per_product(x: torch.Tensor, w_out_in: torch.Tensor, per_loop: int, reps: int) -> float:
     """Best of `reps` loops of `per_loop` eager `F.linear` calls, per call."""
-    linear = torch.nn.functional.linear
-    linear(x, w_out_in)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
+    def loop():
         for _ in range(per_loop):
-            linear(x, w_out_in)
-        best = min(best, time.perf_counter() - start)
-    return best / per_loop
+            torch.nn.functional.linear(x, w_out_in)
+    return best_seconds(loop, reps) / per_loop
 
 
 def duration(seconds: float) -> str:
@@ -93,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="S,M", help="S, M or model presets")
     parser.add_argument("--rows", type=int, default=8, help="rows per product (the decode batch)")
-    parser.add_argument("--per-loop", type=int, default=20, help="chained products per timed call")
-    parser.add_argument("--reps", type=int, default=10, help="timed calls (best kept)")
+    parser.add_argument("--per-loop", type=int, default=10, help="chained products per timed call")
+    parser.add_argument("--reps", type=int, default=30, help="timed calls (best kept)")
     parser.add_argument("--smoke", action="store_true", help="config S, its attention and output shapes, 2 products")
     args = parser.parse_args(argv)
     if args.smoke:
