@@ -9,9 +9,11 @@ ceiling for the config's matrices at jax's and torch's matrix-vector rate and, u
 our jitted greedy decode at batch 1 (`llama_jax.evaluation.generate.Generator`, as bench/generate.py,
 random weights) as a fraction of jax's ceiling.
 
-    bandwidth fp32 matvec 256 MB: jax 23.1 GB/s, torch 27.6 GB/s, numpy 20.0 GB/s -> jax/torch 0.84x, jax/numpy 1.16x
-    ceiling M b1 fp32 (175 MB of matrices per token): jax 132 tok/s, torch 158 tok/s
-    decode M b1 fp32: llama_jax 74 tok/s = 0.56x jax's ceiling
+    bandwidth fp32 matvec 256 MB: jax 8.7 GB/s, torch 7.4 GB/s, numpy 10.6 GB/s -> jax/torch 1.17x, jax/numpy 0.82x
+    ceiling M b1 fp32 (175 MB of matrices per token): jax 50 tok/s, torch 43 tok/s
+    decode M b1 fp32: llama_jax 31 tok/s = 0.63x jax's ceiling
+
+(2026-12-01, the 2-core machine under load: a quiet one streams several times more.)
 
     python bench/bandwidth.py [--mb 256] [--config M] [--reps 5] [--no-decode]
     python bench/bandwidth.py --smoke     # 4 MB, config S, 8 new tokens: that it runs

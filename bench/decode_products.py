@@ -1,8 +1,8 @@
 """Decoding's products alone: an 8-row fp32 `x @ W` inside a jitted loop against torch's `linear`.
 
 Why: at batch 8 a decode step is a chain of small-row products, one per weight matrix, and
-bench/RESULTS.md explains the decoding ratios from their speed (a fixed cost per product at config S's
-shapes; at M the output layer, [512, 32000] = 65.5 MB, dominates). Ours runs `--per-loop` products per
+bench/RESULTS.md explains the decoding ratios from their speed (at M the output layer, [512, 32000] =
+65.5 MB, dominates). Ours runs `--per-loop` products per
 call of one jitted `fori_loop`, each fed by the previous one (x += 1e-3·mean(y), so XLA can neither
 drop nor overlap them), as the decode loop runs them; torch runs `F.linear` on its own [out, in] layout
 eagerly, as transformers does. The output layer is also timed as two column halves (XLA may run the
@@ -10,10 +10,9 @@ halves on both cores at once) and stored [vocab, dim] (read transposed). Each pr
 checked against torch's (1e-5 relative) first. Per product, best of `--reps` calls (many short calls:
 on a shared machine some are free of the scheduling stalls that inflate a long one, torch's above all):
 
-    product M [512,1536] b8: jax 112 µs, torch linear 107 µs -> 0.96x
-    product M output [512,32000] two halves b8: jax 2.9 ms, torch linear 4.1 ms -> 1.41x
+    product M output [512,32000] two halves b8: jax 14.43 ms, torch linear 32.72 ms -> 2.27x
 
-    python bench/decode_products.py [--configs S,M] [--rows 8] [--reps 5]
+    python bench/decode_products.py [--configs S,M] [--rows 8] [--per-loop 10] [--reps 30]
     python bench/decode_products.py --smoke     # config S's smallest shapes, few products: that it runs
 """
 from __future__ import annotations

@@ -9,9 +9,9 @@ processes alternate in rounds as bench/train.py's do: one untimed step, then `--
 minor page faults and kernel CPU time (`getrusage`) and tokens/s are recorded; medians over `--rounds`.
 The three processes compute the same losses (checked: the last round's, bitwise).
 
-    tunables M bf16 stock: 775 tokens/s, 640,112 minor faults and 1.20 s kernel time per step
-    ratio M bf16 huge pages / stock = 1.18 (tokens/s); faults 0.003x
-    ratio M bf16 huge pages + heap keeping / huge pages = 1.06 (tokens/s); faults 0.001x
+    tunables M bf16 stock: 98 tokens/s, 537,927 minor faults and 1.09 s kernel time per step
+    ratio M bf16 huge pages / stock = 1.17 (tokens/s); faults 0.004x
+    ratio M bf16 huge pages + heap keeping / huge pages = 1.50 (tokens/s); faults 0.000x
 
     python bench/host_memory.py [--config M] [--precision bf16] [--rounds 3] [--steps 2]
     python bench/host_memory.py --smoke      # the tiny preset at seq 64: that it runs
