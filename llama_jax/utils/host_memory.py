@@ -3,19 +3,20 @@
 Each execution of a jitted step on the CPU backend allocates its temporaries as one block (2.2 GB for
 the training benchmark's M config) and frees it at the end. By default glibc serves a block that large
 with a fresh `mmap` and unmaps it on `free`, so every page of it is faulted in and zeroed again on
-every step: ≈ 640 k page faults and 1.1–1.3 s of kernel time per 3 s step on this project's 2-core
-CPU machine. On a VM whose balloon reports freed memory to the host (ours does), the host takes the
-pages back too, and touching them again costs host-side faults that show up as slow kernels.
+every step: ≈ 530 k page faults and ≈ 1 s of kernel time per M step on this project's 2-core CPU
+machine (`bench/host_memory.py` measures this and the figures below; bench/RESULTS.md). On a VM whose
+balloon reports freed memory to the host (ours does), the host takes the pages back too, and touching
+them again costs host-side faults that show up as slow kernels.
 
 The tunables, all read once when the process starts (`GLIBC_TUNABLES`, glibc ≥ 2.35):
 - `glibc.malloc.hugetlb=1`: transparent huge pages for malloc's memory (fewer faults and TLB misses;
-  +15–20% tokens/s on its own). Added only where THP is not disabled (`never`).
+  +13–35% tokens/s on its own). Added only where THP is not disabled (`never`).
 - `glibc.malloc.mmap_max=0`, `glibc.malloc.arena_max=1`, `glibc.malloc.trim_threshold=64 GiB`: large
   blocks come from the one main heap, which is never shrunk, so a step's freed block is handed to the
-  next step as it is: no faults, no zeroing (train step kernel time 0.38 → 0.01 s per M step, +5–8%
-  tokens/s on top of huge pages; with `mmap_max=0` and the threshold but several arenas, 5.7 k faults
-  per three M steps remained). The price: the process keeps its peak heap until it exits, which a training
-  or evaluation process reaches on its first step anyway.
+  next step as it is: no faults, no zeroing (train step kernel time 0.5–0.7 → ≤ 0.01 s per M step;
+  0.94–1.70× the tokens/s of huge pages alone, 1.70× on the least loaded run). The price: the
+  process keeps its peak heap until it exits, which a training or evaluation process reaches on its
+  first step anyway.
 
 `tune_host_allocator()` re-executes the program (same interpreter, same arguments) with the tunables
 added, before anything else has happened. The programs `train.py`, `eval.py` and the benchmarks call it
