@@ -4,10 +4,11 @@ When a checkpoint save fails (a full disk), orbax logs the exception from each o
 tensorstore's callbacks print hundreds of lines of "Event loop is closed" tracebacks into the dying event
 loops, before the main thread even learns of the failure. The command then reports the failure itself,
 as one line. At exit, the coroutines those dead loops never ran are garbage-collected, and Python warns
-about each ("coroutine ... was never awaited"); their failed tasks are collected too, and asyncio logs
-each ("Task exception was never retrieved", with the orbax traceback). Without `--debug` the commands
-therefore hide (a) ERROR records that orbax logs or whose exception was raised in orbax, (b) traceback
-blocks written to `sys.stderr` and (c) those never-awaited warnings; every other line passes through unchanged, and an exception that escapes the main thread (a
+about each ("coroutine ... was never awaited"); their failed tasks and futures are collected too, and
+asyncio logs each ("Task/Future exception was never retrieved", with or without a traceback). Without
+`--debug` the commands therefore hide (a) ERROR records that orbax or asyncio log (these commands run no
+event loop of their own: every one is orbax's), (b) traceback blocks written to `sys.stderr` and (c)
+those never-awaited warnings; every other line passes through unchanged, and an exception that escapes the main thread (a
 bug, not a reported failure) still prints its traceback.
 """
 from __future__ import annotations
@@ -64,20 +65,12 @@ class _TracebackFilter:
         return getattr(self.stream, name)
 
 
-def _in_orbax(path: str) -> bool:
-    return "orbax" in path.replace("\\", "/").split("/")
-
-
 def _not_orbax_error(record: logging.LogRecord) -> bool:
-    """False for an ERROR record logged by orbax, or logged elsewhere (asyncio) about an exception
-    raised inside orbax."""
-    if record.levelno < logging.ERROR:
-        return True
-    if _in_orbax(record.pathname):
-        return False
-    exc = record.exc_info[1] if record.exc_info else None
-    frames = traceback.extract_tb(exc.__traceback__) if exc is not None else []
-    return not any(_in_orbax(frame.filename) for frame in frames)
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname.replace("\\", "/").split("/"))
+
+
+def _not_an_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def hide_library_tracebacks() -> None:
@@ -87,5 +80,5 @@ def hide_library_tracebacks() -> None:
     sys.stderr = _TracebackFilter(real)
     sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=real)
     logging.getLogger("absl").addFilter(_not_orbax_error)  # orbax logs through absl's logger
-    logging.getLogger("asyncio").addFilter(_not_orbax_error)  # its never-retrieved task exceptions
+    logging.getLogger("asyncio").addFilter(_not_an_error)  # orbax's never-retrieved task exceptions
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
