@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # subprocesses with several (simulated) devices or processes
+# Subprocesses with several (simulated) devices; every test reads one module-scoped worker's results, so
+# they share an xdist group (pyproject: --dist loadgroup) and the worker runs once, not once per xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sharding_worker")]
 
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = {
