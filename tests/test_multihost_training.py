@@ -7,11 +7,12 @@ same config in the pytest process on its single device, with one batch per step 
 
 - micro-batches: 1 process × 4 devices (data=2 × fsdp=2) with micro_batches=2 has its per-step losses and
   final parameters;
-- multi-host: 2 processes × 2 devices (fsdp=4: each process holds half of every parameter) stop after step
-  2 (every process writes its shards of the checkpoint), resume on 2 processes to step 4, then on 1 process ×
-  4 devices (data=2 × fsdp=2, another mesh and process count) to step 6: the per-step losses and the final
-  parameters are the oracle's, and each process's iterator yielded exactly its block of rows of every global
-  batch of a single-process iterator.
+- multi-host: 2 processes × 2 devices (fsdp=4: each process holds half of every parameter) are killed
+  (SIGKILL, mid-run: step 3 done, step 2's checkpoint on disk, every process having written its shards),
+  resume on 2 new processes to step 4, then on 1 process × 4 devices (data=2 × fsdp=2, another mesh and
+  process count) to step 6: the per-step losses (metrics.jsonl, across the kill) and the final parameters
+  are the oracle's, and each process's iterator yielded exactly its block of rows of every global batch of
+  a single-process iterator.
 
 Tolerances (fp32, highest matmul precision; sharded sums and micro-batch accumulation change only the order
 of additions): losses within 1e-5 relative, each parameter array within 1e-5 of its largest magnitude.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ import numpy as np
 import pytest
 
 from test_multihost import free_port
-from test_train import child_env, overrides, persistent_compilation_cache, prepare, run_in_process
+from test_train import child_env, losses_from_jsonl, overrides, persistent_compilation_cache, prepare, run_in_process
 
 pytestmark = pytest.mark.slow  # subprocesses with several (simulated) devices or processes
 
@@ -41,9 +43,12 @@ ROWS = 8  # global batch: one row per device and micro-batch with 4 devices and 
 
 
 def worker(spec: dict) -> dict:
-    """One process of a job: `spec` = {devices, process_id, num_processes, port, runs}. Calls `train` once
-    per override list of `runs`, in order (a later call resumes from the checkpoint an earlier one left),
-    with the iterator's `__next__` recording every batch it yields: (global batch number, inputs)."""
+    """One process of a job: `spec` = {devices, process_id, num_processes, port, runs, kill}. Calls `train`
+    once per override list of `runs`, in order (a later call resumes from the checkpoint an earlier one left),
+    with the iterator's `__next__` recording every batch it yields: (global batch number, inputs). With
+    `kill` = {before_batch, once_saved, record}, the process SIGKILLs itself when asked for that global
+    batch, once the checkpoint directory `once_saved` is complete, after writing what it yielded to
+    `record`.<process_id>."""
     sys.modules["torch"] = None  # tensorboardX imports torch when it can (seconds a process); training never needs it
     import jax
     jax.config.update("jax_num_cpu_devices", spec["devices"])
@@ -56,6 +61,12 @@ def worker(spec: dict) -> dict:
 
     def recording_next(self):
         number = self.get_state()["batch"]
+        kill = spec.get("kill")
+        if kill and number == kill["before_batch"]:
+            Path(f"{kill['record']}.{spec['process_id']}").write_text(json.dumps(yielded))
+            while not Path(kill["once_saved"]).is_dir():  # orbax renames the finished save into place
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
         batch = real_next(self)
         yielded.append([number, batch["inputs"].tolist()])
         return batch
@@ -82,17 +93,21 @@ def launch(spec: dict, cache_env: dict) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
-def run_job(num_processes: int, cache_env: dict, *runs: list[str]) -> list[list[dict]]:
+def run_job(num_processes: int, cache_env: dict, *runs: list[str], kill: dict | None = None) -> list[list[dict]]:
     """One job of `num_processes` processes (4 devices in all) calling `train` once per override list of
-    `runs`: [process][run] results. On any failure or timeout every process is killed and reaped."""
+    `runs`: [process][run] results ([process][0]["yielded"] only, read from its record, when the job is to
+    `kill` itself). On any other failure or timeout every process is killed and reaped."""
     port = free_port() if num_processes > 1 else 0
     procs = [launch({"devices": 4 // num_processes, "process_id": i, "num_processes": num_processes,
-                     "port": port, "runs": runs}, cache_env) for i in range(num_processes)]
+                     "port": port, "runs": runs, "kill": kill}, cache_env) for i in range(num_processes)]
     deadline = time.monotonic() + TIMEOUT_S
     try:
         outputs = [p.communicate(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+        want = -signal.SIGKILL if kill else 0
         for p, (out, err) in zip(procs, outputs):
-            assert p.returncode == 0, f"process exited with {p.returncode}:\n{out[-2000:]}\n{err[-4000:]}"
+            assert p.returncode == want, f"process exited with {p.returncode}:\n{out[-2000:]}\n{err[-4000:]}"
+        if kill:
+            return [[{"yielded": json.loads(Path(f"{kill['record']}.{i}").read_text())}] for i in range(num_processes)]
         results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     finally:
         for p in procs:
@@ -174,16 +189,18 @@ def test_micro_batches_on_a_mesh_match_one_large_batch_on_one_device(corpus, cac
     assert_params_close(final_params(run_dir), params)
 
 
-def test_two_processes_checkpoint_and_resume_on_two_processes_then_on_another_mesh(corpus, cache_env, oracle,
-                                                                                    tmp_path):
-    """2 processes × 2 devices (fsdp=4 across them) stop after step 2 (each writes its shards), resume on 2
-    processes to step 4 and exit; 1 process × 4 devices resumes with data=2 × fsdp=2 to step 6. The oracle's
-    per-step losses and final parameters; every process read exactly its rows of each global batch of a
-    single-process iterator."""
+def test_two_processes_killed_resume_on_two_processes_then_on_another_mesh(corpus, cache_env, oracle, tmp_path):
+    """2 processes × 2 devices (fsdp=4 across them) are SIGKILLed after step 3 (step 2's checkpoint complete,
+    each process having written its shards); 2 new processes resume to step 4 and exit; 1 process × 4
+    devices resumes with data=2 × fsdp=2 to step 6. The oracle's per-step losses and final parameters;
+    every process read exactly its rows of each global batch of a single-process iterator."""
     losses, params, batches = oracle
     run_dir = tmp_path / "run"
-    hosts = run_job(2, cache_env, run_args(corpus, run_dir, stop_at_step=2, **{"mesh.fsdp": 4}),
-                    run_args(corpus, run_dir, stop_at_step=4, **{"mesh.fsdp": 4}))
+    killed = run_job(2, cache_env, run_args(corpus, run_dir, **{"mesh.fsdp": 4}),
+                     kill={"before_batch": 3, "once_saved": str(run_dir / "checkpoints" / "2"),
+                           "record": str(tmp_path / "yielded")})
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    resumed = run_job(2, cache_env, run_args(corpus, run_dir, stop_at_step=4, **{"mesh.fsdp": 4}))
     for step in (2, 4):  # each process wrote its own shards (orbax: one OCDBT store per process)
         for item in ("params", "opt_state"):
             for p in (0, 1):
@@ -193,22 +210,23 @@ def test_two_processes_checkpoint_and_resume_on_two_processes_then_on_another_me
                                                       **{"mesh.data": 2, "mesh.fsdp": 2}))
 
     half = ROWS // 2
-    for i, numbers in enumerate(([0, 1], [2, 3])):
-        for p, runs in enumerate(hosts):  # process p yielded rows [p*4, (p+1)*4) of each global batch, nothing else
-            assert [b for b, _ in runs[i]["yielded"]] == numbers
-            for b, inputs in runs[i]["yielded"]:
+    for job, numbers in ((killed, [0, 1, 2]), (resumed, [2, 3])):
+        for p, runs in enumerate(job):  # process p yielded rows [p*4, (p+1)*4) of each global batch, nothing else
+            assert [b for b, _ in runs[0]["yielded"]] == numbers
+            for b, inputs in runs[0]["yielded"]:
                 np.testing.assert_array_equal(inputs, batches[b][p * half:(p + 1) * half])
-        for b, first, second in zip(numbers, hosts[0][i]["yielded"], hosts[1][i]["yielded"]):  # together: all
+        for b, first, second in zip(numbers, job[0][0]["yielded"], job[1][0]["yielded"]):  # together: all
             np.testing.assert_array_equal(np.concatenate([first[1], second[1]]), batches[b])
     assert [b for b, _ in other_mesh["yielded"]] == [4, 5]
     for b, inputs in other_mesh["yielded"]:
         np.testing.assert_array_equal(inputs, batches[b])
 
-    assert [[r["first_step"] for r in runs] for runs in hosts] == [[1, 3], [1, 3]]
-    assert other_mesh["first_step"] == 5
-    assert [r["losses"] for r in hosts[0]] == [r["losses"] for r in hosts[1]]  # metrics are replicated
-    got = hosts[0][0]["losses"] + hosts[0][1]["losses"] + other_mesh["losses"]
-    assert got == pytest.approx(losses, rel=RTOL)
+    assert [runs[0]["first_step"] for runs in resumed] == [3, 3] and other_mesh["first_step"] == 5
+    assert resumed[0][0]["losses"] == resumed[1][0]["losses"]  # metrics are replicated
+    assert resumed[0][0]["losses"] + other_mesh["losses"] == pytest.approx(losses[2:], rel=RTOL)
+    logged = losses_from_jsonl(run_dir)  # steps 1-2 of the killed job, 3-4 resumed, 5-6 on the other mesh
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    assert [logged[s] for s in sorted(logged)] == pytest.approx(losses, rel=RTOL)
     assert_params_close(final_params(run_dir), params)
 
 
