@@ -20,7 +20,7 @@ class OptimizerConfig:
 
     peak_lr: float = 3e-4
     warmup_steps: int = 2000
-    min_lr_ratio: float = 0.1  # cosine decays to this fraction of peak_lr at the last step
+    min_lr_ratio: float = 0.1  # cosine reaches this fraction of peak_lr at step `steps` (the last update uses the value one step before)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
