@@ -20,7 +20,7 @@ class OptimizerConfig:
 
     peak_lr: float = 3e-4
     warmup_steps: int = 2000
-    min_lr_ratio: float = 0.1  # cosine reaches this fraction of peak_lr at step `steps` (the last update uses the value one step before)
+    min_lr_ratio: float = 0.1  # of peak_lr, reached at step `steps` (the last update uses lr(steps - 1))
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
