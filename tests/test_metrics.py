@@ -79,3 +79,29 @@ def test_cpu_peak_is_the_best_of_several_runs_and_agrees_with_numpy():
         best = min(best, time.perf_counter() - start)
     numpy_rate = 2 * 2048**3 / best
     assert numpy_rate / 4 < peak.per_device < numpy_rate * 4, (peak.per_device, numpy_rate)
+
+
+def test_the_metrics_log_opens_tensorboard_without_importing_torch(tmp_path):
+    """tensorboardX imports torch whenever it is installed (2-3 s at every training start); the metrics log
+    keeps it out, its events still hold the values, and torch imports normally afterwards (fresh process:
+    this one has torch loaded already)."""
+    import subprocess
+    import sys
+
+    program = ("import sys\n"
+               "from pathlib import Path\n"
+               "from llama_jax.training.metrics import MetricsLog\n"
+               f"log = MetricsLog(Path({str(tmp_path)!r}), enabled=True, resume_step=0)\n"
+               "log.write(1, 'train', {'loss': 2.5}); log.close()\n"
+               "assert 'torch' not in sys.modules\n"
+               "import torch; torch.zeros(1)\n"
+               "from tensorboardX.proto.event_pb2 import Event\n"
+               "import struct\n"
+               "(events,) = Path(sys.argv[1], 'tensorboard').iterdir()\n"
+               "data, values = events.read_bytes(), []\n"
+               "while data:\n"
+               "    (n,) = struct.unpack('<Q', data[:8]); event = Event.FromString(data[12:12 + n]); data = data[16 + n:]\n"
+               "    values += [(v.tag, v.simple_value) for v in event.summary.value]\n"
+               "assert values == [('train/loss', 2.5)], values\n")
+    child = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-3000:]

@@ -56,9 +56,7 @@ class MetricsLog:
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._file = path.open("a")
-        from tensorboardX import SummaryWriter
-
-        self._writer = SummaryWriter(str(self._run_dir / "tensorboard"), purge_step=resume_step + 1)
+        self._writer = _summary_writer_class()(str(self._run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def rewind(self, step: int) -> None:
         """Forget the records after `step` (training was rolled back to it), as a resume from it would."""
@@ -84,6 +82,23 @@ class MetricsLog:
         if self.enabled:
             self._file.close()
             self._writer.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without importing torch. tensorboardX imports torch whenever
+    it is installed, only to accept torch tensors (we pass floats): 2-3 s at every training start. A None
+    entry in sys.modules makes its `import torch` fail as if torch were absent, which it handles; the entry
+    is removed at once, so a later `import torch` works. Once torch is loaded (a Meta checkpoint was read),
+    nothing is saved and the plain import is used."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def format_values(values: dict) -> str:
