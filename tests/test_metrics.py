@@ -105,3 +105,20 @@ def test_the_metrics_log_opens_tensorboard_without_importing_torch(tmp_path):
                "assert values == [('train/loss', 2.5)], values\n")
     child = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr[-3000:]
+
+
+def test_a_cpu_peak_is_measured_once_per_process_and_keeps_the_best(monkeypatch):
+    """A second job in the process (train() called again) reuses the measured peak; a re-measurement (an
+    MFU above 1) that finds more raises it for later jobs, one that finds less does not lower it."""
+    from llama_jax.training import peak as peak_module
+
+    measurements = iter([50.0, 200.0, 120.0])
+    calls = []
+    monkeypatch.setattr(peak_module, "_best_measured", {})
+    monkeypatch.setattr(peak_module, "measured_matmul_peak", lambda dtype: calls.append(dtype) or next(measurements))
+    cpu = jax.devices("cpu")[0]
+    first = job_peak(cpu, 1, "bfloat16")
+    assert first.per_device == 50.0 and job_peak(cpu, 2, "bfloat16").per_device == 50.0 and len(calls) == 1
+    assert first.mfu(100.0) == 0.5 and job_peak(cpu, 1, "bfloat16").per_device == 200.0  # re-taken: 200
+    assert first.mfu(300.0) == 1.0 and job_peak(cpu, 1, "bfloat16").per_device == 200.0  # 120 < 200 kept
+    assert calls == ["bfloat16"] * 3

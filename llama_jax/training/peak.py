@@ -81,13 +81,25 @@ class Peak:
         return min(flops_per_s / (self.per_device * self.devices), 1.0)
 
 
+# The best CPU peak measured in this process, per dtype: a later job (train() called again in a notebook or
+# a test) starts from it instead of spending another measurement (seconds on a busy machine).
+_best_measured: dict[str, float] = {}
+
+
+def _measure_cpu_peak(dtype: str) -> float:
+    """A new measurement, or this process's best earlier one when that was higher."""
+    _best_measured[dtype] = max(_best_measured.get(dtype, 0.0), measured_matmul_peak(dtype))
+    return _best_measured[dtype]
+
+
 def job_peak(device: jax.Device, devices: int, compute_dtype: str, configured: float = 0.0) -> Peak | None:
     """The Peak of a job on `devices` devices like `device`: `configured` FLOP/s per device when > 0,
-    else the datasheet's, else (a CPU) measured; None for an accelerator the table does not know."""
+    else the datasheet's, else (a CPU) measured, once per process; None for an accelerator the table does
+    not know."""
     if configured:
         return Peak(configured, devices)
     if device.platform == "cpu":
-        measure = lambda: measured_matmul_peak(compute_dtype)  # noqa: E731
-        return Peak(measure(), devices, measure)
+        measure = lambda: _measure_cpu_peak(compute_dtype)  # noqa: E731
+        return Peak(_best_measured.get(compute_dtype) or measure(), devices, measure)
     flops = datasheet_peak(device.device_kind)
     return None if flops is None else Peak(flops, devices)
