@@ -150,6 +150,25 @@ def test_wikipedia_markup_stripped_and_only_articles_read():
     assert pages == [("7", "Llama", "Llamas are camelids from South America.\nDiet\nThey eat grass.\n\nSee the site.")]
 
 
+@pytest.mark.parametrize("reader", ["wikipedia", "stackexchange"])
+def test_a_truncated_compressed_dump_is_one_error_naming_it(tmp_path, reader):
+    """A .gz dump cut short (a partial download) fails while it is read, with EOFError from gzip: one
+    CurateError naming the file, as for an unreadable JSONL shard, not the EOFError's traceback."""
+    import gzip
+
+    from llama_jax.curate.blocks.stackexchange import StackExchangeReader
+    from llama_jax.curate.blocks.wikipedia import WikipediaDumpReader
+    from llama_jax.curate.errors import CurateError
+
+    xml, close = (WIKI, "</mediawiki>") if reader == "wikipedia" else (POSTS.decode(), "</posts>")
+    noise = "".join(random.Random(0).choices("abcdefgh ", k=200_000))  # cut inside a comment: well-formed so far
+    whole = gzip.compress(xml.replace(close, f"<!-- {noise} -->{close}").encode())
+    (tmp_path / "dump.xml.gz").write_bytes(whole[: len(whole) // 2])
+    block = (WikipediaDumpReader if reader == "wikipedia" else StackExchangeReader)(str(tmp_path))
+    with pytest.raises(CurateError, match=rf"^{tmp_path / 'dump.xml.gz'}: unreadable dump \(Compressed file ended"):
+        list(block.read_file("dump.xml.gz"))
+
+
 def test_ccnet_normalisation():
     from llama_jax.curate.normalize import normalize_line, normalized_lines
 

@@ -6,13 +6,28 @@ the funnel reports) and skipped; a file that cannot be opened or decompressed st
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from typing import BinaryIO, Iterator
 
 from datatrove.data import DocumentsPipeline
+from datatrove.io import DataFolder
 from datatrove.pipeline.readers.base import BaseDiskReader
 
 from llama_jax.curate.blocks.tally import write_tally
 from llama_jax.curate.errors import CurateError
+
+
+@contextlib.contextmanager
+def open_source(folder: DataFolder, filepath: str, noun: str) -> Iterator[BinaryIO]:
+    """`filepath` of `folder` opened for binary reading, decompressed by its extension; a file that cannot
+    be opened, read or decompressed (permissions, gzip/zstd corruption, truncation), even while the
+    caller reads it, becomes one CurateError naming it as an unreadable `noun`."""
+    try:
+        with folder.open(filepath, "rb", compression="infer") as fh:
+            yield fh
+    except (OSError, EOFError, ValueError) as e:
+        raise CurateError(f"{folder.resolve_paths(filepath)}: unreadable {noun} ({e})") from e
 
 
 class SafeJsonlReader(BaseDiskReader):
@@ -26,16 +41,13 @@ class SafeJsonlReader(BaseDiskReader):
         self.skipped = {"not_utf8": 0, "bad_json": 0, "no_text": 0}
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
-        try:
-            with self.data_folder.open(filepath, "rb", compression="infer") as fh:
-                for number, raw in enumerate(fh):
-                    if not raw.strip():
-                        continue
-                    document = self._parse(raw, filepath, number)
-                    if document is not None:
-                        yield document
-        except (OSError, EOFError, ValueError) as e:  # gzip/zstd corruption, permissions, truncation
-            raise CurateError(f"{self.data_folder.resolve_paths(filepath)}: unreadable shard ({e})") from e
+        with open_source(self.data_folder, filepath, "shard") as fh:
+            for number, raw in enumerate(fh):
+                if not raw.strip():
+                    continue
+                document = self._parse(raw, filepath, number)
+                if document is not None:
+                    yield document
 
     def _parse(self, raw: bytes, filepath: str, number: int):
         try:

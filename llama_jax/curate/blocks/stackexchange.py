@@ -14,6 +14,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.readers.base import BaseDiskReader
 
 from llama_jax.curate.blocks.html_text import html_to_text
+from llama_jax.curate.blocks.readers import open_source
 from llama_jax.curate.errors import CurateError
 
 QUESTION, ANSWER = "1", "2"
@@ -81,12 +82,8 @@ class StackExchangeReader(BaseDiskReader):
     name = "💬 StackExchange Posts.xml"
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
-        where = self.data_folder.resolve_paths(filepath)
-        try:
-            with self.data_folder.open(filepath, "rb", compression="infer") as fh:
-                records, orphans = parse_posts(fh, where)
-        except OSError as e:
-            raise CurateError(f"{where}: unreadable ({e})") from e
+        with open_source(self.data_folder, filepath, "dump") as fh:
+            records, orphans = parse_posts(fh, self.data_folder.resolve_paths(filepath))
         self.stat_update("orphan_answers", value=orphans)
         for number, record in enumerate(records):
             yield self.get_document_from_dict(record, filepath, number)

@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.readers.base import BaseDiskReader
 
+from llama_jax.curate.blocks.readers import open_source
 from llama_jax.curate.errors import CurateError
 
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
@@ -80,12 +81,8 @@ class WikipediaDumpReader(BaseDiskReader):
     name = "📚 Wikipedia dump"
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
-        where = self.data_folder.resolve_paths(filepath)
-        try:
-            with self.data_folder.open(filepath, "rb", compression="infer") as fh:
-                for number, (page_id, title, text) in enumerate(parse_dump(fh, where)):
-                    if text:
-                        yield self.get_document_from_dict({"id": f"wiki/{page_id}", "text": f"{title}\n\n{text}"},
-                                                           filepath, number)
-        except OSError as e:
-            raise CurateError(f"{where}: unreadable ({e})") from e
+        with open_source(self.data_folder, filepath, "dump") as fh:
+            for number, (page_id, title, text) in enumerate(parse_dump(fh, self.data_folder.resolve_paths(filepath))):
+                if text:
+                    yield self.get_document_from_dict({"id": f"wiki/{page_id}", "text": f"{title}\n\n{text}"},
+                                                       filepath, number)
