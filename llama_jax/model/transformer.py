@@ -33,6 +33,7 @@ from llama_jax.model.attention import attention
 from llama_jax.model.config import ModelConfig
 from llama_jax.parallel.logical import constrain
 from llama_jax.model.cpu_fast_paths import matmul
+from llama_jax.utils.trees import flatten, unflatten
 
 MATMUL_CHECKPOINT_NAME = "linear_out"
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -83,17 +84,8 @@ class LoraPath:
 def dropout_keys(key: jax.Array, layer_adapters: dict, n_layers: int) -> dict:
     """One dropout key per layer for each adapted projection, [n_layers] stacked, shaped like
     `layer_adapters` with each {"a", "b"} replaced by its keys (projections in sorted path order)."""
-    groups = sorted(jax.tree_util.tree_flatten_with_path(
-        layer_adapters, is_leaf=lambda x: isinstance(x, dict) and "a" in x)[0], key=lambda kv: str(kv[0]))
-    keys = jax.random.split(key, (len(groups), n_layers))
-    out: dict = {}
-    for (path, _), group_keys in zip(groups, keys):
-        node = out
-        names = [p.key for p in path]
-        for name in names[:-1]:
-            node = node.setdefault(name, {})
-        node[names[-1]] = group_keys
-    return out
+    projections = sorted({path[:-1] for path in flatten(layer_adapters)})  # (..., "wq") of (..., "wq", "a")
+    return unflatten(dict(zip(projections, jax.random.split(key, (len(projections), n_layers)))))
 
 
 def _layer_adapters(adapters: dict | None, keys: dict | None, lora: LoraPath | None) -> dict | Adapter:
