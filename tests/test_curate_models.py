@@ -55,14 +55,14 @@ def test_perplexity_buckets_follow_corpus_percentiles(tmp_path):
     scores = [float(s) for s in random.Random(2).sample(range(1, 10_000), 300)]
     docs = [Document(text="x", id=str(i), metadata={"perplexity": s}) for i, s in enumerate(scores)]
     list(PerplexityCutoffs(str(tmp_path / "cutoffs.json"), [33.3, 66.7]).run(iter(docs)))
-    block = PerplexityBucketFilter(str(tmp_path / "cutoffs.json"), ["head", "middle", "tail"])
+    block = PerplexityBucketFilter(["head", "middle", "tail"], cutoffs_file=str(tmp_path / "cutoffs.json"))
     buckets = {}
     for doc in docs:
         block.filter(doc)
         buckets.setdefault(doc.metadata["bucket"], []).append(doc.metadata["perplexity"])
     assert [len(buckets[b]) for b in ("head", "middle", "tail")] == [100, 100, 100]
     assert max(buckets["head"]) < min(buckets["middle"]) and max(buckets["middle"]) < min(buckets["tail"])
-    keep_head = PerplexityBucketFilter(str(tmp_path / "cutoffs.json"), ["head"])
+    keep_head = PerplexityBucketFilter(["head"], cutoffs_file=str(tmp_path / "cutoffs.json"))
     assert sum(keep_head.filter(d) is True for d in docs) == 100
 
 
@@ -89,20 +89,40 @@ def test_reference_classifier_separates_two_toy_sets(tmp_path):
 
 
 def test_train_quality_models_cli(tmp_path, english_pages, capsys):
-    """`train-quality-models` from JSONL files writes the three model files; a bad input line is one
-    error naming the file and line (exit 2)."""
+    """`train-quality-models` from JSONL files writes the three model files, the cutoffs and the held-out
+    diagnostics, and prints them; the cutoffs are the percentiles asked for of the held-out reference
+    pages' perplexities (recomputed here with the written models); a bad input line is one error naming
+    the file and line (exit 2)."""
     import json
 
-    from llama_jax.cli.curate import main
+    import numpy as np
 
-    (tmp_path / "ref.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in english_pages[:40]))
+    from llama_jax.cli.curate import main
+    from llama_jax.curate.blocks.quality import PerplexityModel
+    from llama_jax.curate.quality_models import held_out_split
+
+    references = english_pages[:40]
+    (tmp_path / "ref.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in references))
     (tmp_path / "rand.jsonl").write_text("".join(json.dumps({"text": " ".join(sorted(p.split()))}) + "\n"
                                                  for p in english_pages[40:80]))
+    out = tmp_path / "models"
     args = ["train-quality-models", "--reference", str(tmp_path / "ref.jsonl"), "--random",
-            str(tmp_path / "rand.jsonl"), "--out", str(tmp_path / "models"), "--vocab-size", "1000"]
+            str(tmp_path / "rand.jsonl"), "--out", str(out), "--vocab-size", "1000", "--cutoff-percentiles", "40", "90"]
     assert main(args) == 0
-    assert {p.name for p in (tmp_path / "models").iterdir()} >= {"kenlm.bin", "sp.model", "reference.ftz"}
-    capsys.readouterr()
+    assert {p.name for p in out.iterdir()} >= {"kenlm.bin", "sp.model", "reference.ftz", "cutoffs.json",
+                                               "diagnostics.json"}
+    printed = capsys.readouterr().out
+    _, held = held_out_split(references, 0.2, "--reference")
+    lm = PerplexityModel(str(out / "kenlm.bin"), str(out / "sp.model"))
+    expected = np.percentile([lm.perplexity(t) for t in held], [40, 90])
+    record = json.loads((out / "cutoffs.json").read_text())
+    assert record["cutoffs"] == pytest.approx(expected, rel=1e-9) and record["pages"] == 8
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert diagnostics["held_out"] == {"reference": 8, "random": 8}
+    assert diagnostics["perplexity"]["auc"] == 1.0  # sorted words: every one scores worse than the prose
+    assert f"head <= {expected[0]:.1f}, middle <= {expected[1]:.1f}" in printed
+    assert "reference classifier at p(reference) >= 0.25: precision" in printed
+    assert f"wrote {out / 'cutoffs.json'}" in printed
     (tmp_path / "rand.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     assert main(args) == 2
     err = capsys.readouterr().err
