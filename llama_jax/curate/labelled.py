@@ -99,12 +99,17 @@ def labelled_crawl(english: list[str], seed: int = 0, pairs: int = 20) -> list[d
     return records
 
 
+def page_url(page_id: str) -> str:
+    return f"https://crawl.example/{page_id}"
+
+
 def write_crawl(records: list[dict], directory: str | Path, shards: int = 4) -> None:
-    """Gzipped JSONL shards `crawl-K.jsonl.gz` holding {"id", "text"} (the labels stay with the caller)."""
+    """Gzipped JSONL shards `crawl-K.jsonl.gz` holding {"id", "url", "text"}, as an extracted CommonCrawl
+    dump has them (the labels stay with the caller)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for shard in range(shards):
-        lines = [json.dumps({"id": r["id"], "text": r["text"]}, ensure_ascii=False) + "\n"
+        lines = [json.dumps({"id": r["id"], "url": page_url(r["id"]), "text": r["text"]}, ensure_ascii=False) + "\n"
                  for r in records if r["shard"] % shards == shard]
         with gzip.open(directory / f"crawl-{shard}.jsonl.gz", "wt", encoding="utf-8") as fh:
             fh.writelines(lines)
