@@ -17,7 +17,7 @@ def documented_stages() -> list[str]:
     return re.findall(r"^\| `([a-z0-9_]+)` \|", DOCS.read_text(), flags=re.MULTILINE)
 
 
-def test_every_documented_stage_runs_on_the_sample(tmp_path):
+def test_every_documented_stage_runs_on_the_sample(tmp_path, curate_models):
     from llama_jax.curate.config import load_config
     from llama_jax.curate.funnel import FUNNEL_FILE
     from llama_jax.curate.run import execute
@@ -26,7 +26,9 @@ def test_every_documented_stage_runs_on_the_sample(tmp_path):
     assert sorted(stages) == sorted(STAGES)
     sources = ", ".join(f"{{name: {stage.replace('_', '-')}, format: sample, stages: [{stage}]}}" for stage in stages)
     overrides = [f"output_dir={tmp_path}", "progress=false", "mixture.enabled=false", "executor.tasks=1",
-                 "executor.workers=1", "sample_bytes=1", f"sources=[{sources}]"]
+                 "executor.workers=1", "sample_bytes=1", f"sources=[{sources}]",
+                 f"models.kenlm={curate_models.kenlm}", f"models.sentencepiece={curate_models.sentencepiece}",
+                 f"models.reference={curate_models.reference}"]  # the session's models: not the sample's own
     execute(load_config(None, overrides), report=lambda line: None)
     rows = {row["source"]: row for row in json.loads((tmp_path / FUNNEL_FILE).read_text()) if row["stage"] != "read"}
     read = next(row for row in json.loads((tmp_path / FUNNEL_FILE).read_text()) if row["stage"] == "read")

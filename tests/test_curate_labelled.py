@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 from pathlib import Path
 
 import pytest
 import yaml
 
+from llama_jax.curate import labelled
 from llama_jax.curate.labelled import (FOOTER, keep_metrics, labelled_crawl, mixture_documents, page_url,
                                        write_crawl)
 
@@ -23,11 +23,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "llama_jax" / "configs" / "cu
 
 @pytest.fixture(scope="module")
 def split_pages(english_pages):
-    """Disjoint page sets: reference pages (KenLM), pages for a random-crawl sample (the classifier's
-    negatives), and the pages of the crawl to curate."""
-    pages = sorted(english_pages)
-    random.Random(0).shuffle(pages)
-    return pages[:140], pages[140:200], pages[200:]
+    return labelled.split_pages(english_pages)
 
 
 @pytest.fixture(scope="module")

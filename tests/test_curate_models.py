@@ -127,3 +127,17 @@ def test_train_quality_models_cli(tmp_path, english_pages, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'rand.jsonl'}:2: not a UTF-8 JSON line") and err.count("\n") == 1
+
+
+def test_reference_classifier_size_is_the_documented_formula(curate_models):
+    """docs/curation.md: reference.ftz is 126 bytes of header, each vocabulary word and label spelled out
+    (+10 bytes), and (words + bucket) + labels vectors of `dim` floats."""
+    from llama_jax.curate.models import load_fasttext
+
+    model = load_fasttext(curate_models.reference)
+    args = model.f.getArgs()
+    entries = list(model.words) + list(model.labels)
+    expected = (126 + sum(len(e.encode()) + 10 for e in entries)
+                + (len(model.words) + args.bucket + len(model.labels)) * args.dim * 4)
+    assert (args.dim, args.bucket) == (16, 10000)
+    assert curate_models.reference.stat().st_size == expected

@@ -32,6 +32,15 @@ PAIR_LABELS = ("exact", "near")
 UNWANTED = ("salad", "gibberish", "non_english", "short")
 
 
+def split_pages(english: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Disjoint page sets from (at least 310) English pages, in a fixed order: 140 reference pages (the
+    KenLM model), 60 for a random-crawl sample (the classifier's negatives, `labelled_crawl(..., seed=1,
+    pairs=5)`), and the rest for the crawl to curate."""
+    pages = sorted(english)
+    random.Random(0).shuffle(pages)
+    return pages[:140], pages[140:200], pages[200:]
+
+
 def _near_copy(text: str, rng: random.Random, number: int) -> str:
     lines = text.split("\n")
     spots = [(i, j) for i, line in enumerate(lines) for j in range(len(line.split(" ")))]
