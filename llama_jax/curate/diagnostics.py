@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from llama_jax.curate.models import load_fasttext
-from llama_jax.curate.quality_models import classifier_line
+from llama_jax.curate.models import classifier_line, load_fasttext
 
 PERCENTILES = (10, 25, 50, 75, 90)
 MIN_PRECISION = MIN_RECALL = 0.8  # of the reference classifier, on held-out pages

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama_jax.curate.errors import CurateError
-from llama_jax.curate.models import kenlm_tool
+from llama_jax.curate.models import classifier_line, kenlm_tool
 from llama_jax.curate.normalize import normalized_lines
 from llama_jax.utils.files import write_atomically
 
@@ -89,11 +89,6 @@ def train_kenlm(references: list[str], out_dir: Path, order: int = 5, vocab_size
              tmp / "encoded.txt", tmp / "model.arpa")
         _run([build_binary, str(tmp / "model.arpa"), str(out_dir / "kenlm.bin")], tmp / "encoded.txt")
     return out_dir / "kenlm.bin", out_dir / "sp.model"
-
-
-def classifier_line(text: str) -> str:
-    """One document per line, as the filter sees it at run time (newlines read as spaces)."""
-    return " ".join(text.split())
 
 
 def _train_fasttext(train_file: str, out_path: str, options: dict) -> None:
