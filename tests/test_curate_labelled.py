@@ -152,3 +152,40 @@ def test_a_page_gets_the_same_bucket_alone_or_in_a_large_batch(tmp_path, english
     cutoffs = json.loads(Path(curate_models.cutoffs).read_text())["cutoffs"]
     for bucket, perplexity in batch.values():
         assert bucket == ("head" if perplexity <= cutoffs[0] else "middle" if perplexity <= cutoffs[1] else "tail")
+
+
+def test_explicit_cutoffs_and_corpus_percentiles(tmp_path, english_pages, curate_models):
+    """`quality.cutoffs: [HEAD, MIDDLE]` buckets by those numbers; `quality.corpus_percentiles` by the
+    run's own percentiles (30 pages: 10 per bucket at the tertiles)."""
+    pages = english_pages[150:180]
+    fixed = _quality_buckets(tmp_path / "fixed", pages, curate_models, ["quality.cutoffs=[100, 200]"])
+    assert len(fixed) == 30
+    for bucket, perplexity in fixed.values():
+        assert bucket == ("head" if perplexity <= 100 else "middle" if perplexity <= 200 else "tail")
+    corpus = _quality_buckets(tmp_path / "corpus", pages, curate_models, ["quality.corpus_percentiles=[33.4, 66.7]"])
+    assert sorted(bucket for bucket, _ in corpus.values()) == ["head"] * 10 + ["middle"] * 10 + ["tail"] * 10
+
+
+def _words(prefix: str, n: int) -> str:
+    """n distinct words (letters only: line dedup folds digits to 0)."""
+    return " ".join(prefix + "abcdefghij"[i // 10] + "abcdefghij"[i % 10] for i in range(n))
+
+
+def test_line_dedup_drops_short_pages_and_pages_that_lost_most_of_their_text(tmp_path):
+    """Pages that only lose a shared footer stay; a 20-word page goes (unchanged or not); a page whose
+    known lines are most of it goes, though 55 words remain."""
+    from llama_jax.curate.config import load_config
+    from llama_jax.curate.run import execute
+
+    footer = "Share this page | Print | Email"
+    body = "\n".join(_words(f"l{'pqrs'[k]}w", 20) for k in range(4))
+    pages = {"first": body + "\n" + footer, "other": _words("o", 80) + "\n" + footer, "short": _words("s", 20),
+             "mostly_copy": body + "\n" + _words("n", 55)}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.jsonl").write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in pages.items()))
+    overrides = [f"output_dir={tmp_path / 'out'}", "progress=false", "mixture.enabled=false", "executor.tasks=1",
+                 "executor.workers=1", f"sources=[{{name: cc, format: jsonl, path: {tmp_path / 'in'}, stages: [line_dedup]}}]"]
+    execute(load_config(None, overrides), report=lambda line: None)
+    with gzip.open(tmp_path / "out" / "cc" / "01_line_dedup" / "00000.jsonl.gz", "rt") as fh:
+        kept = {json.loads(line)["id"]: json.loads(line)["text"] for line in fh}
+    assert kept == {"first": pages["first"], "other": _words("o", 80)}
