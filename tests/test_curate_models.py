@@ -123,6 +123,17 @@ def test_train_quality_models_cli(tmp_path, english_pages, capsys):
     assert f"head <= {expected[0]:.1f}, middle <= {expected[1]:.1f}" in printed
     assert "reference classifier at p(reference) >= 0.25: precision" in printed
     assert f"wrote {out / 'cutoffs.json'}" in printed
+    # --cutoff-sample: the percentiles of those pages' perplexities instead
+    sample = english_pages[100:110]
+    (tmp_path / "sample.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in sample))
+    assert main([*args, "--cutoff-sample", str(tmp_path / "sample.jsonl"), "--held-out", "0.25"]) == 0
+    _, held = held_out_split(references, 0.25, "--reference")
+    lm = PerplexityModel(str(out / "kenlm.bin"), str(out / "sp.model"))
+    record = json.loads((out / "cutoffs.json").read_text())
+    assert record["cutoffs"] == pytest.approx(np.percentile([lm.perplexity(t) for t in sample], [40, 90]), rel=1e-9)
+    assert record["basis"] == "sample pages" and record["pages"] == 10
+    assert json.loads((out / "diagnostics.json").read_text())["held_out"] == {"reference": len(held), "random": 10}
+    capsys.readouterr()
     (tmp_path / "rand.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -141,3 +152,43 @@ def test_reference_classifier_size_is_the_documented_formula(curate_models):
                 + (len(model.words) + args.bucket + len(model.labels)) * args.dim * 4)
     assert (args.dim, args.bucket) == (16, 10000)
     assert curate_models.reference.stat().st_size == expected
+
+
+class _FixedPerplexity:
+    """A stand-in language model: the perplexity listed for each text."""
+
+    def __init__(self, table: dict[str, float]):
+        self.table = table
+
+    def perplexity(self, text: str) -> float:
+        return self.table[text]
+
+
+def test_diagnostics_warn_when_the_models_separate_poorly(tmp_path):
+    """Held-out figures with a classifier trained on two vocabularies (encyclopedic vs shop spam): on
+    held-out pages of each it separates, perplexities that separate give AUC 1, and nothing is warned;
+    with a random sample no different from the references (more encyclopedic pages, equal perplexities)
+    precision falls to ~0.5 and AUC to 0.5: both warned."""
+    from llama_jax.curate.diagnostics import held_out_figures
+    from llama_jax.curate.quality_models import train_reference_classifier
+
+    rng = random.Random(3)
+    science = ("the species was first described in the nineteenth century and is found in temperate forests "
+               "where it feeds on insects seeds and small fruit during the breeding season").split()
+    spam = ("buy cheap discount now free shipping best price click here limited offer sale deal coupon "
+            "order today guaranteed lowest prices subscribe win prize casino bonus").split()
+    model = str(train_reference_classifier(_toy(science, rng, 200), _toy(spam, rng, 200), tmp_path / "ref.ftz"))
+    references, randoms, alike = _toy(science, rng, 20), _toy(spam, rng, 20), _toy(science, rng, 20)
+    apart = _FixedPerplexity({**{t: 100.0 + i for i, t in enumerate(references)},
+                              **{t: 500.0 + i for i, t in enumerate(randoms)}})
+    good = held_out_figures(apart, model, references, randoms, (105.0, 119.0), "held-out reference pages", 0.25)
+    assert good.warnings == ()
+    assert good.record["classifier"] == {"threshold": 0.25, "precision": 1.0, "recall": 1.0}
+    assert good.record["perplexity"]["auc"] == 1.0
+    assert good.record["kept_by_head_and_middle"] == {"reference": 1.0, "random": 0.0}
+    poor = held_out_figures(_FixedPerplexity({t: 100.0 for t in references + alike}), model, references, alike,
+                            (100.0, 100.0), "held-out reference pages", 0.25)
+    assert poor.record["perplexity"]["auc"] == 0.5 and poor.record["classifier"]["precision"] == 0.5
+    assert [w.split(" (")[0] for w in poor.warnings] == [
+        "the reference classifier separates held-out pages poorly",
+        "KenLM perplexity separates held-out reference from random pages poorly"]
