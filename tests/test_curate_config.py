@@ -101,6 +101,9 @@ def test_cutoffs_file_mistakes_are_one_line_naming_it(tmp_path, capsys):
     assert main(args) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path / 'cutoffs.json'}: cutoffs must be two increasing "
                                        f"positive perplexities, got [200, 100]\n")
+    (tmp_path / "other.json").write_text('{"cutoffs": [1, 2, 3]}')  # models.cutoffs: read instead of the one beside
+    assert main([*args, f"models.cutoffs={tmp_path / 'other.json'}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'other.json'}: not a cutoffs file")
 
 
 @FUZZ
