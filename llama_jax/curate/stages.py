@@ -55,13 +55,12 @@ def _reader(dirs: StageDirs, folder: str | None = None):
 
 def _counted(dirs: StageDirs, blocks: list, reader=None) -> list:
     """reader -> count in -> blocks -> drop emptied docs -> count out -> write the stage's output."""
-    from datatrove.pipeline.writers.jsonl import JsonlWriter
-
     from llama_jax.curate.blocks.empty import DropEmpty
     from llama_jax.curate.blocks.tally import FunnelCounter
+    from llama_jax.curate.blocks.writer import StageWriter
 
     return [reader or _reader(dirs), FunnelCounter(f"{dirs.funnel}/in"), *blocks, DropEmpty(),
-            FunnelCounter(f"{dirs.funnel}/out"), JsonlWriter(dirs.output, output_filename="${rank}.jsonl.gz")]
+            FunnelCounter(f"{dirs.funnel}/out"), StageWriter(dirs.output)]
 
 
 def document_text(doc) -> str:
@@ -119,16 +118,15 @@ def _quality(cfg, dirs, models):
     """Fixed cutoffs (the default): score and bucket in one pass. Corpus percentiles: score (all tasks) ->
     percentile cutoffs (one task) -> bucket filter over the scored pages (they are the stage's input with
     a score added, so the filter phase counts them as the stage's input)."""
-    from datatrove.pipeline.writers.jsonl import JsonlWriter
-
     from llama_jax.curate.blocks.quality import KenLMScorer, PerplexityBucketFilter, PerplexityCutoffs
+    from llama_jax.curate.blocks.writer import StageWriter
 
     scorer = KenLMScorer(models.kenlm, models.sentencepiece)
     if models.cutoffs is not None:
         bucket_filter = PerplexityBucketFilter(cfg.quality.keep_buckets, cutoffs=models.cutoffs)
         return [("filter", _counted(dirs, [scorer, bucket_filter]), cfg.executor.tasks)]
     scored, cutoffs = f"{dirs.work}/scored", f"{dirs.work}/cutoffs.json"
-    score = [_reader(dirs), scorer, JsonlWriter(scored, output_filename="${rank}.jsonl.gz")]
+    score = [_reader(dirs), scorer, StageWriter(scored)]
     bucket_filter = PerplexityBucketFilter(cfg.quality.keep_buckets, cutoffs_file=cutoffs)
     return [("score", score, cfg.executor.tasks),
             ("cutoffs", [_reader(dirs, scored), PerplexityCutoffs(cutoffs, cfg.quality.corpus_percentiles)], 1),
