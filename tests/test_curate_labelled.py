@@ -189,3 +189,13 @@ def test_line_dedup_drops_short_pages_and_pages_that_lost_most_of_their_text(tmp
     with gzip.open(tmp_path / "out" / "cc" / "01_line_dedup" / "00000.jsonl.gz", "rt") as fh:
         kept = {json.loads(line)["id"]: json.loads(line)["text"] for line in fh}
     assert kept == {"first": pages["first"], "other": _words("o", 80)}
+
+
+def test_stage_outputs_are_gzip_at_level_one(labelled_run):
+    """Every stage's shards are ordinary gzip written at level 1 (header XFL byte 4: fastest)."""
+    _, _, mixture = labelled_run
+    shards = sorted((mixture.parent / "commoncrawl").glob("*/*.jsonl.gz"))
+    assert len(shards) == 12  # read and five stages, two tasks each
+    for shard in shards:
+        header = shard.read_bytes()[:10]
+        assert header[:2] == b"\x1f\x8b" and header[8] == 4, shard
