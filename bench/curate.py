@@ -12,8 +12,10 @@ Two measurements per setting, in one process so both face the same machine load:
 
 `new` is the default config; `previous` is the pipeline before fixed cutoffs (line dedup first,
 MinHash 4 x 13, corpus-percentile buckets, no page rules after line dedup), set through the same options.
+`--baseline-src DIR` also times another checkout's own `bench/curate.py` (e.g. `git worktree add DIR
+main`), in a subprocess between the runs here: its pipeline MB/s per worker beside ours.
 
-    python bench/curate.py [--mb 50] [--workers 1] [--tasks 2] [--out runs/bench-curate]
+    python bench/curate.py [--mb 50] [--workers 1] [--tasks 2] [--baseline-src DIR] [--out runs/bench-curate]
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,6 +91,15 @@ def table(seconds: dict[str, float], funnel: list[dict], workers: int, stages: l
     return lines
 
 
+def baseline_rate(src: Path, out: Path, mb: float, workers: int) -> float:
+    """Pipeline MB/s per worker of another checkout's `bench/curate.py` (its table's "pipeline" row)."""
+    result = subprocess.run([sys.executable, str(src / "bench" / "curate.py"), "--mb", str(mb), "--workers",
+                             str(workers), "--out", str(out)], cwd=src, env={**os.environ, "PYTHONPATH": str(src)},
+                            capture_output=True, text=True, check=True)
+    row = re.search(r"^\| pipeline .*\| +([0-9.]+) \| +[0-9.]+% \|$", result.stdout, re.MULTILINE)
+    return float(row.group(1))
+
+
 def labelled_models(out: Path):
     from llama_jax.curate.labelled import labelled_crawl, split_pages
     from llama_jax.curate.quality_models import train_quality_models
@@ -118,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["new", "previous"])
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs per setting, alternating settings; each setting's fastest run is compared (default 2)")
+    parser.add_argument("--baseline-src", type=Path, help="another checkout whose bench/curate.py to time too")
     parser.add_argument("--out", default="runs/bench-curate", help="scratch directory (emptied first)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -143,10 +158,17 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(table(seconds, funnel, workers, stages)), flush=True)
                 rate = funnel[0]["bytes_in"] / 1e6 / sum(seconds[s] for s in stages) / workers
                 rates[name, workers] = max(rate, rates.get((name, workers), 0.0))
+            if args.baseline_src:
+                before = load()
+                rate = baseline_rate(args.baseline_src, out / f"baseline-{workers}-{repeat}", args.mb, workers)
+                print(f"\n### baseline {args.baseline_src}, run {repeat + 1}: {rate:.3f} MB/s per worker "
+                      f"({before} before, {load()} after)", flush=True)
+                rates["baseline", workers] = max(rate, rates.get(("baseline", workers), 0.0))
     for workers in args.workers:
-        if ("new", workers) in rates and ("previous", workers) in rates:
-            print(f"\n{workers} worker(s), fastest runs: new {rates['new', workers]:.3f} MB/s per worker, previous "
-                  f"{rates['previous', workers]:.3f}: ratio new/previous {rates['new', workers] / rates['previous', workers]:.2f}")
+        for other in ("previous", "baseline"):
+            if ("new", workers) in rates and (other, workers) in rates:
+                print(f"\n{workers} worker(s), fastest runs: new {rates['new', workers]:.3f} MB/s per worker, {other} "
+                      f"{rates[other, workers]:.3f}: ratio new/{other} {rates['new', workers] / rates[other, workers]:.2f}")
     return 0
 
 
