@@ -306,6 +306,48 @@ def test_an_exit_inside_the_candidate_is_failed():
     completion = "    import sys\n    sys.exit(0)\n"
     assert execute([ITEM], [[completion]], FAST, workers=1)[0][0].status == "failed"
 
+def test_the_token_cannot_be_found_and_written_back_first():
+    """The program hunts for the verdict token where it could be (every open descriptor, the frames above it,
+    gc, the driver's own verdict event raised from its code) and writes whatever 32-byte candidates it
+    finds to every descriptor, then exits 0 before the tests: still failed."""
+    code = '''
+import os, sys
+candidates = []
+for fd in range(3, 256):
+    try:
+        candidates.append(os.pread(fd, 4096, 0))
+    except OSError:
+        pass
+    try:
+        candidates.append(os.read(fd, 4096))
+    except OSError:
+        pass
+frame = sys._getframe()
+while frame is not None:
+    for value in list(frame.f_locals.values()):
+        if isinstance(value, bytes):
+            candidates.append(value)
+        if callable(value) and getattr(value, "__name__", "") == "audit":
+            value("llama_jax.sandbox.verdict")
+    frame = frame.f_back
+try:
+    import gc
+    candidates += [o for o in gc.get_objects() if isinstance(o, bytes)]
+except Exception:
+    pass
+sys.audit("llama_jax.sandbox.verdict")
+for fd in range(3, 256):
+    for value in candidates:
+        for start in range(0, max(1, len(value) - 31)):
+            try:
+                os.write(fd, value[start:start + 32])
+            except OSError:
+                break
+os._exit(0)
+'''
+    assert attack(code) == "failed"
+
+
 
 # ----------------------------------------------------------------------------------------- bounds
 
