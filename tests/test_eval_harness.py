@@ -238,3 +238,29 @@ def test_maj_at_k_through_lm_eval_votes_over_k_distinct_samples(ours, tmp_path):
         assert sample["filtered_resps"] == [vote]
         votes.append(vote == sample["target"])
     assert out["results"]["maj"]["exact_match,maj"] == pytest.approx(np.mean(votes), abs=1e-12)
+
+
+def test_eval_py_harness_runs_unsafe_tasks_only_with_consent(hf_dir, tmp_path, capsys):
+    """lm-eval runs the programs of tasks marked `unsafe_code` itself, with no sandbox: `eval.py harness`
+    refuses them (exit 2, lm-eval's one-line reason) unless --unsafe-run-generated-code."""
+    import importlib
+
+    import lm_eval.tasks as stock
+
+    cli = importlib.import_module("eval")
+    rows = [{"question": "What is 1 plus 1?", "answer": "It is 2.\n#### 2"}]
+    (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gsm8k_yaml = os.path.join(os.path.dirname(stock.__file__), "gsm8k", "gsm8k.yaml")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gsm_unsafe.yaml").write_text(
+        f"include: {gsm8k_yaml}\ntask: gsm_unsafe\nunsafe_code: true\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {tmp_path / 'gsm.jsonl'}\n    test: {tmp_path / 'gsm.jsonl'}\n"
+        "generation_kwargs:\n  until: ['Question:']\n  do_sample: false\n  max_gen_toks: 4\n")
+    common = [str(hf_dir), "--tasks", "gsm_unsafe", "--num-fewshot", "0", "--limit", "1", "--dtype", "fp32",
+              "--distributed", "off", "--include-path", str(tmp_path / "tasks")]
+    assert cli.main(["harness", *common]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress bars
+    assert last == ("error: Attempted to run task: gsm_unsafe which is marked as unsafe: lm-eval runs its generated "
+                    "code in-process, without a sandbox; pass --unsafe-run-generated-code to allow it")
+    assert cli.main(["harness", *common, "--unsafe-run-generated-code"]) == 0
+    assert "gsm_unsafe" in json.loads(capsys.readouterr().out)["results"]

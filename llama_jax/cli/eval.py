@@ -268,10 +268,16 @@ def run_harness(args, emit) -> None:
     manager = _task_manager(names, args.include_path)
     lm = lm_class()(model=_load(args), batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed,
                     add_bos_token=not args.no_bos)
-    out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
-                                  task_manager=manager, log_samples=bool(args.output_dir),
-                                  fewshot_random_seed=args.fewshot_seed,
-                                  confirm_run_unsafe_code=args.unsafe_run_generated_code)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
+                                      task_manager=manager, log_samples=bool(args.output_dir),
+                                      fewshot_random_seed=args.fewshot_seed,
+                                      confirm_run_unsafe_code=args.unsafe_run_generated_code)
+    except ValueError as e:
+        if "marked as unsafe" not in str(e):
+            raise
+        raise ValueError(f"{str(e).split('. Set confirm_run_unsafe_code')[0]}: lm-eval runs its generated code "
+                         "in-process, without a sandbox; pass --unsafe-run-generated-code to allow it") from None
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir is not None and emit.main:
         out_dir.mkdir(parents=True, exist_ok=True)
