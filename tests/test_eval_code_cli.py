@@ -160,3 +160,16 @@ def _check_reader(tmp_path_factory, content):
 
 test_completion_files_are_read_strictly, test_completion_files_are_read_strictly_thorough = fast_and_slow(
     _check_reader, content=lines)
+
+
+def test_score_code_on_mbpp_reads_its_data_dir(tmp_path):
+    (tmp_path / "data" / "mbpp").mkdir(parents=True)
+    for split in ("test", "prompt"):
+        (tmp_path / "data" / "mbpp" / f"{split}.jsonl").write_text(json.dumps(SANITIZED) + "\n")
+    saved = tmp_path / "mbpp.jsonl"
+    saved.write_text(json.dumps({"id": "11", "completions": [ORIGINAL["code"], "def circle_area(r):\n    return r\n"]})
+                     + "\n")
+    done = _eval_py("score-code", "mbpp", "--data-dir", str(tmp_path / "data"), "--completions", str(saved),
+                    "--code-workers", "2", "--code-timeout", "5")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"mbpp": {"pass@1": 0.5, "n": 1}}
