@@ -14,14 +14,13 @@ that at least one of k samples drawn without replacement passes; averaged over i
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from llama_jax.evaluation.sandbox import Limits, Outcome, run_programs
+from llama_jax.utils.files import json_objects
 
 CODE_LAYOUTS = ("humaneval", "mbpp")
 
@@ -77,22 +76,9 @@ def read_completions(path: str, items: Sequence[CodeItem]) -> tuple[list[CodeIte
     JSONL `eval.py tasks --output-dir` writes (one {"id": ..., "completions": [...], ...} per line; other
     keys ignored); strict: every line an object with a known, unrepeated id and a non-empty list of strings."""
     by_id = {item.id: item for item in items}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     chosen, completions = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+    for _, where, record in json_objects(path):
+        if not isinstance(record.get("id"), str):
             raise ValueError(f"{where}: expected an object with a string 'id'")
         samples = record.get("completions")
         if not isinstance(samples, list) or not samples or not all(isinstance(c, str) for c in samples):

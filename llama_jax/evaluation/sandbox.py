@@ -37,6 +37,7 @@ from typing import Sequence
 
 from llama_jax.evaluation import sandbox_driver
 from llama_jax.evaluation.isolation import CLEAN_ENV, INSTALL_HINT, Isolation, IsolationUnavailable
+from llama_jax.utils.files import process_alive
 
 _DRIVER = Path(sandbox_driver.__file__).read_text(encoding="utf-8")
 _TEMP_PREFIX = "llama_jax_sandbox_"
@@ -179,21 +180,11 @@ def remove_stale_workdirs(root: str | None = None) -> list[str]:
     removed = []
     for name in os.listdir(root):
         pid = name[len(_TEMP_PREFIX):].split("_", 1)[0]
-        if not name.startswith(_TEMP_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+        if not name.startswith(_TEMP_PREFIX) or not pid.isdigit() or process_alive(int(pid)):
             continue
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         removed.append(name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_programs(sources: Sequence[str], limits: Limits = Limits(), *, workers: int = 0,
