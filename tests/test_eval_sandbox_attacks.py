@@ -344,6 +344,18 @@ os._exit(0)
 '''
     assert attack(code) == "failed"
 
+def test_a_child_of_the_program_cannot_read_its_memory():
+    """Where the token lives: a program started by the program (no audit hook in it) cannot open the
+    driver's /proc/PID/mem, the process being non-dumpable. A right program asserting so must pass."""
+    reader = "import os\ntry:\n    open(f'/proc/{os.getppid()}/mem', 'rb').close()\nexcept OSError:\n    os._exit(3)\n"
+    source = FORK_EXEC + f'''
+_, status = os.waitpid(spawn([{sys.executable!r}, "-c", {reader!r}]), 0)
+assert os.waitstatus_to_exitcode(status) == 3, "the driver's memory was readable"
+'''
+    outcome = run_program(source, FAST)
+    assert outcome.status == "passed", outcome.detail
+
+
 
 
 # ----------------------------------------------------------------------------------------- bounds

@@ -93,11 +93,9 @@ def _arm(sys, os, data_fd, verdict_fd):
 
 
 def _main():
-    import ctypes
     import os
     import resource
     import sys
-    import traceback
 
     data_fd, verdict_fd, uid, cpu, memory, processes, files, file_bytes = map(int, sys.argv[1:9])
     for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (resource.RLIMIT_NOFILE, files),
@@ -107,14 +105,22 @@ def _main():
         resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
         os.setgroups([])
         os.setgid(uid)
-        os.setuid(uid)
-    ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace, no /proc/PID/mem
+        os.setuid(uid)  # leaving uid 0 also makes the process non-dumpable where fs.suid_dumpable is 0
+    with open("/proc/sys/fs/suid_dumpable") as f:
+        dumpable = uid < 0 or f.read().strip() != "0"
+    if dumpable:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace, no /proc/PID/mem
     audit, exit_now, out, err = sys.audit, os._exit, sys.__stdout__, sys.__stderr__
     source = _arm(sys, os, data_fd, verdict_fd)
     try:
         exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
     except BaseException as e:  # SystemExit too: leaving early is failing
         try:
+            import traceback
+
+            out.flush()
             traceback.print_exception(e, file=err)
             err.flush()
         except BaseException:
