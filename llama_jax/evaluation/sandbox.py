@@ -111,6 +111,8 @@ def run_program(source: str, limits: Limits = Limits(), *, allow_unsafe: bool = 
                                 start_new_session=True)
     except BaseException:
         os.close(verdict_r)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:
         os.close(data)
