@@ -409,3 +409,35 @@ def test_a_killed_evaluator_leaves_no_program_running_and_no_temporary_files():
     finally:
         for pid in _processes_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="RLIMIT_NPROC is exact only for the per-program uid bwrap gives as root")
+def test_process_creation_is_capped_by_the_per_program_uid():
+    """40 children started past the audit hook (fork_exec): at most `processes` exist at once. A right
+    program asserting so must pass."""
+    source = FORK_EXEC + '''
+started = 0
+for _ in range(40):
+    try:
+        spawn(["/bin/sleep", "5"])
+        started += 1
+    except OSError:
+        break
+assert started < 16, started
+'''
+    outcome = run_program(source, Limits(timeout_s=5, cpu_s=5, memory_bytes=1 << 30, processes=16))
+    assert outcome.status == "passed", outcome.detail
+
+
+def test_the_user_namespace_container_judges_the_same():
+    """The container a non-root evaluator gets (`--unshare-user --disable-userns`, no uid change), built
+    here whoever runs the tests: network and PID namespaces of its own, and the same verdicts."""
+    from llama_jax.evaluation.isolation import Isolation
+
+    user_ns = Isolation(bwrap=True, as_root=False)
+    own = os.readlink("/proc/self/ns/net")
+    right = (f"import os, socket\nassert os.readlink('/proc/self/ns/net') != {own!r}\n"
+             "assert [n for _, n in socket.if_nameindex()] == ['lo']\nassert os.getpid() < 10\n")
+    assert run_program(right, FAST, isolation=user_ns).status == "passed"
+    for cheat in ("import os\nos._exit(0)\n", "import sys\nsys.exit(0)\n", "assert False\n"):
+        assert run_program(cheat, FAST, isolation=user_ns).status == "failed"
