@@ -8,7 +8,7 @@ namespaces. Ours has:
   /root, /work, /var, /run, no host /tmp);
 - a private tmpfs at /tmp (its working directory, size-limited, gone with the container) as the only
   writable place;
-- an empty network namespace (only `lo`, down), its own PID namespace (the evaluator is invisible and
+- an empty network namespace (only its own loopback `lo`), its own PID namespace (the evaluator is invisible and
   cannot be signalled; when the program ends, or bwrap is killed, everything it started is killed by
   the kernel), its own IPC and UTS namespaces, a new session, `--die-with-parent`;
 - a clear environment (`--clearenv`: nothing of the evaluator's);
