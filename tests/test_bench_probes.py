@@ -26,6 +26,7 @@ PROBES = {
     "decode_products.py": [rf"^product S attention \[256,256\] b8: jax .* -> {RATIO}$",
                            rf"^product S output \[256,8000\] two halves b8: .* -> {RATIO}$",
                            rf"^product S output \[256,8000\] stored \[out, in\] b8: .* -> {RATIO}$"],
+    "sandbox.py": [rf"^ratio bwrap/(before|hook only): .* per program -> {RATIO} \(medians {RATIO}\)$"],
     "host_memory.py": [r"^tunables smoke bf16 stock: [0-9,]+ tokens/s, [0-9,]+ minor faults",
                        r"^ratio smoke bf16 .* / stock = [0-9.]+ \(tokens/s\); faults [0-9.]+x$"],
 }
