@@ -429,6 +429,19 @@ def test_bad_configs_fail_before_compiling(corpus, tmp_path, monkeypatch, overri
         run_in_process(corpus, tmp_path / "run", **override)
 
 
+def test_a_lone_surrogate_in_jsonl_data_is_one_line_exit_2_before_compiling(corpus, tmp_path, monkeypatch, capsys):
+    """Valid JSON, but `\\udcff` decodes to a string with no UTF-8 form: the tokenizer's TypeError
+    traceback before, now the file and line."""
+    from llama_jax.cli.train import main
+
+    _no_compile(monkeypatch)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the cat sees the dog."}\n{"text": "the owl \\udcff"}\n')
+    assert main(overrides(corpus, tmp_path / "run", **{"data.sources": f"[{{kind: jsonl, path: {data}}}]"})) == 2
+    assert capsys.readouterr().err == (f"error: {data}:2: text: a lone surrogate U+DCFF at character 8 (not Unicode "
+                                       f"text); set skip_bad_lines to skip such lines\n")
+
+
 def test_unwritable_run_dir_fails_before_compiling(corpus, tmp_path, monkeypatch):
     _no_compile(monkeypatch)
     (tmp_path / "file").write_text("not a directory")
