@@ -161,7 +161,7 @@ def load_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(f"{path}: invalid YAML: {yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
@@ -171,7 +171,7 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
+def yaml_problem(error: yaml.YAMLError) -> str:
     """A YAML parser error as one line: what went wrong and where (line and column, 1-based)."""
     mark = getattr(error, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -188,7 +188,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         return key.split("."), _parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: invalid YAML value: {_yaml_problem(e)}") from None
+        raise ConfigError(f"override {text!r}: invalid YAML value: {yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"override {text[:80]!r}...: invalid YAML value: nested too deeply") from None
 
