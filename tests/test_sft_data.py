@@ -110,8 +110,10 @@ def test_line_separators_inside_json_strings_stay_in_the_record(tmp_path):
     content = "one\u2028two\x85three\rfour"
     record = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8", newline="")
-    assert list(read_conversations("chat", str(path))) == [(f"{path}:1", record["messages"])]
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\r\n\r\n" + json.dumps(record) + "\r\n",
+                    encoding="utf-8", newline="")  # Windows line ends too
+    assert list(read_conversations("chat", str(path))) == [(f"{path}:1", record["messages"]),
+                                                           (f"{path}:3", record["messages"])]
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | TEXT,

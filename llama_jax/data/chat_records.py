@@ -139,8 +139,8 @@ def read_conversations(kind: str, path: str, *, skip_bad_lines: bool = False,
     """("file:line", messages) of every non-blank line of the JSONL file `path`."""
     renames = field_renames(fields)
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().split("\n")  # not splitlines: JSON strings may hold U+2028, U+0085, ... raw
+        with open(path, encoding="utf-8", newline="") as fh:  # lines end at "\n", as in sources._read_jsonl
+            lines = fh.read().split("\n")
     except UnicodeDecodeError as e:
         raise RecordError(f"{path}: not UTF-8 text ({e.reason})") from None
     records = ((f"{path}:{number}", lambda where, line=line: record_messages(kind, line, where, renames))

@@ -53,17 +53,20 @@ def _source_files(src: SourceConfig) -> list[str]:
     return resolve_paths(src.path, key=f"source path ({src.describe()})")
 
 
-def _read_utf8(path: str) -> str:
+def _read_utf8(path: str, *, newline: str | None = None) -> str:
+    """The file's text; `newline` as for `open` (None: universal newlines, "": the file's own)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline=newline) as f:
+            return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def _read_jsonl(path: str, text_field: str, skip_bad_lines: bool) -> list[str]:
     docs, bad = [], []
-    # JSON Lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085, ..., which JSON text holds raw
-    for number, line in enumerate(_read_utf8(path).split("\n"), start=1):
+    # JSON Lines end at "\n" ("\r\n" leaves a "\r", JSON whitespace): line numbers are those of grep -n, and
+    # U+2028, U+0085, ... (which str.splitlines would also cut at) stay text inside a JSON string
+    for number, line in enumerate(_read_utf8(path, newline="").split("\n"), start=1):
         if not line.strip():
             continue
         try:
