@@ -187,7 +187,7 @@ def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
     assert cli.main(["harness", str(hf_dir), "--tasks", "mine", *common]) == 2
     assert capsys.readouterr().err == (
         f"error: unknown lm-eval task 'mine' (stock tasks and {tasks}); {tasks / 'sub' / 'mine.yaml'}: invalid YAML: "
-        f"expected the node content, but found '<stream end>' at line 4, column 1 (and 1 more unparsable task files)\n")
+        f"expected the node content, but found '<stream end>' at line 4, column 1 (and 1 more unparsable task file)\n")
 
 
 def test_eval_py_tasks_generative_and_code(hf_dir, ours, tmp_path, capsys):

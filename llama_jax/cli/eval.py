@@ -214,7 +214,7 @@ def _task_manager(names: list[str], include_path: str | None):
         from llama_jax.evaluation.harness import unparsable_task_files
 
         broken = unparsable_task_files(include_path) if include_path else []
-        more = f" (and {len(broken) - 1} more unparsable task files)" if len(broken) > 1 else ""
+        more = f" (and {len(broken) - 1} more unparsable task file{'s' * (len(broken) > 2)})" if len(broken) > 1 else ""
         raise ValueError(f"unknown lm-eval task {unknown[0]!r} (stock tasks"
                          f"{' and ' + include_path if include_path else ''})"
                          + (f"; {broken[0]}{more}" if broken else ""))
