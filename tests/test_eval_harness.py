@@ -170,7 +170,7 @@ def _local_gsm8k_task(tmp_path, name: str, rows: list[dict], extra: str = "", ma
 def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
     """`eval.py harness` on a Hugging Face directory: the stock gsm8k YAML included and pointed at a local
     file (its prompt and filters run offline), results and per-sample logs written; an unknown task is
-    refused before any model is loaded."""
+    refused before any model is loaded, naming the task files that do not parse."""
     import importlib
 
     cli = importlib.import_module("eval")
@@ -184,8 +184,17 @@ def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples_gsm_tiny.jsonl").read_text().splitlines()]
     assert sorted(s["doc_id"] for s in samples) == [0, 0, 1, 1, 2, 2]  # one record per document and filter
     assert all(json.dumps(s["arguments"]).count("Question: ") == 2 for s in samples)  # 1 shot + the question
-    assert cli.main(["harness", str(hf_dir), "--tasks", "no_such_task", *common]) == 2
-    assert "unknown lm-eval task 'no_such_task'" in capsys.readouterr().err
+    # lm-eval skips a task YAML it cannot parse without a word, so its task looks unknown: the error names
+    # the file and the YAML problem (one line). A file with lm-eval's `!function` tag parses.
+    tasks = tmp_path / "tasks"
+    (tasks / "sub").mkdir()
+    (tasks / "fine.yaml").write_text("task: fine\ndataset_path: json\nprocess_results: !function utils.process\n")
+    (tasks / "sub" / "mine.yaml").write_text("task: mine\ndataset_path: json\ngeneration_kwargs: {until: [\n")
+    (tasks / "sub" / "tabs.yaml").write_text("task: tabs\n\tdataset_path: json\n")
+    assert cli.main(["harness", str(hf_dir), "--tasks", "mine", *common]) == 2
+    assert capsys.readouterr().err == (
+        f"error: unknown lm-eval task 'mine' (stock tasks and {tasks}); {tasks / 'sub' / 'mine.yaml'}: invalid YAML: "
+        f"expected the node content, but found '<stream end>' at line 4, column 1 (and 1 more unparsable task file)\n")
 
 
 def test_eval_py_tasks_generative_and_code(hf_dir, ours, tmp_path, capsys):

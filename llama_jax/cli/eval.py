@@ -253,8 +253,13 @@ def _task_manager(names: list[str], include_path: str | None):
         manager = TaskManager(include_path=include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
+        from llama_jax.evaluation.harness import unparsable_task_files
+
+        broken = unparsable_task_files(include_path) if include_path else []
+        more = f" (and {len(broken) - 1} more unparsable task file{'s' * (len(broken) > 2)})" if len(broken) > 1 else ""
         raise ValueError(f"unknown lm-eval task {unknown[0]!r} (stock tasks"
-                         f"{' and ' + include_path if include_path else ''})")
+                         f"{' and ' + include_path if include_path else ''})"
+                         + (f"; {broken[0]}{more}" if broken else ""))
     return manager
 
 
