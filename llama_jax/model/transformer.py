@@ -271,7 +271,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
                  layer_params: list | None = None, logits_at: jax.Array | None = None,
-                 lora: LoraPath | None = None):
+                 lora: LoraPath | None = None, head: bool = True):
         """tokens [batch, length] int. positions default to 0.. (or the cache's next slots).
 
         segment_ids [batch, length]: document ids for packed sequences, 0 for padding (see
@@ -284,6 +284,8 @@ class Transformer(nnx.Module):
         continuation reads a few positions: the output layer, a large share of a small model's work,
         then runs on those only).
         lora: LoRA adapters applied unmerged, with dropout on their inputs (training; see `LoraPath`).
+        head=False: return the final normed hidden states [batch, length, dim] in the compute dtype
+        instead of the logits, for a loss that applies `head_kernel` chunk by chunk (`model.loss`).
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -335,16 +337,20 @@ class Transformer(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
             read = logits_at.shape[1]
         x = self.norm(x)
-        x2d = x.reshape(batch * read, cfg.dim)
-        if self.output is None:
-            logits = matmul(x2d, self.tok_embeddings[...].astype(cfg.compute_dtype).T)
-        else:
-            logits = self.output(x2d)
-        logits = logits.astype(jnp.float32).reshape(batch, read, cfg.vocab_size)
-        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         if cache is not None:
             cache = KVCache(kv[0], kv[1], segment_ids, start + length)
+        if not head:
+            return x, cache
+        logits = matmul(x.reshape(batch * read, cfg.dim), self.head_kernel())
+        logits = logits.astype(jnp.float32).reshape(batch, read, cfg.vocab_size)
+        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits, cache
+
+    def head_kernel(self) -> jax.Array:
+        """The output projection [dim, vocab] in the compute dtype (the embedding's transpose when tied)."""
+        if self.output is None:
+            return self.tok_embeddings[...].astype(self.cfg.compute_dtype).T
+        return self.output.kernel[...].astype(self.cfg.compute_dtype)
 
 
 def unstack_layers(layers, n_layers: int) -> list:

@@ -27,6 +27,7 @@ from llama_jax.utils.config_io import ConfigError, from_dict, parse_override
 from llama_jax.parallel.logical import Rules, logical_to_spec
 from llama_jax.model import api
 from llama_jax.model.attention import IMPLEMENTATIONS, resolve_impl
+from llama_jax.model.loss import chunk_count
 from llama_jax.parallel.rules import axis_product, check_rules_use_mesh, rules_for
 from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
 from llama_jax.training.optimizer import make_optimizer, opt_state_specs
@@ -126,7 +127,8 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
                     Which one `attention_impl` is comes from the attention registry (`auto` resolved
                     for `platform`).
     Under `full` and `save_matmuls` the layer being differentiated recomputes its `none` set; once per
-    step come the fp32 logits, their softmax and its gradient (3·V/t·4) and the embedding output.
+    step come the embedding output and, for one loss chunk's positions (`model.loss`: at most
+    `loss_chunk_size` per row), the fp32 logits, their softmax and its gradient (3·V/t·4).
     Within ~35% of XLA:CPU's own buffer assignment on small models (tests/test_sharding_plan.py).
     """
     tokens = -(-rows // _split(rules, "activation_batch", mesh_shape)) * seq_len  # rows per device, rounded up
@@ -144,8 +146,9 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
                   + 2 * f / t_mlp * c + d / t_heads * c + attention)
     per_layer = {"none": everything, "save_matmuls": layer_input + matmul_outputs, "full": layer_input}[policy]
     recompute = 0.0 if policy == "none" else everything
-    once = 3 * cfg.vocab_size / t_vocab * FP32 + d * c
-    return int(tokens * (cfg.n_layers * per_layer + recompute + once))
+    chunk_tokens = tokens // chunk_count(seq_len, cfg.loss_chunk_size)
+    logits = chunk_tokens * 3 * cfg.vocab_size / t_vocab * FP32
+    return int(tokens * (cfg.n_layers * per_layer + recompute + d * c) + logits)
 
 
 def _split_argv(argv: list[str]) -> tuple[str | None, list[str], PlanOptions]:
