@@ -122,10 +122,10 @@ def hosts_of(grid) -> np.ndarray:
 
 def test_multi_host_layout_keeps_tensor_in_a_host_and_data_across_hosts():
     devices = [FakeDevice(i, i // 8) for i in range(32)]  # 4 hosts × 8 devices
-    hosts = hosts_of(device_grid((4, 4, 2), devices))
+    hosts = hosts_of(device_grid({"data": 4, "fsdp": 4, "tensor": 2}, devices))
     assert (hosts == np.arange(4)[:, None, None]).all()  # data index = host; fsdp and tensor inside it
-    hosts = hosts_of(device_grid((2, 16, 1), devices))  # 2 data groups of 2 hosts each
+    hosts = hosts_of(device_grid({"data": 2, "fsdp": 16, "tensor": 1}, devices))  # 2 data groups of 2 hosts each
     assert (hosts[:, :, 0] == np.repeat(np.arange(4), 8).reshape(2, 16)).all()
-    assert sorted(d.id for d in device_grid((2, 16, 1), devices).flat) == list(range(32))
+    assert sorted(d.id for d in device_grid({"data": 2, "fsdp": 16, "tensor": 1}, devices).flat) == list(range(32))
     with pytest.raises(ConfigError, match=r"mesh.tensor=16 must fit inside one host \(8 devices per host\)"):
-        device_grid((1, 2, 16), devices)
+        device_grid({"data": 1, "fsdp": 2, "tensor": 16}, devices)

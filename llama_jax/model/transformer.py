@@ -31,6 +31,7 @@ from flax import nnx
 
 from llama_jax.model.attention import attention
 from llama_jax.model.config import ModelConfig
+from llama_jax.parallel.context import context_shards, from_balanced, to_balanced
 from llama_jax.parallel.logical import constrain
 from llama_jax.model.cpu_fast_paths import matmul
 from llama_jax.utils.trees import flatten, unflatten
@@ -295,6 +296,10 @@ class Transformer(nnx.Module):
         if cache is not None:
             new_segments = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
             segment_ids = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, new_segments.astype(jnp.int32), start, axis=1)
+        shards = context_shards() if cache is None else 1
+        if shards > 1:  # the balanced layout of context parallelism (`parallel.context`), undone below
+            tokens, positions = to_balanced(tokens, shards), to_balanced(positions, shards)
+            segment_ids = None if segment_ids is None else to_balanced(segment_ids, shards)
         rope = rope_angles(cfg, positions)
 
         # The lookup reads whole rows: gather the table's embed shards first, as FSDP does for a matmul's
@@ -332,6 +337,8 @@ class Transformer(nnx.Module):
             if cache is not None:
                 kv = tuple(zip(*outputs)) if per_layer_cache else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
+        if shards > 1:
+            x = constrain(from_balanced(x, shards), BATCH_LENGTH_EMBED)
         read = length
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)

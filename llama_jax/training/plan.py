@@ -28,7 +28,7 @@ from llama_jax.parallel.logical import Rules, logical_to_spec
 from llama_jax.model import api
 from llama_jax.model.attention import IMPLEMENTATIONS, resolve_impl
 from llama_jax.model.loss import chunk_count
-from llama_jax.parallel.rules import axis_product, check_rules_use_mesh, rules_for
+from llama_jax.parallel.rules import MESH_AXES, axis_product, check_rules_use_mesh, rules_for
 from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
 from llama_jax.training.optimizer import make_optimizer, opt_state_specs
 from llama_jax.training.step import trainable_specs
@@ -169,8 +169,8 @@ def _split_argv(argv: list[str]) -> tuple[str | None, list[str], PlanOptions]:
 def render_plan(cfg, options: PlanOptions) -> str:
     """The plan report for a `TrainConfig` (see the module docstring)."""
     model = cfg.model
-    n_devices = options.devices or (jax.device_count() if -1 in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-                                    else cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor)
+    fixed = [getattr(cfg.mesh, axis) for axis in MESH_AXES]
+    n_devices = options.devices or (jax.device_count() if -1 in fixed else math.prod(fixed))
     mesh_shape = cfg.mesh.shape(n_devices)
     rules = rules_for(cfg.mesh.strategy)
     check_rules_use_mesh(rules, mesh_shape)
