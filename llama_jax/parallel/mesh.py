@@ -155,8 +155,12 @@ def named(mesh: Mesh, specs: Any) -> Any:
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-    """Rows of every batch array split as the rules place `activation_batch`; other dims whole."""
-    return NamedSharding(mesh, logical_to_spec(("activation_batch",), rules, mesh.axis_names))
+    """Rows of every batch array split as the rules place `activation_batch`, and with context
+    parallelism positions as they place `activation_length`; other dims whole."""
+    spec = list(logical_to_spec(("activation_batch", "activation_length"), rules, mesh.axis_names))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -13,7 +13,8 @@ strategy is a named preset of the table:
 Every preset splits sequences (`activation_length`) over `context` (context parallelism: attention then
 runs over a sequence split across devices, `llama_jax.model.context_attention`), and puts only batch
 rows (dcn_data) and FSDP shards (dcn_fsdp) across slices: `tensor` and `context` move activations every
-layer and stay on the fast links inside a slice (`check_rules_use_mesh` refuses a table that does not).
+layer and stay on the fast links inside a slice (`check_rules_use_mesh` refuses an activation rule that
+does not). Parameters are also split over `context` (FSDP over the context devices too).
 Axes absent from a mesh drop out of every spec, so one table serves every mesh.
 
 Everything that needs a mesh axis (parameter and batch shardings, the kernels' shard_map) asks these
@@ -33,7 +34,9 @@ MESH_AXES = DCN_AXES + ICI_AXES
 ALWAYS_PRESENT = ("data", "fsdp", "tensor")  # the others are in a mesh only when larger than 1
 SLICE_LOCAL = ("context", "tensor")  # never across DCN
 BATCH_AXES = ("dcn_data", "dcn_fsdp", "data", "fsdp")
-FSDP_AXES = ("dcn_fsdp", "fsdp")
+# Parameters split over context too (ZeRO over the context devices, as MaxText does): they hold the
+# same rows' other positions, so without it each would keep a whole fsdp shard.
+FSDP_AXES = ("dcn_fsdp", "fsdp", "context")
 
 
 def mesh_axis_names(sizes: dict[str, int]) -> tuple[str, ...]:
@@ -82,13 +85,14 @@ def rules_for(strategy: str) -> Rules:
 
 
 def check_rules_use_mesh(rules: Rules, mesh_shape: dict[str, int]) -> None:
-    """A mesh axis of size > 1 that no rule uses would only duplicate work: refuse it. So is a rule that
-    splits one dimension over a DCN axis and `tensor` or `context` (those exchange activations every layer)."""
+    """A mesh axis of size > 1 that no rule uses would only duplicate work: refuse it. So is an activation
+    rule that splits one dimension over a DCN axis and `tensor` or `context` (those exchange activations
+    every layer, so they must stay on a slice's fast links)."""
     used = set()
     for name, target in rules:
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         used.update(axes)
-        if set(axes) & set(DCN_AXES) and set(axes) & set(SLICE_LOCAL):
+        if name.startswith("activation_") and set(axes) & set(DCN_AXES) and set(axes) & set(SLICE_LOCAL):
             raise ConfigError(f"rule {name} -> {axes} puts {sorted(set(axes) & set(SLICE_LOCAL))} across slices "
                               f"(over DCN); tensor and context must stay inside a slice")
     idle = [axis for axis, size in mesh_shape.items() if size > 1 and axis not in used]

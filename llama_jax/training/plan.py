@@ -9,7 +9,8 @@ no weights are allocated and no devices beyond the host's are needed (`devices=`
 
 Parameters, gradients and optimizer state are exact. Activations are an estimate of what the backward
 pass keeps alive per device for each remat policy (see `activation_bytes`); XLA's scheduling, fusion
-and temporary buffers move the real figure, so leave headroom.
+and temporary buffers move the real figure, so leave headroom. Last, the bytes each device sends per
+step over the data-centre network between slices and within its slice (`plan_traffic`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from llama_jax.model.loss import chunk_count
 from llama_jax.parallel.rules import MESH_AXES, axis_product, check_rules_use_mesh, rules_for
 from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
 from llama_jax.training.optimizer import make_optimizer, opt_state_specs
+from llama_jax.training.plan_traffic import traffic_bytes
 from llama_jax.training.step import trainable_specs
 from llama_jax.utils.trees import flatten
 
@@ -98,7 +100,7 @@ def lora_state_bytes_per_device(model_cfg: ModelConfig, optimizer: optax.Gradien
 def gathered_weight_bytes(model_cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int]) -> int:
     """Transient bytes of FSDP: one layer's weights and the embedding/output gathered whole over `fsdp`,
     and their gradients before the reduce-scatter (2×). Zero when parameters are not fsdp-sharded."""
-    whole = {**mesh_shape, "fsdp": 1}
+    whole = {**mesh_shape, **{axis: 1 for axis in _embed_axes(rules, mesh_shape)}}
     shapes = api.param_shapes(model_cfg)
     sharded, gathered = api.param_specs(model_cfg, rules, mesh_shape), api.param_specs(model_cfg, rules, whole)
 
@@ -107,6 +109,11 @@ def gathered_weight_bytes(model_cfg: ModelConfig, rules: Rules, mesh_shape: dict
 
     heads = max(extra(k) for k in ("tok_embeddings", "output") if k in shapes)
     return 2 * (extra("layers") // model_cfg.n_layers + heads)
+
+
+def _embed_axes(rules: Rules, mesh_shape: dict[str, int]) -> tuple[str, ...]:
+    target = logical_to_spec(("embed",), rules, tuple(mesh_shape))[0]
+    return (target,) if isinstance(target, str) else tuple(target or ())
 
 
 def _split(rules: Rules, name: str, mesh_shape: dict[str, int]) -> int:
@@ -118,7 +125,8 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
                      policy: str, platform: str = "gpu") -> int:
     """Estimated activation bytes per device kept for the backward pass of one micro-batch.
 
-    Per layer and token, in elements (tensor-split dims divided by their split; c = compute dtype bytes):
+    Per layer and token of the device (its rows, and its share of positions under context parallelism),
+    in elements (tensor-split dims divided by their split; c = compute dtype bytes):
       full          the layer input (D·c).
       save_matmuls  the layer input and every projection output: ((D + 2·kv·hd)/t + 2·D + 2·F/t)·c.
       none          all of the above, the fp32 norm inputs (2·D·4), rotary q/k in fp32, the SwiGLU gate
@@ -131,7 +139,9 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
     `loss_chunk_size` per row), the fp32 logits, their softmax and its gradient (3·V/t·4).
     Within ~35% of XLA:CPU's own buffer assignment on small models (tests/test_sharding_plan.py).
     """
-    tokens = -(-rows // _split(rules, "activation_batch", mesh_shape)) * seq_len  # rows per device, rounded up
+    # rows per device (rounded up) × positions per device (context parallelism splits them)
+    tokens = -(-rows // _split(rules, "activation_batch", mesh_shape)) * seq_len // _split(
+        rules, "activation_length", mesh_shape)
     t_heads = _split(rules, "activation_heads", mesh_shape)
     t_mlp = _split(rules, "activation_mlp", mesh_shape)
     t_vocab = _split(rules, "activation_vocab", mesh_shape)
@@ -199,6 +209,9 @@ def render_plan(cfg, options: PlanOptions) -> str:
     total = sum(state.values()) + gathered + acts[model.remat]
 
     mesh_text = " × ".join(f"{a}={n}" for a, n in mesh_shape.items())
+    if cfg.seq_len % (2 * _split(rules, "activation_length", mesh_shape)):
+        warnings.append(f"warning: seq_len {cfg.seq_len} must be a multiple of 2 × the context split "
+                        f"({_split(rules, 'activation_length', mesh_shape)}) to train")
     lines = [f"plan: {api.param_count(model) / 1e9:.2f} B parameters ({model.param_dtype}, compute {model.dtype}), "
              f"{model.n_layers} layers, dim {model.dim}, vocab {model.vocab_size}",
              f"mesh: {mesh_text} ({n_devices} devices), strategy {cfg.mesh.strategy}",
@@ -221,6 +234,12 @@ def render_plan(cfg, options: PlanOptions) -> str:
         verdict = "fits" if used <= 1 else "DOES NOT FIT"
         lines.append(f"device memory {options.device_memory_gib:g} GiB: {verdict} ({used:.0%} of it, "
                      f"before XLA's temporaries)")
+    traffic = traffic_bytes(model, rules, mesh_shape, param_shard=state["params"], rows=rows, seq_len=cfg.seq_len,
+                            micro_batches=cfg.micro_batches, kernel=impl != "xla")
+    lines += ["", f"{'traffic per device per step (estimate)':42s}{'over DCN GiB':>14s}{'in slice GiB':>14s}"]
+    lines += [f"  {name:40s}{dcn / GIB:14.3f}{ici / GIB:14.3f}" for name, (dcn, ici) in traffic.items()]
+    lines.append(f"  {'total':40s}{sum(d for d, _ in traffic.values()) / GIB:14.3f}"
+                 f"{sum(i for _, i in traffic.values()) / GIB:14.3f}")
     lines += warnings
     return "\n".join(lines)
 
