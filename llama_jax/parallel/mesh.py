@@ -197,8 +197,8 @@ def process_rows(mesh: Mesh, global_rows: int, rules: Rules | None = None) -> sl
 
     With the mesh of `make_mesh` they are the contiguous block `process_index` of `process_count`.
     """
-    sharding = batch_sharding(mesh, rules_for(DEFAULT_STRATEGY) if rules is None else rules)
-    indices = sharding.addressable_devices_indices_map((global_rows,)).values()
+    rows = batch_sharding(mesh, rules_for(DEFAULT_STRATEGY) if rules is None else rules).spec[:1]
+    indices = NamedSharding(mesh, PartitionSpec(*rows)).addressable_devices_indices_map((global_rows,)).values()
     blocks = [index[0].indices(global_rows)[:2] for index in indices]
     start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
     if (stop - start) * jax.process_count() != global_rows:
