@@ -95,6 +95,17 @@ def worker() -> dict:
                 "kernel": "pallas_call" in jaxpr,
                 "mesh_shape": dict(mesh.shape),
             }
+    # Decoding with a KV cache under a context-split mesh: a clear error, not a wrong layout.
+    from llama_jax.model.api import apply
+    from llama_jax.model.transformer import KVCache
+    mesh_cfg = MeshConfig(**MESHES["context=4"])
+    mesh, rules = make_mesh(mesh_cfg), rules_for(mesh_cfg.strategy)
+    try:
+        under(mesh, rules, jax.jit(lambda p, t: apply(cfg, p, t, cache=KVCache.create(cfg, ROWS, LENGTH))))(
+            params, batch["inputs"])
+        results["cache_error"] = None
+    except ValueError as err:
+        results["cache_error"] = str(err)
     return results
 
 
@@ -124,6 +135,12 @@ def test_context_parallel_loss_and_every_gradient_equal_one_device(results, mesh
     bad = {path: err for path, err in r["grad_errs"].items() if err > RTOL}
     assert not bad, bad
     assert len(r["grad_errs"]) == 12  # every parameter: embedding, output, final norm, 9 layer tensors
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("context_parallel_worker")
+def test_decoding_with_a_cache_under_context_parallelism_is_refused(results):
+    assert results["cache_error"] and "decoding with a KV cache cannot split sequences" in results["cache_error"]
 
 
 def test_balanced_layout_round_trips_and_holds_mirrored_chunks():

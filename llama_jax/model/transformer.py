@@ -296,7 +296,10 @@ class Transformer(nnx.Module):
         if cache is not None:
             new_segments = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
             segment_ids = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, new_segments.astype(jnp.int32), start, axis=1)
-        shards = context_shards() if cache is None else 1
+        shards = context_shards()
+        if shards > 1 and cache is not None:
+            raise ValueError(f"decoding with a KV cache cannot split sequences over devices (the mesh's context "
+                             f"axes split them {shards} ways): use a mesh without context parallelism")
         if shards > 1:  # the balanced layout of context parallelism (`parallel.context`), undone below
             tokens, positions = to_balanced(tokens, shards), to_balanced(positions, shards)
             segment_ids = None if segment_ids is None else to_balanced(segment_ids, shards)

@@ -42,7 +42,8 @@ def target_platform() -> str:
 
 
 def abstract_mesh(shape: dict[str, int], device_kind: str) -> AbstractMesh:
-    """A mesh of `shape` (axes as `rules.mesh_axis_names`: data, fsdp, tensor and any larger than 1) made of `device_kind` devices that need not exist
+    """A mesh of `shape` (axes as `rules.mesh_axis_names`: data, fsdp, tensor and any larger than 1)
+    made of `device_kind` devices that need not exist
     (axis types Auto, as `parallel.mesh.make_mesh` builds them)."""
     if device_kind not in DEVICE_KINDS:
         raise ValueError(f"unknown device kind {device_kind!r}; expected one of {sorted(DEVICE_KINDS)}")

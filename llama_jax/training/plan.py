@@ -32,7 +32,7 @@ from llama_jax.model.loss import chunk_count
 from llama_jax.parallel.rules import MESH_AXES, axis_product, check_rules_use_mesh, rules_for
 from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
 from llama_jax.training.optimizer import make_optimizer, opt_state_specs
-from llama_jax.training.plan_traffic import traffic_bytes
+from llama_jax.training.plan_traffic import rule_axes, traffic_bytes
 from llama_jax.training.step import trainable_specs
 from llama_jax.utils.trees import flatten
 
@@ -100,7 +100,7 @@ def lora_state_bytes_per_device(model_cfg: ModelConfig, optimizer: optax.Gradien
 def gathered_weight_bytes(model_cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int]) -> int:
     """Transient bytes of FSDP: one layer's weights and the embedding/output gathered whole over `fsdp`,
     and their gradients before the reduce-scatter (2×). Zero when parameters are not fsdp-sharded."""
-    whole = {**mesh_shape, **{axis: 1 for axis in _embed_axes(rules, mesh_shape)}}
+    whole = {**mesh_shape, **{axis: 1 for axis in rule_axes(rules, "embed", mesh_shape)}}
     shapes = api.param_shapes(model_cfg)
     sharded, gathered = api.param_specs(model_cfg, rules, mesh_shape), api.param_specs(model_cfg, rules, whole)
 
@@ -109,11 +109,6 @@ def gathered_weight_bytes(model_cfg: ModelConfig, rules: Rules, mesh_shape: dict
 
     heads = max(extra(k) for k in ("tok_embeddings", "output") if k in shapes)
     return 2 * (extra("layers") // model_cfg.n_layers + heads)
-
-
-def _embed_axes(rules: Rules, mesh_shape: dict[str, int]) -> tuple[str, ...]:
-    target = logical_to_spec(("embed",), rules, tuple(mesh_shape))[0]
-    return (target,) if isinstance(target, str) else tuple(target or ())
 
 
 def _split(rules: Rules, name: str, mesh_shape: dict[str, int]) -> int:

@@ -35,7 +35,8 @@ COLLECTIVES = ("FSDP gathers and reduce-scatters", "gradient all-reduce", "tenso
                "context attention")
 
 
-def _axes(rules: Rules, name: str, mesh_shape: dict[str, int]) -> tuple[str, ...]:
+def rule_axes(rules: Rules, name: str, mesh_shape: dict[str, int]) -> tuple[str, ...]:
+    """The mesh axes (of a mesh shaped `mesh_shape`) the rules split the logical dimension `name` over."""
     target = logical_to_spec((name,), rules, tuple(mesh_shape))[0]
     return (target,) if isinstance(target, str) else tuple(target or ())
 
@@ -50,21 +51,22 @@ def traffic_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int], *,
     docstring). `param_shard`: the device's parameter (and gradient) bytes; `rows`: rows per micro-batch;
     `kernel`: attention by a kernel (all-to-all form) rather than the `xla` reference (all-gather form)."""
     c = np.dtype(cfg.compute_dtype).itemsize
-    fsdp = _axes(rules, "embed", mesh_shape)
+    fsdp = rule_axes(rules, "embed", mesh_shape)
     f_dcn, f_ici = _size(mesh_shape, fsdp, True), _size(mesh_shape, fsdp, False)
     fsdp_traffic = (3 * micro_batches * (f_dcn - 1) * param_shard,
                     3 * micro_batches * (f_ici - 1) * f_dcn * param_shard)
 
-    replicas = [a for a in _axes(rules, "activation_batch", mesh_shape) + _axes(rules, "activation_length", mesh_shape)
-                if a not in fsdp]
+    rows_and_positions = rule_axes(rules, "activation_batch", mesh_shape) + rule_axes(rules, "activation_length",
+                                                                                    mesh_shape)
+    replicas = [a for a in rows_and_positions if a not in fsdp]
     r_dcn, r_ici = _size(mesh_shape, replicas, True), _size(mesh_shape, replicas, False)
     grads = (int(2 * (r_dcn - 1) / r_dcn * param_shard / r_ici), int(2 * (r_ici - 1) / r_ici * param_shard))
 
-    batch_split = math.prod(mesh_shape[a] for a in _axes(rules, "activation_batch", mesh_shape))
-    length = _axes(rules, "activation_length", mesh_shape)
+    batch_split = math.prod(mesh_shape[a] for a in rule_axes(rules, "activation_batch", mesh_shape))
+    length = rule_axes(rules, "activation_length", mesh_shape)
     shards = math.prod(mesh_shape[a] for a in length)
     tokens = -(-rows // batch_split) * seq_len // shards
-    t = math.prod(mesh_shape[a] for a in _axes(rules, "activation_heads", mesh_shape))
+    t = math.prod(mesh_shape[a] for a in rule_axes(rules, "activation_heads", mesh_shape))
     tensor = int(micro_batches * cfg.n_layers * 4 * 2 * (t - 1) / t * tokens * cfg.dim * c)
 
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim / t, cfg.kv_heads * cfg.head_dim / t
