@@ -14,6 +14,9 @@ Triton's compilers, nor XLA's TPU/GPU SPMD partitioner. Oracles, each able to fa
   the code under test): every parameter's and batch input's sharding in the train step's signature, the
   [batch, seq, vocab] logits' sharding constraint, and each kernel inside a shard_map that makes every
   mesh axis manual (Mosaic's requirement) with q/k/v split over the rules' batch and kv-head axes;
+- context parallelism (`context=2 × fsdp=2 × tensor=2`): each kernel inside a shard_map over every axis
+  that also holds the all-to-alls between sequence and head splits (explicit in the lowered module, since
+  shard_map's collectives are written by us, not the partitioner), and the segment ids' all-gather;
 - collectives, which exist only after SPMD partitioning: the same train step (the `xla` attention; the
   kernels sit in shard_map and add none) partitioned by XLA for 8 simulated CPU devices, in one
   subprocess: no collective ever moves the whole [batch, seq, vocab] logits, FSDP gathers the layer
