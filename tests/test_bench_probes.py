@@ -3,8 +3,8 @@ figures keep running.
 
 Each probe checks its own programs against its competitor's before printing a figure (products and
 reductions against torch / numpy, context-parallel attention against one device's, exit 1 on a mismatch;
-the malloc A/B's three processes must compute bitwise the same losses), so a `--smoke` run that prints its ratio lines is also a correctness check of
-what it times. Timings are not asserted: they depend on the machine.
+the malloc A/B's three processes must compute bitwise the same losses), so a `--smoke` run that prints
+its ratio lines is also a correctness check of what it times. Timings are not asserted: they depend on the machine.
 """
 import os
 import re
