@@ -62,23 +62,36 @@ class TokenizerError(ValueError):
     """A tokenizer file is unreadable, malformed or inconsistent; the message names the file (and field)."""
 
 
-def read_special_tokens(config_path: Path) -> dict[str, str | None]:
-    """{bos_token, eos_token, pad_token: text or None} from a Hugging Face `tokenizer_config.json`.
-
-    Each is absent, null, a token string, or an AddedToken object `{"content": "<s>", ...}` (how
-    transformers saves them); anything else, bad UTF-8, bad JSON or a non-object is a TokenizerError naming
-    the file and the field, never a guess: a wrong BOS id would silently shift every sequence.
-    """
+def read_tokenizer_config(config_path: Path) -> dict:
+    """A Hugging Face `tokenizer_config.json` as a dict; bad UTF-8, bad JSON or a non-object is a
+    TokenizerError naming the file."""
     try:
         config = json.loads(config_path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{config_path}: not UTF-8 (byte {e.start})") from None
     except (ValueError, RecursionError) as e:
         raise TokenizerError(f"{config_path}: invalid JSON ({str(e).splitlines()[0] if str(e) else 'too deep'})") from None
+    except OSError as e:
+        raise TokenizerError(f"{config_path}: unreadable ({e.strerror or e})") from None
     if not isinstance(config, dict):
         raise TokenizerError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_special_tokens(config_path: Path) -> dict[str, str | None]:
+    """{bos_token, eos_token, pad_token: text or None} from a Hugging Face `tokenizer_config.json`."""
+    return read_special_tokens_of(read_tokenizer_config(config_path), config_path)
+
+
+def read_special_tokens_of(config: dict, config_path: Path, keys=SPECIAL_TOKEN_KEYS) -> dict[str, str | None]:
+    """{key: text or None} of the special tokens of a tokenizer_config mapping read from `config_path`.
+
+    Each is absent, null, a token string, or an AddedToken object `{"content": "<s>", ...}` (how
+    transformers saves them); anything else is a TokenizerError naming the file and the field, never a
+    guess: a wrong BOS id would silently shift every sequence.
+    """
     tokens = {}
-    for key in SPECIAL_TOKEN_KEYS:
+    for key in keys:
         value = config.get(key)
         if isinstance(value, dict):
             if "content" not in value:
@@ -190,12 +203,20 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_chat_text(self, text: str) -> tuple[list[int], np.ndarray]:
         """SentencePiece would spell "<s>" out as characters: the text is cut at BOS/EOS strings and the
-        pieces between them encoded one by one (each with its dummy prefix, as Meta's chat code does)."""
+        pieces between them encoded one by one, each with its dummy prefix (as Meta's chat code does),
+        except that a piece starting with a space takes that space as its prefix: the rule of transformers'
+        LLaMA tokenizer (Metaspace prepends `▁` only where there is none), which Meta's own code never
+        meets (its pieces start with "[INST]")."""
         specials = {self.token_text(i): i for i in (self.bos_id, self.eos_id)}
         ids, ends, done = [], [], 0
         for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
             if part in specials:
                 part_ids, part_ends = [specials[part]], np.array([len(part.encode("utf-8"))])
+            elif part == " ":
+                part_ids, part_ends = [self._sp.piece_to_id("\u2581")], np.array([1])
+            elif part.startswith(" "):
+                part_ids, part_ends = self._token_end_offsets(part[1:])
+                part_ends = np.asarray(part_ends) + 1
             elif part:
                 part_ids, part_ends = self._token_end_offsets(part)
             else:
