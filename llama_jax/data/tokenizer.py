@@ -121,6 +121,12 @@ class Tokenizer(abc.ABC):
         self.pad_id = eos_id if pad_id is None or pad_id < 0 else pad_id
         self.vocab_size = vocab_size
 
+    @property
+    @abc.abstractmethod
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer's own convention puts BOS in front of a text (what transformers'
+        default encoding does with the same files): evaluation follows it unless told otherwise."""
+
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, with BOS in front and EOS at the end when asked."""
         (ids,) = self.encode_batch([text])
@@ -187,6 +193,16 @@ class SentencePieceTokenizer(Tokenizer):
         if self.bos_id < 0 or self.eos_id < 0:
             raise TokenizerError(f"{path}: the SentencePiece model has no BOS or EOS piece "
                              f"(bos_id={self.bos_id}, eos_id={self.eos_id})")
+
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """`add_bos_token` of the tokenizer_config.json beside the model where it says; else True, LLaMA's
+        convention (Meta's code, and every LLaMA SentencePiece repository's `add_bos_token: true`)."""
+        config_path = Path(self.path).with_name("tokenizer_config.json")
+        value = read_tokenizer_config(config_path).get("add_bos_token") if config_path.is_file() else None
+        if value is not None and not isinstance(value, bool):
+            raise TokenizerError(f"{config_path}: add_bos_token: expected true or false, got {json.dumps(value)[:80]}")
+        return True if value is None else value
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), num_threads=os.cpu_count())
@@ -266,6 +282,12 @@ class HuggingFaceTokenizer(Tokenizer):
         if token_id is None:
             raise TokenizerError(f"{source}: {key} {token!r} is not in the vocabulary of {vocabulary}")
         return token_id
+
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether the file's post-processor puts BOS in front (LLaMA 3's does; many others do not)."""
+        plain, special = (self._tok.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+        return special[:1] == [self.bos_id] and special[1:len(plain) + 1] == plain
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
