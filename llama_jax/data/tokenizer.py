@@ -118,7 +118,8 @@ class Tokenizer(abc.ABC):
         self.path = path
         self.bos_id = bos_id
         self.eos_id = eos_id
-        self.pad_id = eos_id if pad_id is None or pad_id < 0 else pad_id
+        self.declared_pad_id = None if pad_id is None or pad_id < 0 else pad_id  # the file's own, if any
+        self.pad_id = eos_id if self.declared_pad_id is None else pad_id
         self.vocab_size = vocab_size
 
     @property
