@@ -158,3 +158,17 @@ def test_a_hostile_template_is_one_line_naming_its_file(tmp_path, monkeypatch, b
         template.encode(CONVERSATIONS[0])
     text = str(info.value)
     assert text.startswith(f"{directory / 'chat_template.jinja'}: ") and message in text and "\n" not in text
+
+
+def test_chat_date_of_the_data_config_reaches_the_tokens(tmp_path):
+    from llama_jax.data.config import DataConfig, SourceConfig
+    from llama_jax.data.sft import make_sft_eval_batches
+
+    directory = make_tokenizer_dir(tmp_path, LLAMA3_SPECIALS, None)
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": CONVERSATIONS[1]}) + "\n")
+    source = SourceConfig(kind="chat", path=str(tmp_path / "chats.jsonl"))
+    tokenizer = load_tokenizer(directory)
+    for date, expected in (("", "Today Date: 26 Jul 2024"), ("05 Dec 2026", "Today Date: 05 Dec 2026")):
+        cfg = DataConfig(sources=[source], validation_sources=[source], chat_template="llama3.1", chat_date=date)
+        (batch,) = make_sft_eval_batches(cfg, tokenizer, seq_len=128, batch_size=1)
+        assert expected in tokenizer.decode(batch["inputs"][0])

@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="each prompt is a user turn in this chat template (as in fine-tuning); stops at its "
                           "end-of-turn token")
     gen.add_argument("--system", default="", help="with --chat: a system prompt before each prompt")
+    add_flag(gen, "--chat-date", default=None,
+             help="with --chat: the date the template writes (LLaMA 3.1's 'Today Date'; default: the template's)")
     return parser
 
 
@@ -221,6 +223,9 @@ def _task_manager(names: list[str], include_path: str | None):
 
 
 def run_harness(args, emit) -> None:
+    from llama_jax.utils.extras import require
+
+    require("eval", "eval.py harness", ("lm_eval",))
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
@@ -256,10 +261,11 @@ def run_generate(args, emit) -> None:
 
         head = [{"role": "system", "content": args.system}] if args.system else []
         token_prompts, end_of_turn = chat_prompts(tok, args.chat, [head + [{"role": "user", "content": p}]
-                                                                   for p in prompts])
+                                                                   for p in prompts], date=args.chat_date)
         result = Generator(model, sampling, eos_id=end_of_turn)(token_prompts)
     else:
-        result = Generator(model, sampling)([tok.encode(p, bos=tok.adds_bos if args.bos is None else args.bos) for p in prompts])
+        bos = tok.adds_bos if args.bos is None else args.bos
+        result = Generator(model, sampling)([tok.encode(p, bos=bos) for p in prompts])
     emit({"generations": [{"prompt": p, "completion": tok.decode(t), "new_tokens": len(t)}
                           for p, t in zip(prompts, result.tokens)],
           "new_tokens": result.new_tokens, "seconds": result.seconds, "compile_seconds": result.compile_seconds,

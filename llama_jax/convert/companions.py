@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -54,13 +55,16 @@ def read_token_ids(path: Path) -> dict:
 
 
 def tokenizer_token_ids(tokenizer_path: str | Path) -> dict:
-    """The ids the tokenizer itself declares (BOS, EOS, its own pad piece if it has one)."""
+    """The ids the tokenizer itself declares (BOS, EOS, its own pad piece if it has one); {} with a
+    warning for a file we cannot read (LLaMA 3's Meta release ships a tiktoken `tokenizer.model`): the
+    conversion goes on, and config.json then states no ids, as the source did not."""
     from llama_jax.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(tokenizer_path)
     except (TokenizerError, OSError) as e:
-        raise ConvertError(str(e)) from None
+        print(f"warning: no BOS/EOS ids for config.json: {str(e).splitlines()[0]}", file=sys.stderr)
+        return {}
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     if tokenizer.declared_pad_id is not None:
         ids["pad_token_id"] = tokenizer.declared_pad_id

@@ -21,6 +21,7 @@ from llama_jax.convert.common import DTYPES, FORMATS, ConvertError, tensor_count
 from llama_jax.convert.hf import DEFAULT_SHARD_BYTES, HFReader, HFWriter, is_hf_dir
 from llama_jax.convert.meta import MetaReader, MetaWriter, is_meta_dir
 from llama_jax.convert.ours import OrbaxReader, OrbaxWriter, ParamTreeBuilder, is_orbax_dir
+from llama_jax.utils.extras import require
 from llama_jax.utils.files import atomic_directory
 
 READERS = {"meta": MetaReader, "hf": HFReader, "orbax": OrbaxReader}
@@ -51,6 +52,8 @@ def open_reader(path: str | os.PathLike, fmt: str | None = None, preset: str | N
         raise ConvertError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if not path.is_dir():
         raise ConvertError(f"{path}: not a directory")
+    if fmt == "meta":
+        require("torch", "reading a Meta checkpoint (.pth)")
     base = load_model_config(preset) if preset else ModelConfig()
     reader = READERS[fmt](path, base)
     if preset:
@@ -103,6 +106,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, src_form
         raise ConvertError(f"{dst} already exists; refusing to overwrite it")
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if to == "meta":
+        require("torch", "writing a Meta checkpoint (.pth)")
     reader = open_reader(src, src_format, preset)
     target_dtype = DTYPES[dtype] if dtype else reader.dtype
     try:
