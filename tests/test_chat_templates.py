@@ -20,6 +20,7 @@ import official_chat_templates as official
 from llama_jax.data.chat_template import ChatTemplate, TemplateError
 from llama_jax.data.tokenizer import load_tokenizer
 from sft_tokenizers import LLAMA3_SPECIALS, make_tokenizer_dir
+from test_sft_data import CHATML_TEMPLATE
 
 
 def chat(*turns, system=None):
@@ -104,19 +105,6 @@ def test_builtin_templates_equal_transformers_with_the_official_template(tmp_pat
         assert f"Today Date: {kwargs.get('date_string', '26 Jul 2024')}\n\n" in text
 
 
-CHATML_WITH_GENERATION = """{% for message in messages %}
-<|im_start|>{{ message.role }}
-    {% if message.role == 'assistant' %}
-{% generation %}{{ message.content | trim }}<|im_end|>{% endgeneration %}
-
-    {% else %}
-{{ message.content }}<|im_end|>
-    {% endif %}
-{% endfor %}
-{% if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
-
-
 def test_a_template_from_chat_template_jinja_equals_transformers(tmp_path):
     """transformers 5 saves a tokenizer's template as chat_template.jinja (tokenizer_config.json then has
     no chat_template key): `chat_template: tokenizer` reads it there."""
@@ -124,7 +112,7 @@ def test_a_template_from_chat_template_jinja_equals_transformers(tmp_path):
 
     source = make_tokenizer_dir(tmp_path / "src", (*LLAMA3_SPECIALS, "<|im_start|>", "<|im_end|>"), None)
     hf = transformers.AutoTokenizer.from_pretrained(str(source))
-    hf.chat_template = CHATML_WITH_GENERATION
+    hf.chat_template = CHATML_TEMPLATE
     hf.save_pretrained(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "chat_template.jinja").is_file()
     assert "chat_template" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
