@@ -156,7 +156,7 @@ class OrbaxWriter(ParamTreeBuilder):
 
     def __init__(self, directory: Path, cfg: ModelConfig, dtype: np.dtype):
         super().__init__(cfg, dtype)
-        self.directory = directory
+        self.directory = Path(directory).absolute()  # orbax refuses a relative destination (`--to orbax DST`)
         self._shard_axes = checkpoint_io.storage_shard_axes(cfg)
 
     def finished(self, path: tuple[str, ...], value: np.ndarray) -> None:
