@@ -144,7 +144,15 @@ def test_the_wheel_with_all_extras_runs_a_job_of_every_command(wheel, wheelhouse
               "--data-dir", "tfds", *common)
     assert json.loads(out)["tokens"] > 0
 
-    # [curate]: the built-in sample through line dedup and language ID
+    # [curate]: the built-in sample through line dedup and language ID. KenLM's lmplz and build_binary
+    # (the sample's quality models) are programs, not in any wheel: .ci/build_kenlm.sh builds them
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("lmplz", "build_binary"):
+        found = shutil.which(tool) or shutil.which(tool, path=str(Path(sys.executable).parent))
+        assert found, f"{tool} not built (bash .ci/build_kenlm.sh VENV)"
+        (tools / tool).symlink_to(found)
+    env["PATH"] = f"{tools}{os.pathsep}{env['PATH']}"
     cmd("llama-jax-curate", "output_dir=curated", "sample_bytes=100000",
         "sources=[{name: commoncrawl, format: sample, stages: [line_dedup, language]}]", timeout=900)
     assert (tmp_path / "curated" / "funnel.json").is_file()
