@@ -89,11 +89,12 @@ def assert_same_chat_model(source: Path, export: Path, *, same_weights: bool = T
 
 
 @pytest.mark.parametrize("via", ["orbax", "meta"])
-def test_hf_to_ours_or_meta_to_hf_is_the_same_chat_model(tmp_path, via):
+def test_hf_to_ours_or_meta_to_hf_is_the_same_chat_model(tmp_path, monkeypatch, via):
     source = make_chat_model(tmp_path / "source")
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= \
         {p.name for p in source.iterdir()}
-    convert(source, tmp_path / via, to=via, progress=False)
+    monkeypatch.chdir(tmp_path)  # relative paths, as on a command line (orbax wants absolute ones)
+    convert("source", via, to=via, progress=False)
     assert json.loads((tmp_path / via / "token_ids.json").read_text()) == TOKEN_IDS
     convert(tmp_path / via, tmp_path / "hf", to="hf", progress=False)
     assert_same_chat_model(source, tmp_path / "hf")
