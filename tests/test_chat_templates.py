@@ -160,3 +160,15 @@ def test_chat_date_of_the_data_config_reaches_the_tokens(tmp_path):
         cfg = DataConfig(sources=[source], validation_sources=[source], chat_template="llama3.1", chat_date=date)
         (batch,) = make_sft_eval_batches(cfg, tokenizer, seq_len=128, batch_size=1)
         assert expected in tokenizer.decode(batch["inputs"][0])
+
+
+def test_train_with_a_hostile_template_is_exit_2_and_one_line(tmp_path, capsys):
+    from llama_jax.cli.train import main as train_main
+    from test_sft_train import overrides, write_chat_files
+
+    files = write_chat_files(tmp_path)
+    jinja = tmp_path / "tok" / "chat_template.jinja"
+    jinja.write_text("{% generation %}{% endgeneration %}{{ 1/0 }}")
+    assert train_main(overrides(files, tmp_path / "run", **{"data.chat_template": "tokenizer"})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{jinja}: does not render: ZeroDivisionError" in err[0], err

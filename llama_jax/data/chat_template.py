@@ -142,7 +142,8 @@ class _TooCostly(Exception):
 
 
 _deadline = threading.local()
-_MONITOR_TOOL = 4  # a sys.monitoring tool id no standard tool claims (debugger 0, coverage 1, profiler 2, optimizer 5)
+_MONITOR_NAME = "llama_jax chat template time bound"
+_FREE_TOOL_IDS = (3, 4)  # the sys.monitoring ids no standard tool claims (debugger 0, coverage 1, profiler 2, ...)
 
 
 def _on_jump(code, offset, destination):
@@ -155,13 +156,17 @@ def _watch(template) -> None:
     """Turn on jump events for the code of `template` alone (its root, blocks and the macros inside them),
     so the deadline is checked on every loop iteration without slowing any other code."""
     monitoring = sys.monitoring
-    if monitoring.get_tool(_MONITOR_TOOL) is None:
-        monitoring.use_tool_id(_MONITOR_TOOL, "llama_jax chat template time bound")
-        monitoring.register_callback(_MONITOR_TOOL, monitoring.events.JUMP, _on_jump)
+    tool = next((i for i in _FREE_TOOL_IDS if monitoring.get_tool(i) == _MONITOR_NAME), None)
+    if tool is None:
+        tool = next((i for i in _FREE_TOOL_IDS if monitoring.get_tool(i) is None), None)
+        if tool is None:  # both taken by other tools: the output bound still holds
+            return
+        monitoring.use_tool_id(tool, _MONITOR_NAME)
+        monitoring.register_callback(tool, monitoring.events.JUMP, _on_jump)
     pending = [template.root_render_func.__code__, *(f.__code__ for f in template.blocks.values())]
     while pending:
         code = pending.pop()
-        monitoring.set_local_events(_MONITOR_TOOL, code, monitoring.events.JUMP)
+        monitoring.set_local_events(tool, code, monitoring.events.JUMP)
         pending += [c for c in code.co_consts if isinstance(c, types.CodeType)]
 
 
