@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Build (once per machine and requirements) the Python 3.12 virtual environment and link it as ./.venv,
-# then install this checkout into it (editable, so `llama_jax` and the llama-jax-* commands are this clone's).
+# Build (once per machine and requirements) the shared Python 3.12 virtual environment, then give this
+# checkout its own light ./.venv on top of it (.ci/checkout_venv.sh: this clone installed editable there,
+# never in the shared venv, so `llama_jax` and the llama-jax-* commands are this clone's, and two clones
+# on one machine never import each other's code).
 # Every transitive version is pinned by .ci/constraints.txt. The venv lives outside the clone, keyed by a hash
 # of the requirements, so a fresh clone or a CI run on the same machine reuses it and only a change of
-# requirements pays the (multi-GB) install again; the editable install (seconds) re-points it every run.
+# requirements pays the (multi-GB) install again; the per-checkout venv takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,5 +48,4 @@ if [ ! -f "$venv/.complete" ]; then
   bash .ci/build_kenlm.sh "$venv"
   touch "$venv/.complete"
 fi
-ln -sfn "$venv" .venv
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+bash .ci/checkout_venv.sh "$venv"  # ./.venv: this clone alone on top of the shared packages

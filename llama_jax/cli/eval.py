@@ -32,7 +32,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("meta", "hf", "orbax"), default=None, help="default: detected")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's own)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute and weight dtype")
-    add_flag(parser, "--no-bos", action="store_true", help="do not put BOS in front of each text")
+    bos = parser.add_mutually_exclusive_group()
+    bos.add_argument("--bos", dest="bos", action="store_const", const=True, default=None,
+                     help="put BOS in front of each text (default: as the tokenizer's own convention says)")
+    add_flag(bos, "--no-bos", dest="bos", action="store_const", const=False, default=None,
+             help="do not put BOS in front of each text")
     add_flag(parser, "--data-parallel", type=int, default=1, help="mesh 'data' axis size")
     parser.add_argument("--fsdp", type=int, default=-1, help="mesh 'fsdp' axis size (-1: remaining devices)")
     parser.add_argument("--tensor", type=int, default=1, help="mesh 'tensor' axis size")
@@ -129,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="each prompt is a user turn in this chat template (as in fine-tuning); stops at its "
                           "end-of-turn token")
     gen.add_argument("--system", default="", help="with --chat: a system prompt before each prompt")
+    add_flag(gen, "--chat-date", default=None,
+             help="with --chat: the date the template writes (LLaMA 3.1's 'Today Date'; default: the template's)")
     return parser
 
 
@@ -191,7 +197,7 @@ def run_perplexity(args, emit) -> None:
     context_len = model.cfg.max_seq_len if args.context_len is None else args.context_len
     scorer = TokenScorer(model, batch_size=args.batch_size, max_len=context_len)
     result = evaluate_perplexity(scorer, texts, model.tokenizer, context_len=context_len, stride=args.stride,
-                                 bos=not args.no_bos).as_dict()
+                                 bos=args.bos).as_dict()
     result.update(context_len=context_len, windows="rolling" if args.stride is None else f"stride {args.stride}")
     emit(result, args.output)
 
@@ -209,7 +215,7 @@ def run_tasks(args, emit) -> None:
     options = RunOptions(num_fewshot=args.num_fewshot, fewshot_seed=args.fewshot_seed, limit=args.limit,
                          samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         bos=not args.no_bos,
+                         bos=args.bos,
                          code_limits=_code_limits(args), code_workers=args.code_workers,
                          allow_unsafe_code=args.unsafe_run_generated_code)
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
@@ -264,6 +270,9 @@ def _task_manager(names: list[str], include_path: str | None):
 
 
 def run_harness(args, emit) -> None:
+    from llama_jax.utils.extras import require
+
+    require("eval", "eval.py harness", ("lm_eval",))
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
@@ -272,7 +281,7 @@ def run_harness(args, emit) -> None:
     names = [s.strip() for s in args.tasks.split(",") if s.strip()]
     manager = _task_manager(names, args.include_path)
     lm = lm_class()(model=_load(args), batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed,
-                    add_bos_token=not args.no_bos)
+                    add_bos_token=args.bos)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
                                       task_manager=manager, log_samples=bool(args.output_dir),
@@ -306,10 +315,11 @@ def run_generate(args, emit) -> None:
 
         head = [{"role": "system", "content": args.system}] if args.system else []
         token_prompts, end_of_turn = chat_prompts(tok, args.chat, [head + [{"role": "user", "content": p}]
-                                                                   for p in prompts])
+                                                                   for p in prompts], date=args.chat_date)
         result = Generator(model, sampling, eos_id=end_of_turn)(token_prompts)
     else:
-        result = Generator(model, sampling)([tok.encode(p, bos=not args.no_bos) for p in prompts])
+        bos = tok.adds_bos if args.bos is None else args.bos
+        result = Generator(model, sampling)([tok.encode(p, bos=bos) for p in prompts])
     emit({"generations": [{"prompt": p, "completion": tok.decode(t), "new_tokens": len(t)}
                           for p, t in zip(prompts, result.tokens)],
           "new_tokens": result.new_tokens, "seconds": result.seconds, "compile_seconds": result.compile_seconds,

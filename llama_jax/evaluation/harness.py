@@ -13,8 +13,8 @@ Requests of one type arrive together and are batched here:
   greedy unless `do_sample`, else temperature/top_k/top_p. Identical sampled requests (lm-eval's
   `repeats: k`) get seeds seed, seed + 1, ..., so `majority_vote` sees k different samples (maj@k).
 
-Token conventions follow lm-eval's HF backend on a LLaMA tokenizer: `tok_encode` adds BOS unless
-`add_bos_token=False`, the prefix token (empty contexts, the first rolling window) is BOS, the context
+Token conventions follow lm-eval's HF backend: `tok_encode` adds BOS when the tokenizer's convention
+does (`Tokenizer.adds_bos`; `add_bos_token=True`/`False` overrides it), the prefix token (empty contexts, the first rolling window) is BOS, the context
 of a generation is cut on the left to max_length - max_gen_toks tokens. The model is one SPMD program
 over all devices and hosts, so the LM reports rank 0 of 1 to lm-eval: every process runs every request.
 """
@@ -88,7 +88,7 @@ def lm_class():
     @register_model("llama_jax")
     class LlamaJaxLM(TemplateLM):
         def __init__(self, model: EvalModel | None = None, pretrained: str | None = None, *, batch_size: int = 16,
-                     max_gen_toks: int = 256, add_bos_token: bool = True, dtype: str = "bf16", seed: int = 0,
+                     max_gen_toks: int = 256, add_bos_token: bool | str | None = None, dtype: str = "bf16", seed: int = 0,
                      tokenizer: str | None = None, **_ignored: Any):
             super().__init__()
             if model is None:
@@ -97,7 +97,8 @@ def lm_class():
                 model = load_eval_model(pretrained, dtype=dtype, tokenizer_path=tokenizer)
             self.model, self.tok = model, model.tokenizer
             self.batch_size, self.max_gen_toks, self.seed = int(batch_size), int(max_gen_toks), int(seed)
-            self.add_bos_token = add_bos_token in (True, "True", "true", "1", 1)
+            self.add_bos_token = (self.tok.adds_bos if add_bos_token in (None, "None", "")
+                                  else add_bos_token in (True, "True", "true", "1", 1))
             self.scorer = TokenScorer(model, batch_size=self.batch_size)
             self._generators: dict[tuple, Generator] = {}
 

@@ -44,7 +44,7 @@ class RunOptions:
     seed: int = 0
     max_new_tokens: int | None = None  # None: each task's own
     batch_size: int = 16
-    bos: bool = True
+    bos: bool | None = None  # None: as the tokenizer's convention says (`Tokenizer.adds_bos`)
     code_limits: Limits = Limits()
     code_workers: int = 0
     allow_unsafe_code: bool = False  # run generated code with the audit hook alone where bwrap cannot run
@@ -105,7 +105,8 @@ class TaskRunner:
     def completions(self, prepared: Prepared) -> list[list[str]]:
         """samples[item][j]: the j-th completion of each item, cut at the task's stop strings."""
         tok, o = self.model.tokenizer, self.options
-        prompts = [tok.encode(p, bos=o.bos) for p in prepared.prompts]
+        bos = tok.adds_bos if o.bos is None else o.bos
+        prompts = [tok.encode(p, bos=bos) for p in prepared.prompts]
         gen = self._generator(prepared.max_new_tokens)
         runs = [generate_texts(gen, prompts, until=prepared.task.settings.until, batch_size=o.batch_size,
                                seed=o.seed + j) for j in range(o.samples)]

@@ -48,6 +48,7 @@ from llama_jax.training.profiling import StepProfiler
 from llama_jax.training.run_lock import RunLock
 from llama_jax.training.spikes import Spike, SpikeDetector, describe_spike
 from llama_jax.training.task_eval import TaskEval
+from llama_jax.convert import companions
 from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.optimizer import lr_schedule, make_optimizer
@@ -107,16 +108,19 @@ def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
 
 
 def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
-    """The resolved config (model as a full mapping) and a copy of the tokenizer, beside the checkpoints."""
+    """The resolved config (model as a full mapping), a copy of the tokenizer, and the files that make an
+    export the same chat model (`llama_jax.convert.companions`: tokenizer config and chat template from
+    the tokenizer's directory, generation config and BOS/EOS/pad ids from `init_from`, else made from the
+    tokenizer), beside the checkpoints."""
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(run_dir / "config.yaml")
     target = run_dir / f"tokenizer{Path(tokenizer.path).suffix}"
     if Path(tokenizer.path).resolve() != target.resolve():
         shutil.copyfile(tokenizer.path, target)
-        config = Path(tokenizer.path).with_name("tokenizer_config.json")  # special tokens, chat template
-        if config.is_file():
-            shutil.copyfile(config, run_dir / config.name)
+    model_dirs = [Path(cfg.init_from)] if cfg.init_from else []
+    companions.carry(run_dir, tokenizer_dirs=[Path(tokenizer.path).parent], model_dirs=model_dirs,
+                     token_ids=companions.source_token_ids(model_dirs, tokenizer.path), hf_target=False)
 
 
 class Evaluator:
