@@ -18,7 +18,6 @@ task per subject (`mmlu_<subject>`: description and shots are per subject, as in
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,7 @@ from llama_jax.evaluation.code_exec import CodeItem
 from llama_jax.evaluation.fewshot import Example
 from llama_jax.evaluation.suite import GenItem, Task, TaskError, TaskSettings, load_task_file
 from llama_jax.evaluation.tasks import TFDS_TASKS, _text, load_tfds_task, shared_context_item
+from llama_jax.utils.files import json_objects
 
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 QA_STOPS = ["\n", ".", ","]
@@ -126,18 +126,12 @@ def _jsonl(path: Path, task: str, keys: tuple[str, ...], one_of: tuple[str, ...]
     if not path.is_file():
         raise TaskError(f"task {task}: {path} does not exist (see docs/evaluation.md for its layout)")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"task {task}: {path}:{number}: not valid JSON ({e.msg})") from e
-        missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+    for _, where, record in json_objects(path, TaskError, f"task {task}: "):
+        missing = [k for k in keys if k not in record]
         if missing:
-            raise TaskError(f"task {task}: {path}:{number}: missing key {missing[0]!r}")
+            raise TaskError(f"{where}: missing key {missing[0]!r}")
         if one_of and not any(k in record for k in one_of):
-            raise TaskError(f"task {task}: {path}:{number}: missing key {' or '.join(map(repr, one_of))}")
+            raise TaskError(f"{where}: missing key {' or '.join(map(repr, one_of))}")
         records.append(record)
     return records
 

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from llama_jax.utils.text import lone_surrogate_in
+
 # What a checkpoint directory (ours, Meta's, Hugging Face's) may hold as its tokenizer, preferred first.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -90,9 +92,11 @@ def atomic_directory(path: str | os.PathLike, purpose: str = "tmp") -> Iterator[
 def json_objects(path: str | os.PathLike, error: type[ValueError] = ValueError,
                  prefix: str = "") -> Iterator[tuple[int, str, dict]]:
     """(line number, "PREFIXPATH:LINE", object) for each non-empty line of a JSONL file; anything else
-    (missing, unreadable, not UTF-8, a line that is not a JSON object) raises `error` in one line."""
+    (missing, unreadable, not UTF-8, a line that is not a JSON object, a string holding a lone surrogate)
+    raises `error` in one line. Lines end at "\n" only: U+2028, U+0085 and the like are text inside a JSON
+    string (str.splitlines would cut the record there), and line numbers are grep -n's."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise error(f"{prefix}{path} is not UTF-8 text ({e.reason})") from None
     except FileNotFoundError:
@@ -111,4 +115,6 @@ def json_objects(path: str | os.PathLike, error: type[ValueError] = ValueError,
             raise error(f"{where}: JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if (surrogate := lone_surrogate_in(record)) is not None:
+            raise error(f"{where}: {surrogate}")
         yield number, where, record

@@ -14,3 +14,25 @@ def lone_surrogate(text: str) -> str | None:
     except UnicodeEncodeError as e:
         return f"a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} (not Unicode text)"
     return None
+
+
+
+def lone_surrogate_in(value: object, where: str = "") -> str | None:
+    """`lone_surrogate` for every string of a parsed JSON value, keys included: the first problem, prefixed
+    with its place (`messages[1].content`)."""
+    if isinstance(value, str):
+        problem = lone_surrogate(value)
+        return f"{where}: {problem}" if problem and where else problem
+    if isinstance(value, dict):
+        for key in value:  # a key is named by its object: printing the key itself would fail
+            if (problem := lone_surrogate(key)) is not None:
+                return f"a key of {where or 'the object'}: {problem}"
+        children = [(f"{where}.{key}" if where else key, child) for key, child in value.items()]
+    elif isinstance(value, list):
+        children = [(f"{where}[{i}]", child) for i, child in enumerate(value)]
+    else:
+        return None
+    for place, child in children:
+        if (problem := lone_surrogate_in(child, place)) is not None:
+            return problem
+    return None
