@@ -59,7 +59,7 @@ def test_when_no_step_restores_the_run_stops_listing_what_was_tried(corpus, refe
 
 
 def test_integrity_records_name_the_damaged_file(reference, tmp_path):
-    from llama_jax.training.checkpoints import RunCheckpoints
+    from llama_jax.checkpoint.run import RunCheckpoints
 
     root, _ = reference
     run = tmp_path / "run"
@@ -77,7 +77,7 @@ def test_integrity_records_name_the_damaged_file(reference, tmp_path):
 def test_a_record_left_by_a_pruned_step_is_forgotten_when_the_run_reopens(reference, tmp_path):
     """A step number saved again (after every kept step was set aside, the run restarts from scratch) must
     not be judged against the record of the pruned step it once was: opening the run drops such records."""
-    from llama_jax.training.checkpoints import RunCheckpoints
+    from llama_jax.checkpoint.run import RunCheckpoints
 
     root, _ = reference
     run = tmp_path / "run"

@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from llama_jax.convert import convert
-from llama_jax.convert.orbax_dirs import (find_tokenizer, load_params, params_item_path, read_model_config,
-                                         save_params, stored_arrays, write_model_config)
+from llama_jax.checkpoint.layout import find_tokenizer, read_model_config, write_model_config
+from llama_jax.checkpoint.orbax_io import stored_arrays
+from llama_jax.checkpoint.params import load_params, params_item_path, save_params
+from llama_jax.checkpoint.run import RunCheckpoints
 from llama_jax.model import api
 from llama_jax.utils.config_io import to_dict
 from llama_jax.utils.trees import flatten
@@ -54,17 +56,14 @@ def test_save_refuses_bad_params_and_existing_dirs_leaving_nothing(tmp_path):
 
 
 def _write_run(run, cfg, steps):
-    """A run directory laid out as the trainer writes it (CONTRACTS.md): config.yaml + CheckpointManager."""
+    """A run directory laid out as the trainer writes it: config.yaml + the trainer's RunCheckpoints."""
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg), "seed": 0}))
     (run / "tokenizer.model").write_bytes(b"spm")
-    manager = ocp.CheckpointManager(run / "checkpoints", item_names=("params", "opt_state", "meta"))
+    ckpts = RunCheckpoints(run, keep=10)
     for step, params in steps.items():
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                   opt_state=ocp.args.StandardSave({"mu": np.zeros(3)}),
-                                                   meta=ocp.args.JsonSave({"step": step})))
-    manager.wait_until_finished()
-    manager.close()
+        ckpts.save(step, params, {"mu": np.zeros(3)}, {"step": step})
+    ckpts.close()
 
 
 def test_run_dir_loads_the_latest_complete_step(tmp_path, monkeypatch, caplog):

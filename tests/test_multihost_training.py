@@ -159,7 +159,7 @@ def oracle(corpus, cache_env, tmp_path_factory):
 
 
 def final_params(run_dir: Path) -> dict:
-    from llama_jax.convert.orbax_dirs import load_params
+    from llama_jax.checkpoint.params import load_params
     from llama_jax.training.config import load_train_config
 
     return load_params(run_dir, load_train_config(run_dir / "config.yaml").model)
