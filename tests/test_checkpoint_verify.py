@@ -127,7 +127,8 @@ def test_init_from_a_run_with_a_damaged_latest_step_starts_from_the_previous_one
 
 def test_a_damaged_params_dir_stops_every_reader_naming_the_file(corpus, cfg, steps, tmp_path, capsys):  # noqa: F811
     ckpt = tmp_path / "ckpt"
-    save_params(ckpt, steps[1], cfg, tokenizer_path=corpus["tokenizer"])
+    shutil.copyfile(corpus["tokenizer"], tmp_path / "tokenizer.model")
+    save_params(ckpt, steps[1], cfg, tokenizer_path=tmp_path / "tokenizer.model")
     damaged = largest_file(ckpt / "params")
     flip_bits(damaged)
     line = f"{ckpt}: damaged: file {damaged} changed since it was saved (CRC-32 differs)"
