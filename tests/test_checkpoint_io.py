@@ -123,3 +123,25 @@ def test_params_dirs_are_chunked_along_embed_and_every_layout_loads_into_shardin
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     loaded = load_params(path, cfg, shardings=jax.tree.map(lambda _: device, params))
     assert_bit_equal(jax.tree.map(np.asarray, loaded), params)
+
+
+def test_the_checkpoint_libraries_are_pinned_in_a_range_that_holds_the_tested_versions():
+    """orbax_io.py relies on orbax internals: pyproject.toml bounds orbax-checkpoint and tensorstore, and the
+    versions requirements.txt and .ci/constraints.txt pin (the ones CI tests) lie inside those bounds."""
+    import re
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parent.parent
+    declared = {r.name: r.specifier for r in map(Requirement, tomllib.loads(
+        (root / "pyproject.toml").read_text())["project"]["dependencies"])}
+    for name in ("orbax-checkpoint", "tensorstore"):
+        spec = declared[name]
+        assert any(s.operator == "<" for s in spec), f"{name} has no upper bound in pyproject.toml"
+        pins = {re.search(rf"^{name}==(\S+)", (root / f).read_text(), re.M).group(1)
+                for f in ("requirements.txt", ".ci/constraints.txt")}
+        assert len(pins) == 1 and pins <= set(spec.filter(pins)), (name, pins, spec)
+        assert version(name) in pins  # the environment running these tests is the pinned one
