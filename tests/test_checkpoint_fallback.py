@@ -45,6 +45,7 @@ def test_a_damaged_latest_step_is_set_aside_and_the_previous_one_resumes(corpus,
     assert "checkpoint step 4 is damaged:" in out and "resuming from" in out and "(step 2)" in out
     aside = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("4.corrupt-")]
     assert len(aside) == 1  # moved, never deleted
+    assert (run / "checkpoint_integrity" / f"{aside[0]}.json").is_file()  # its record moved along with it
     assert losses_from_jsonl(run) == want
 
 

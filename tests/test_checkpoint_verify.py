@@ -115,6 +115,16 @@ def test_readers_of_a_run_take_the_newest_verified_step_with_one_warning(corpus,
     assert json.loads(from_run.out) == json.loads(capsys.readouterr().out)  # the previous step's weights
 
 
+def test_a_run_without_a_verified_step_is_one_error_listing_each_step(corpus, cfg, steps, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    write_run(run, cfg, corpus, steps)
+    DAMAGE["bit flip in the largest file"](run, 2)
+    DAMAGE["no integrity record"](run, 1)
+    with pytest.raises(CheckpointDamaged, match=r"checkpoints: no verified step: step 2 \(file .* changed since it "
+                                                r"was saved \(CRC-32 differs\)\); step 1 \(it has no integrity record"):
+        load_params(run, cfg)
+
+
 def test_init_from_a_run_with_a_damaged_latest_step_starts_from_the_previous_one(corpus, cfg, steps, tmp_path,  # noqa: F811
                                                                                    capsys):
     run = tmp_path / "source"

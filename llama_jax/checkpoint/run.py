@@ -137,8 +137,9 @@ class RunCheckpoints:
 
     def set_aside(self, step: int, why: str = "corrupt") -> Path:
         """Rename a step out of orbax's sight (`<step>.<why>-<time>`, e.g. damaged or saved during a loss
-        spike); the previous step becomes the latest. Process 0 renames; every process then reopens the
-        manager."""
+        spike), and its record with it (`checkpoint_integrity/<step>.<why>-<time>.json`: renaming both back
+        by hand restores the step, checked like any other); the previous step becomes the latest. Process 0
+        renames; every process then reopens the manager."""
         stamp = time.strftime('%Y%m%d-%H%M%S')
         target = self.directory / f"{step}.{why}-{stamp}"
         for n in itertools.count(1):  # the same step set aside twice within a second (repeated rollbacks)
@@ -147,7 +148,8 @@ class RunCheckpoints:
             target = self.directory / f"{step}.{why}-{stamp}-{n}"
         if jax.process_index() == 0:
             os.rename(self.directory / str(step), target)
-            self.record(step).unlink(missing_ok=True)
+            if self.record(step).is_file():
+                os.rename(self.record(step), self.integrity_dir / f"{target.name}.json")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
