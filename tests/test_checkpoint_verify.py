@@ -39,7 +39,8 @@ def flip_bits(path):
 
 
 DAMAGE = {
-    "bit flip in the largest file": lambda run, step: flip_bits(largest_file(run / "checkpoints" / str(step) / "params")),
+    "bit flip in the largest file":
+        lambda run, step: flip_bits(largest_file(run / "checkpoints" / str(step) / "params")),
     "no integrity record": lambda run, step: step_record(run, step).unlink(),
 }
 WHY = {"bit flip in the largest file": "changed since it was saved (CRC-32 differs)",
@@ -86,8 +87,8 @@ def steps(cfg):
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_readers_of_a_run_take_the_newest_verified_step_with_one_warning(corpus, cfg, steps, tmp_path, kind,  # noqa: F811
-                                                                          capsys):
+def test_readers_of_a_run_take_the_newest_verified_step_with_one_warning(
+        corpus, cfg, steps, tmp_path, kind, capsys):  # noqa: F811
     run = tmp_path / "run"
     write_run(run, cfg, corpus, steps)
     DAMAGE[kind](run, 2)
@@ -125,8 +126,8 @@ def test_a_run_without_a_verified_step_is_one_error_listing_each_step(corpus, cf
         load_params(run, cfg)
 
 
-def test_init_from_a_run_with_a_damaged_latest_step_starts_from_the_previous_one(corpus, cfg, steps, tmp_path,  # noqa: F811
-                                                                                   capsys):
+def test_init_from_a_run_with_a_damaged_latest_step_starts_from_the_previous_one(
+        corpus, cfg, steps, tmp_path, capsys):  # noqa: F811
     run = tmp_path / "source"
     write_run(run, cfg, corpus, steps)
     DAMAGE["bit flip in the largest file"](run, 2)
@@ -172,8 +173,8 @@ def test_a_params_dir_without_a_record_is_read_with_its_values_checked_finite(cf
         load_params(poisoned, cfg)
 
 
-def test_nan_restored_from_a_recorded_step_is_damage_not_divergence(corpus, reference, tmp_path, monkeypatch,  # noqa: F811
-                                                                    capsys):
+def test_nan_restored_from_a_recorded_step_is_damage_not_divergence(
+        corpus, reference, tmp_path, monkeypatch, capsys):  # noqa: F811
     """A step whose parameters went NaN in memory while the loss stayed finite is saved with a valid record;
     resuming sets it aside as damaged and continues from the step before, with the uninterrupted losses."""
     from llama_jax.training import loop

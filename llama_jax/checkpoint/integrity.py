@@ -56,7 +56,8 @@ def damage(record: Path, directory: Path) -> str | None:
         if not all(isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) for n in v) for _, v in items):
             raise ValueError("not {file: [bytes, crc32]}")
     except (ValueError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        return f"its integrity record {record} is unreadable ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return f"its integrity record {record} is unreadable ({why})"
     for name, (size, crc) in items:
         path = directory / name
         if not path.is_file():

@@ -6,9 +6,10 @@ Here each parameter group is built directly in this process's device shards: for
 tensor the format's reader yields, only the slices this process's devices hold are copied into their
 shard buffers, the tensor is dropped, and once a group is complete each buffer goes to its device. A
 process's peak is therefore its own share of the model plus one checkpoint tensor plus one device shard.
-Our orbax directories are read the same way, one parameter at a time and one device shard at a time
-(`llama_jax.checkpoint.params.load_params`): each host reads only the stored chunks its shards overlap, which for a
-params dir (chunked along `embed`) or a checkpoint written with the same fsdp split is its own slices.
+Our own checkpoints are read the same way, one parameter at a time and one device shard at a time, once
+verified (`llama_jax.checkpoint.params.load_params`): each host reads only the stored chunks its shards
+overlap, which for a params dir (chunked along `embed`) or a checkpoint written with the same fsdp split
+is its own slices.
 
 Meta and Hugging Face readers still read each tensor whole (memory-mapped shards for Meta; Meta's q/k
 rows must be permuted whole), so every process reads every byte once: host memory, not I/O, is what
