@@ -116,6 +116,21 @@ def test_readers_of_a_run_take_the_newest_verified_step_with_one_warning(
     assert json.loads(from_run.out) == json.loads(capsys.readouterr().out)  # the previous step's weights
 
 
+def test_records_are_written_when_a_save_commits_and_never_for_steps_found_on_disk(corpus, cfg, steps, tmp_path):  # noqa: F811
+    """The record of a step exists as soon as its save is complete (before any later save or close), and a
+    run reopened over a step without a record (killed before recording it) does not record that step."""
+    run = tmp_path / "run"
+    write_run(run, cfg, corpus, steps)
+    step_record(run, 2).unlink()
+    ckpts = RunCheckpoints(run, keep=10)
+    ckpts.save(3, steps[1], {"mu": np.zeros(3)}, {"step": 3})
+    ckpts.wait()
+    assert step_record(run, 3).is_file() and not step_record(run, 2).exists()
+    ckpts.save(4, steps[1], {"mu": np.zeros(3)}, {"step": 4})
+    ckpts.close()
+    assert step_record(run, 4).is_file() and not step_record(run, 2).exists()
+
+
 def test_a_run_without_a_verified_step_is_one_error_listing_each_step(corpus, cfg, steps, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     write_run(run, cfg, corpus, steps)
