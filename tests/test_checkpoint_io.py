@@ -11,7 +11,7 @@ import yaml
 from llama_jax.convert import convert
 from llama_jax.checkpoint.layout import find_tokenizer, read_model_config, write_model_config
 from llama_jax.checkpoint.orbax_io import stored_arrays
-from llama_jax.checkpoint.params import load_params, params_item_path, save_params
+from llama_jax.checkpoint.params import load_params, verified_params_item, save_params
 from llama_jax.checkpoint.run import RunCheckpoints
 from llama_jax.model import api
 from llama_jax.utils.config_io import to_dict
@@ -115,7 +115,7 @@ def test_params_dirs_are_chunked_along_embed_and_every_layout_loads_into_shardin
             convert(tmp_path / "src", path, to="orbax", progress=False)
         else:
             path = tmp_path / "src"
-    stores = stored_arrays(params_item_path(path))
+    stores = stored_arrays(verified_params_item(path))
     for p, names in flatten(api.param_axes(cfg)).items():
         shape = flatten(params)[p].shape
         thin = tuple(1 if name == "embed" else n for name, n in zip(names, shape))

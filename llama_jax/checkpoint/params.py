@@ -40,7 +40,7 @@ def _warn(line: str) -> None:
         print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
-def params_item_path(path: str | os.PathLike) -> Path:
+def verified_params_item(path: str | os.PathLike) -> Path:
     """The verified orbax directory holding the params: DIR/params, or RUN/checkpoints/<newest verified
     step>/params (see the module's docstring).
 
@@ -102,7 +102,7 @@ def load_params(path: str | os.PathLike, model_cfg: ModelConfig, shardings=None)
     shard overlaps (one `embed` index thick in a params dir; the writer's shards in a run checkpoint;
     the whole parameter in a params dir written before chunking, which still loads).
     """
-    item = params_item_path(path)
+    item = verified_params_item(path)
     stored = stored_param_metadata(item)
     api.check_param_shapes({p: m.shape for p, m in stored.items()}, model_cfg, str(item))
     dtype = model_cfg.weight_dtype

@@ -44,7 +44,7 @@ class OrbaxReader:
             return
         try:
             self.cfg = layout.read_model_config(path)
-            self.item = checkpoint_io.params_item_path(path)
+            self.item = checkpoint_io.verified_params_item(path)
             stored = checkpoint_io.stored_param_metadata(self.item)
             api.check_param_shapes({p: m.shape for p, m in stored.items()}, self.cfg, str(self.item))
         except (ValueError, FileNotFoundError) as e:
@@ -59,7 +59,7 @@ class OrbaxReader:
         self._base = OrbaxReader(base_path)
         self.cfg, self.dtype, self._lora = self._base.cfg, self._base.dtype, lora
         try:
-            item = checkpoint_io.params_item_path(path)
+            item = checkpoint_io.verified_params_item(path)
             stored = checkpoint_io.stored_param_metadata(item)
             expected = {p: s.shape for p, s in flatten(adapter_shapes(self.cfg, lora)).items()}
             api.check_shapes({p: m.shape for p, m in stored.items()}, expected, str(item))
