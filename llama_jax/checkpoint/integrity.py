@@ -53,8 +53,14 @@ def damage(record: Path, directory: Path) -> str | None:
     try:
         expected = json.loads(record.read_text())
         items = sorted(expected.items())
-        if not all(isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) for n in v) for _, v in items):
-            raise ValueError("not {file: [bytes, crc32]}")
+        if not items:
+            raise ValueError("it lists no file")
+        for name, value in items:
+            if Path(name).is_absolute() or ".." in Path(name).parts or not name:
+                raise ValueError(f"file name {name!r:.80} is not a path inside {directory}")
+            if not (isinstance(value, list) and len(value) == 2
+                    and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)):
+                raise ValueError(f"{name!r:.80}: expected [bytes, crc32], got {value!r:.80}")
     except (ValueError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         return f"its integrity record {record} is unreadable ({why})"
