@@ -19,6 +19,17 @@ find_python312() {
   exit 1
 }
 
+# Code evaluation runs generated programs only in bubblewrap containers (docs/evaluation.md).
+if ! command -v bwrap >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "Installing bubblewrap for the code-evaluation sandbox ..." >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap >/dev/null
+  else
+    echo "warning: bwrap not found: code evaluation and its tests need the Debian package bubblewrap" >&2
+  fi
+fi
+
 PY=$(find_python312)
 key=$( (cat requirements.txt .ci/constraints.txt .ci/requirements-nodeps.txt .ci/build_kenlm.sh; "$PY" --version) | sha256sum | cut -c1-16)
 cache="${LLAMA_JAX_CACHE:-$HOME/.cache/llama_jax}"

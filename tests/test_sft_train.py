@@ -70,6 +70,8 @@ def test_train_reports_target_share_and_answer_loss_then_generate_chat(files, tm
 @pytest.mark.parametrize("line,message", [
     ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),
     ('{"messages": [{"role": "robot", "content": "q"}]}', "messages[0].role: unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\udcff"}]}',
+     "messages[1]: content: a lone surrogate U+DCFF at character 1 (not Unicode text)"),  # was a tokenizer traceback
 ])
 def test_bad_record_is_exit_status_2_naming_file_and_line(files, tmp_path, capsys, line, message):
     bad = tmp_path / "bad.jsonl"

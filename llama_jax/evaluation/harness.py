@@ -32,6 +32,37 @@ from llama_jax.evaluation.scoring import TokenScorer
 _CLASS = None
 
 
+def unparsable_task_files(include_path: str) -> list[str]:
+    """"FILE: invalid YAML: PROBLEM at line L, column C" for each task YAML under `include_path` that does not
+    parse, in lm-eval's order (sorted paths, every depth).
+
+    lm-eval's task index skips such a file with only a debug log, so its task then looks unknown: the
+    caller names these files when a task is not found. Tags (`!function utils.f`) are accepted unresolved
+    here; lm-eval resolves them itself.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from llama_jax.utils.config_io import yaml_problem
+
+    class TaskLoader(yaml.SafeLoader):
+        """Safe YAML that reads any `!tag` (lm-eval's `!function`) as nothing."""
+
+    TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    problems = []
+    for path in sorted(Path(include_path).glob("**/*.yaml"), key=lambda p: p.as_posix()):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=TaskLoader)  # a SafeLoader: plain data only
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}: not UTF-8 text (byte {e.start})")
+        except yaml.YAMLError as e:
+            problems.append(f"{path}: invalid YAML: {yaml_problem(e)}")
+        except RecursionError:
+            problems.append(f"{path}: invalid YAML: nested too deeply")
+    return problems
+
+
 def _sampling(kwargs: dict, default_max: int, seed: int) -> tuple[SamplingConfig, list[str]]:
     """lm-eval generation kwargs as (our sampling config, stop strings)."""
     kwargs = dict(kwargs)

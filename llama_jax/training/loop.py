@@ -356,7 +356,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         spikes.set_state(meta["spikes"])
     first = int(meta.get("step", 0))
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
-    log = MetricsLog(run_dir, enabled=main, resume_step=first)
+    log = MetricsLog(run_dir, enabled=main, resume_step=first, say=say)
     step_fn = jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
                                       micro_batches=cfg.micro_batches, lora=lora, seed=cfg.seed)
     eval_fn = jit_eval_step(cfg.model, mesh, rules, lora=lora)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import socket
@@ -84,3 +85,30 @@ def atomic_directory(path: str | os.PathLike, purpose: str = "tmp") -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def json_objects(path: str | os.PathLike, error: type[ValueError] = ValueError,
+                 prefix: str = "") -> Iterator[tuple[int, str, dict]]:
+    """(line number, "PREFIXPATH:LINE", object) for each non-empty line of a JSONL file; anything else
+    (missing, unreadable, not UTF-8, a line that is not a JSON object) raises `error` in one line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise error(f"{prefix}{path} is not UTF-8 text ({e.reason})") from None
+    except FileNotFoundError:
+        raise error(f"{prefix}file {path} does not exist") from None
+    except (OSError, ValueError) as e:  # a directory, unreadable, a NUL in the name
+        raise error(f"{prefix}cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{prefix}{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise error(f"{where}: JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield number, where, record
