@@ -184,7 +184,7 @@ def test_resume_reproduces_an_uninterrupted_run_bitwise(corpus, tmp_path, capsys
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    from llama_jax.training.checkpoints import RunCheckpoints
+    from llama_jax.checkpoint.run import RunCheckpoints
 
     with pytest.raises(TrainingDiverged, match=r"step \d+: the loss \(.*\) or gradient norm \(.*\) is not finite") as err:
         run_in_process(corpus, tmp_path / "run", checkpoint_every=1, **{"optimizer.peak_lr": "1.0e+30",
@@ -194,7 +194,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpu
     ckpts = RunCheckpoints(tmp_path / "run", keep=5)
     assert ckpts.latest_step() == bad_step - 1 and f"step {bad_step - 1}" in str(err.value)
     ckpts.close()
-    from llama_jax.convert.orbax_dirs import load_params
+    from llama_jax.checkpoint.params import load_params
 
     params = load_params(tmp_path / "run", load_train_config(tmp_path / "run" / "config.yaml").model)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -324,7 +324,7 @@ def test_the_default_run_beats_gzip(tmp_path):
 def saved_weights(corpus, tmp_path) -> tuple[dict, float]:
     """Random weights saved as a params dir at tmp_path/weights, and the loss of the run's first batch
     under them, computed outside the loop (the oracle of a run started from them)."""
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
     from llama_jax.data.tokenizer import load_tokenizer
     from llama_jax.model.api import init_params
@@ -358,7 +358,7 @@ def test_init_from_a_run_directory_takes_its_final_params_with_fresh_data_and_op
     moment, step count or data position of the source carries over."""
     import orbax.checkpoint as ocp
 
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
     from llama_jax.data.tokenizer import load_tokenizer
     from llama_jax.training.step import batch_nll
