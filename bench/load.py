@@ -29,7 +29,7 @@ def write_checkpoints(workdir: Path, layers: int) -> tuple[dict[str, Path], int,
     import numpy as np
 
     from llama_jax.convert import convert
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.model import api
     from llama_jax.model.config import ModelConfig
 

@@ -1,9 +1,10 @@
-"""The probes behind bench/RESULTS.md's GEMM, bandwidth, decode-product and malloc figures keep running.
+"""The probes behind bench/RESULTS.md's GEMM, bandwidth, decode-product, malloc and context-parallel
+figures keep running.
 
 Each probe checks its own programs against its competitor's before printing a figure (products and
-reductions against torch / numpy, exit 1 on a mismatch; the malloc A/B's three processes must compute
-bitwise the same losses), so a `--smoke` run that prints its ratio lines is also a correctness check of
-what it times. Timings are not asserted: they depend on the machine.
+reductions against torch / numpy, context-parallel attention against one device's, exit 1 on a mismatch;
+the malloc A/B's three processes must compute bitwise the same losses), so a `--smoke` run that prints
+its ratio lines is also a correctness check of what it times. Timings are not asserted: they depend on the machine.
 """
 import os
 import re
@@ -26,6 +27,10 @@ PROBES = {
     "decode_products.py": [rf"^product S attention \[256,256\] b8: jax .* -> {RATIO}$",
                            rf"^product S output \[256,8000\] two halves b8: .* -> {RATIO}$",
                            rf"^product S output \[256,8000\] stored \[out, in\] b8: .* -> {RATIO}$"],
+    "sandbox.py": [rf"^ratio bwrap/(before|hook only): .* per program -> {RATIO} \(medians {RATIO}\)$"],
+    "context_parallel.py": [r"^context all-gather T=256 C=4 heads 8/2: [0-9,.]+ ms fwd\+bwd, [0-9,.]+ MiB temporaries",
+                            r"^context all-to-all T=256 C=4 heads 8/2: [0-9,.]+ ms fwd\+bwd, [0-9,.]+ MiB temporaries",
+                            rf"^ratio all-gather / all-to-all: time {RATIO}, temporaries {RATIO}$"],
     "host_memory.py": [r"^tunables smoke bf16 stock: [0-9,]+ tokens/s, [0-9,]+ minor faults",
                        r"^ratio smoke bf16 .* / stock = [0-9.]+ \(tokens/s\); faults [0-9.]+x$"],
 }

@@ -45,6 +45,7 @@ def test_a_damaged_latest_step_is_set_aside_and_the_previous_one_resumes(corpus,
     assert "checkpoint step 4 is damaged:" in out and "resuming from" in out and "(step 2)" in out
     aside = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("4.corrupt-")]
     assert len(aside) == 1  # moved, never deleted
+    assert (run / "checkpoint_integrity" / f"{aside[0]}.json").is_file()  # its record moved along with it
     assert losses_from_jsonl(run) == want
 
 
@@ -59,7 +60,7 @@ def test_when_no_step_restores_the_run_stops_listing_what_was_tried(corpus, refe
 
 
 def test_integrity_records_name_the_damaged_file(reference, tmp_path):
-    from llama_jax.training.checkpoints import RunCheckpoints
+    from llama_jax.checkpoint.run import RunCheckpoints
 
     root, _ = reference
     run = tmp_path / "run"
@@ -77,7 +78,7 @@ def test_integrity_records_name_the_damaged_file(reference, tmp_path):
 def test_a_record_left_by_a_pruned_step_is_forgotten_when_the_run_reopens(reference, tmp_path):
     """A step number saved again (after every kept step was set aside, the run restarts from scratch) must
     not be judged against the record of the pruned step it once was: opening the run drops such records."""
-    from llama_jax.training.checkpoints import RunCheckpoints
+    from llama_jax.checkpoint.run import RunCheckpoints
 
     root, _ = reference
     run = tmp_path / "run"

@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from llama_jax.convert import convert
-from llama_jax.convert.orbax_dirs import (find_tokenizer, load_params, params_item_path, read_model_config,
-                                         save_params, stored_arrays, write_model_config)
+from llama_jax.checkpoint.layout import find_tokenizer, read_model_config, write_model_config
+from llama_jax.checkpoint.orbax_io import stored_arrays
+from llama_jax.checkpoint.params import load_params, verified_params_item, save_params
+from llama_jax.checkpoint.run import RunCheckpoints
 from llama_jax.model import api
 from llama_jax.utils.config_io import to_dict
 from llama_jax.utils.trees import flatten
@@ -54,17 +56,14 @@ def test_save_refuses_bad_params_and_existing_dirs_leaving_nothing(tmp_path):
 
 
 def _write_run(run, cfg, steps):
-    """A run directory laid out as the trainer writes it (CONTRACTS.md): config.yaml + CheckpointManager."""
+    """A run directory laid out as the trainer writes it: config.yaml + the trainer's RunCheckpoints."""
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg), "seed": 0}))
     (run / "tokenizer.model").write_bytes(b"spm")
-    manager = ocp.CheckpointManager(run / "checkpoints", item_names=("params", "opt_state", "meta"))
+    ckpts = RunCheckpoints(run, keep=10)
     for step, params in steps.items():
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                   opt_state=ocp.args.StandardSave({"mu": np.zeros(3)}),
-                                                   meta=ocp.args.JsonSave({"step": step})))
-    manager.wait_until_finished()
-    manager.close()
+        ckpts.save(step, params, {"mu": np.zeros(3)}, {"step": step})
+    ckpts.close()
 
 
 def test_run_dir_loads_the_latest_complete_step(tmp_path, monkeypatch, caplog):
@@ -116,7 +115,7 @@ def test_params_dirs_are_chunked_along_embed_and_every_layout_loads_into_shardin
             convert(tmp_path / "src", path, to="orbax", progress=False)
         else:
             path = tmp_path / "src"
-    stores = stored_arrays(params_item_path(path))
+    stores = stored_arrays(verified_params_item(path))
     for p, names in flatten(api.param_axes(cfg)).items():
         shape = flatten(params)[p].shape
         thin = tuple(1 if name == "embed" else n for name, n in zip(names, shape))
@@ -124,3 +123,25 @@ def test_params_dirs_are_chunked_along_embed_and_every_layout_loads_into_shardin
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     loaded = load_params(path, cfg, shardings=jax.tree.map(lambda _: device, params))
     assert_bit_equal(jax.tree.map(np.asarray, loaded), params)
+
+
+def test_the_checkpoint_libraries_are_pinned_in_a_range_that_holds_the_tested_versions():
+    """orbax_io.py relies on orbax internals: pyproject.toml bounds orbax-checkpoint and tensorstore, and the
+    versions requirements.txt and .ci/constraints.txt pin (the ones CI tests) lie inside those bounds."""
+    import re
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parent.parent
+    declared = {r.name: r.specifier for r in map(Requirement, tomllib.loads(
+        (root / "pyproject.toml").read_text())["project"]["dependencies"])}
+    for name in ("orbax-checkpoint", "tensorstore"):
+        spec = declared[name]
+        assert any(s.operator == "<" for s in spec), f"{name} has no upper bound in pyproject.toml"
+        pins = {re.search(rf"^{name}==(\S+)", (root / f).read_text(), re.M).group(1)
+                for f in ("requirements.txt", ".ci/constraints.txt")}
+        assert len(pins) == 1 and pins <= set(spec.filter(pins)), (name, pins, spec)
+        assert version(name) in pins  # the environment running these tests is the pinned one

@@ -1,5 +1,8 @@
 """Configs: presets with exact parameter counts, validation errors that name the key."""
+import math
+
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -127,9 +130,11 @@ def test_any_bytes_as_a_training_config_load_or_raise_config_error(tmp_path_fact
     path = tmp_path_factory.mktemp("fuzz") / "config.yaml"
     path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
     try:
-        load_train_config(path)
+        cfg = load_train_config(path)
     except ConfigError:
-        pass
+        return
+    assert yaml.safe_load(data) is not None  # an empty file is refused, not read as all defaults
+    assert all(math.isfinite(x) for _, x in _floats(cfg))
 
 
 def test_yaml_nested_too_deeply_is_one_line(tmp_path):
@@ -139,3 +144,157 @@ def test_yaml_nested_too_deeply_is_one_line(tmp_path):
         load_yaml(path)
     with pytest.raises(ConfigError, match="invalid YAML value: nested too deeply"):
         parse_override("steps=" + "[" * 5000)
+
+
+# --- what YAML lets through: empty files, repeated keys, non-finite floats ----------------------------------
+
+def _train(path, overrides=()):
+    from llama_jax.training.config import load_train_config
+
+    return load_train_config(path, list(overrides))
+
+
+def _curate(path, overrides=()):
+    from llama_jax.curate.config import load_config
+
+    return load_config(str(path), list(overrides))
+
+
+def _model(path, overrides=()):
+    return load_model_config(str(path), list(overrides))
+
+
+def _eval_task(path, overrides=()):
+    """An eval task YAML, pointing at a real items file so that only the YAML can fail."""
+    from llama_jax.evaluation.suite import load_task_file
+
+    assert not overrides
+    (path.parent / "items.jsonl").write_text('{"context": "1 + 1 =", "continuation": " 2"}\n')
+    return load_task_file(str(path))
+
+
+LOADERS = {"train": (_train, "steps: 30\nseq_len: 64\nsteps: 40\n", "optimizer:\n  peak_lr: {}\n"),
+           "curate": (_curate, "output_dir: a\nsample_bytes: 10\noutput_dir: b\n", "book_dedup:\n  threshold: {}\n"),
+           "model": (_model, "dim: 64\nn_layers: 2\ndim: 128\n", "norm_eps: {}\n"),
+           "eval task": (_eval_task, "test: items.jsonl\ntest: other.jsonl\n", None)}
+
+
+def _floats(cfg, prefix=""):
+    """(dotted key, value) of every float field of a (nested) config dataclass."""
+    import dataclasses
+
+    values = [(f"{prefix}{f.name}", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    for key, value in values:
+        items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, item in items:
+            where = key if i is None else f"{key}[{i}]"
+            if dataclasses.is_dataclass(item):
+                yield from _floats(item, f"{where}.")
+            elif isinstance(item, float):
+                yield where, item
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_an_empty_config_file_is_refused_naming_it(kind, text, tmp_path):
+    """An empty file used to read as `{}`: all defaults, for training a 6.7B model."""
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^(task empty: )?{path}: the file is empty"):
+        LOADERS[kind][0](path)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_repeated_key_is_refused_naming_key_file_and_line(kind, tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(LOADERS[kind][1])
+    key = LOADERS[kind][1].splitlines()[0].split(":")[0]
+    with pytest.raises(ConfigError, match=f"^(task twice: )?{path}: invalid YAML: duplicate key '{key}' at line [23],"):
+        LOADERS[kind][0](path)
+
+
+def test_repeated_keys_nested_in_overrides_and_merges():
+    """Nested mappings are checked too, in files and overrides; a `<<` merge's keys may be overridden."""
+    with pytest.raises(ConfigError, match="invalid YAML value: duplicate key 'peak_lr' at line 1, column 14"):
+        apply_overrides({}, ["optimizer={peak_lr: 1, peak_lr: 2}"])
+    import llama_jax.utils.config_io as config_io
+
+    assert config_io._parse_yaml("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n")["use"] == {"x": 3, "y": 2}
+
+
+@pytest.mark.parametrize("kind", [k for k, v in LOADERS.items() if v[2]])
+@pytest.mark.parametrize("value", [".nan", ".NaN", ".inf", "-.inf", "+.Inf", "1e999"])
+def test_non_finite_floats_are_refused_in_files_and_overrides(kind, value, tmp_path):
+    load, _, template = LOADERS[kind]
+    path = tmp_path / "c.yaml"
+    path.write_text(template.format(value))
+    key = ".".join(line.strip().rstrip(":").split(":")[0] for line in template.splitlines())
+    with pytest.raises(ConfigError, match=f"^{key}: expected a finite number, got (nan|inf|-inf)$"):
+        load(path)
+    path.write_text(template.format(0.5))
+    with pytest.raises(ConfigError, match=f"^{key}: expected a finite number"):
+        load(path, [f"{key}={value}"])
+
+
+def test_config_mistakes_through_the_train_cli_are_one_line_exit_2(tmp_path, capsys):
+    from llama_jax.cli.train import main
+
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    (tmp_path / "twice.yaml").write_text(LOADERS["train"][1])
+    cases = {(str(tmp_path / "empty.yaml"),): f"{tmp_path / 'empty.yaml'}: the file is empty",
+             (str(tmp_path / "twice.yaml"),): "invalid YAML: duplicate key 'steps' at line 3, column 1",
+             ("optimizer.peak_lr=.nan",): "optimizer.peak_lr: expected a finite number, got nan",
+             ("spikes.loss_factor=.inf",): "spikes.loss_factor: expected a finite number, got inf"}
+    for argv, message in cases.items():
+        assert main([*argv, f"run_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def _float_keys() -> list[str]:
+    from llama_jax.training.config import load_train_config
+
+    return sorted(key for key, _ in _floats(load_train_config()) if "[" not in key)
+
+
+def _nested(values: dict) -> dict:
+    """{"a.b": x} -> {"a": {"b": x}}."""
+    out = {}
+    for key, x in values.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = x
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(_float_keys()), st.floats(allow_nan=True, allow_infinity=True),
+                              min_size=1, max_size=4),
+       duplicate=st.booleans())
+def test_fuzz_float_settings_and_repeated_keys(tmp_path_factory, values, duplicate):
+    """Fuzz: float settings set to any floats, in a file (its first key written twice when `duplicate`) or
+    as overrides: a repeated key is a ConfigError naming it; else a non-finite value is a ConfigError (naming
+    its key when it is the only setting: another may fail its range check first); a config that loads has
+    only finite floats."""
+    from llama_jax.training.config import load_train_config
+
+    nested = _nested(values)
+    first = next(iter(nested))
+    path = tmp_path_factory.mktemp("floats") / "c.yaml"
+    path.write_text(yaml.safe_dump(nested) + (yaml.safe_dump({first: nested[first]}) if duplicate else ""))
+    overrides = [f"{key}={yaml.safe_dump(x).splitlines()[0]}" for key, x in values.items()]
+    non_finite = [key for key, x in values.items() if not math.isfinite(x)]
+    for source, load in (("file", lambda: load_train_config(path)), ("overrides", lambda: load_train_config(None, overrides))):
+        try:
+            cfg = load()
+        except ConfigError as e:
+            if duplicate and source == "file":
+                assert str(e).startswith(f"{path}: invalid YAML: duplicate key '{first}' at line "), e
+            elif non_finite and len(values) == 1:
+                assert str(e) == f"{non_finite[0]}: expected a finite number, got {values[non_finite[0]]}"
+            continue
+        assert not (duplicate and source == "file") and not non_finite
+        assert all(math.isfinite(x) for _, x in _floats(cfg))

@@ -11,7 +11,8 @@ import torch
 import transformers
 
 from llama_jax.model.api import flat_param_shapes
-from llama_jax.convert.orbax_dirs import load_params, read_model_config, save_params
+from llama_jax.checkpoint.layout import read_model_config
+from llama_jax.checkpoint.params import load_params, save_params
 from llama_jax.model.config import ModelConfig
 from llama_jax.convert import convert, read_checkpoint
 from llama_jax.cli.convert import main

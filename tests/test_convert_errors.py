@@ -121,6 +121,22 @@ def test_overlapping_safetensors_ranges_are_refused(sources, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_a_shape_beyond_any_array_is_one_line_exit_2(sources, tmp_path, capsys):
+    """A safetensors shape whose element count overflows ([2**70]) was an OverflowError traceback."""
+    hf = copy_of(sources, "hf", tmp_path)
+    path = hf / "model.safetensors"
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header["model.norm.weight"]["shape"] = [2 ** 70]
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+    assert main([str(hf), str(tmp_path / "out"), "--to", "orbax", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: tensor model.norm.weight: shape [{2 ** 70}] is too large "
+                                       f"for any array (2**63 bytes or more)\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_requested_dtype_must_be_known(sources, tmp_path):
     assert_fails(sources / "hf", tmp_path / "out", "--dtype", "fp64", to="meta", dtype="fp64")
 

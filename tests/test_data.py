@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
+from fuzzing import JSON_VALUES, fast_and_slow
 from llama_jax.utils.config_io import ConfigError
 from llama_jax.data import DataConfig, SourceConfig, make_eval_batches, make_train_iterator, validation_text
 from llama_jax.data import corpus
@@ -305,6 +307,13 @@ def test_bad_jsonl_lines(tmp_path, tok, caplog):
     f.write_text('{"text": "good one"}\n{"other": 1}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2: no string field 'text' \(keys: \['other'\]\)"):
         docs(False)
+    f.write_text('{"text": "good one"}\n{"text": "caf\\u00e9 \\ud83d\\ude00 \\udcff"}\n')  # a pair is fine, a lone one not
+    with pytest.raises(ValueError, match=r"d.jsonl:2: text: a lone surrogate U\+DCFF at character 7 \(not Unicode "
+                                         r"text\); set skip_bad_lines"):
+        docs(False)
+    assert docs(True) == ["good one"]
+    f.write_text('{"text": "one\u2028two\x85three\\rfour"}\n', newline="")  # raw in a JSON string: one record
+    assert docs(False) == ["one\u2028two\x85three\rfour"]
     f.write_text('{"text": "good one"}\n' + "[" * 100000 + "\n")
     with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON \(nested too deeply\)"):
         docs(False)
@@ -312,6 +321,52 @@ def test_bad_jsonl_lines(tmp_path, tok, caplog):
     with caplog.at_level(logging.WARNING):
         assert docs(True) == ["good one", "last"]
     assert "skipped 3 bad line(s) in" in caplog.text and "d.jsonl:2: not valid JSON" in caplog.text
+
+
+# text around a lone surrogate (valid JSON: "\udcff"), an escaped pair (a real character) or a raw line
+# separator other than "\n" (valid inside a JSON string)
+_TEXT = st.text(max_size=4) | st.tuples(st.text(max_size=2), st.sampled_from(
+    ["\udcff", "\ud83d\ude00", "\u2028", "\x85", "\r", "\x0b"])).map("".join)
+_LINE = (st.fixed_dictionaries({"text": _TEXT | JSON_VALUES}, optional={"id": JSON_VALUES}).map(
+    lambda r: json.dumps(r, ensure_ascii=False)) | JSON_VALUES.map(json.dumps) | _TEXT)
+
+
+def _jsonl_lines(tmp_path, lines):
+    """Fuzz: whatever the lines, the JSONL reader returns the text of exactly the good lines (objects whose
+    `text` is a string with a UTF-8 form), or a ValueError naming the first bad line; `skip_bad_lines` keeps
+    the good ones. The oracle is the same rule applied line by line with the standard library."""
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8",
+                    errors="surrogatepass")  # a raw surrogate in the file: not UTF-8, named as such
+    good, first_bad = [], None
+    for number, line in enumerate(path.read_bytes().split(b"\n")[:-1], start=1):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            record["text"].encode("utf-8")
+            assert isinstance(record, dict) and isinstance(record["text"], str)
+        except UnicodeDecodeError:
+            good, first_bad = None, 0
+            break
+        except Exception:  # noqa: BLE001 (the oracle: any failure makes the line bad, unless it is blank)
+            if line.decode("utf-8").strip():
+                first_bad = first_bad or number
+            continue
+        good.append(record["text"])
+    for skip in (False, True):
+        try:
+            docs = read_documents(SourceConfig(kind="jsonl", path=str(path), skip_bad_lines=skip))
+        except ValueError as e:
+            if good is None:
+                assert str(e).startswith(f"{path}: not UTF-8 text")
+            elif not [d for d in good if d]:
+                assert skip or str(e).startswith(f"{path}:{first_bad}: ") or str(e).startswith("empty corpus")
+            else:
+                assert not skip and str(e).startswith(f"{path}:{first_bad}: ") and "\n" not in str(e), e
+            continue
+        assert good is not None and (skip or first_bad is None) and docs == [d for d in good if d]
+
+
+test_fuzz_jsonl_lines, test_fuzz_jsonl_lines_many = fast_and_slow(_jsonl_lines, lines=st.lists(_LINE, max_size=4))
 
 
 def test_bad_config_values():

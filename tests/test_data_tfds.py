@@ -116,7 +116,7 @@ def test_eval_perplexity_reads_a_tfds_split(prepared, tmp_path, capsys):
     import importlib
     import shutil
 
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.model.api import init_params
     from llama_jax.model.config import ModelConfig
 

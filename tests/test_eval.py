@@ -330,7 +330,7 @@ def test_command_line_no_bos_limit_and_prompt_file(hf, tok, model, tmp_path, cap
     non-blank line, in order, as transformers' greedy generate does."""
     import importlib
 
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
 
     cli = importlib.import_module("eval")
     ckpt = str(tmp_path / "ckpt")
@@ -374,7 +374,7 @@ def test_command_line_no_bos_limit_and_prompt_file(hf, tok, model, tmp_path, cap
 def test_params_directory_loads_with_its_tokenizer(hf, tok, model, tmp_path):
     """A llama_jax params directory (what `convert --to orbax` writes) loads onto a one-device mesh with
     the weights and tokenizer it was saved with; a tokenizer of another vocabulary is refused."""
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.evaluation.loading import load_eval_model
 
     params = jax.tree.map(np.asarray, model.params)

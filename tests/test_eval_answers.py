@@ -66,3 +66,21 @@ def test_gsm8k_right_answers_are_found(prefix, number):
         if re.search(r"[0-9]", number):
             assert answers.is_correct(completion, [answer], "gsm8k") == lm_eval_gsm8k_correct(completion, answer)
     assert answers.is_correct(f"{prefix}\n#### {number}", [answer], "gsm8k") or "#### " in prefix
+
+
+def test_gsm8k_thousands_separators_dollars_and_periods_are_stripped():
+    assert answers.is_correct("So the total is $1,234.", ["Because.\n#### 1234"], "gsm8k")
+    assert lm_eval_gsm8k_correct("So the total is $1,234.", "Because.\n#### 1234")
+
+
+@FUZZ
+@given(n=st.integers(min_value=1000, max_value=10**9), dollar=st.booleans(), period=st.booleans(),
+       strict=st.booleans())
+def test_gsm8k_the_same_number_with_separators_is_right(n, dollar, period, strict):
+    """The same number on both sides, written with thousands separators in the completion only (the draws
+    above pick the two numbers independently, so they never try this)."""
+    written = f"{'$' if dollar else ''}{n:,}{'.' if period else ''}"
+    completion = f"So the total is {written}" if not strict else f"So the total is {written}\n#### {n:,}"
+    answer = f"Because.\n#### {n}"
+    assert answers.is_correct(completion, [answer], "gsm8k")
+    assert lm_eval_gsm8k_correct(completion, answer)

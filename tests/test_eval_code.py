@@ -72,7 +72,7 @@ def test_writing_outside_its_directory_is_refused(tmp_path):
                    f"import os\nos.mkdir({str(tmp_path / 'newdir')!r})\n",
                    f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n"):
         outcome = run_program(source, FAST)
-        assert outcome.status == "failed" and "sandbox:" in outcome.detail, source
+        assert outcome.status == "failed", source  # the host path is not even in the container's view
     assert sorted(os.listdir(tmp_path)) == []
     # Its own directory is writable, and reading the system's files is allowed.
     assert run_program("open('out.txt', 'w').write('ok')\nassert open('out.txt').read() == 'ok'\n"
@@ -91,9 +91,10 @@ def test_killing_the_parent_is_refused():
 
 
 def test_the_guard_cannot_be_reached_or_removed():
-    for source in ("import ctypes\n",
+    for source in ("import ctypes\nctypes.CDLL(None)\n", "import gc\ngc.get_objects()\n",
+                   "import sys\nsys.settrace(lambda *a: None)\n",
                    "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (100, 100))\n",
-                   "import sys\nassert not hasattr(sys.modules['__main__'], '_install')\nimport os\nos.kill(1, 0)\n"):
+                   "import sys\nassert not hasattr(sys.modules['__main__'], '_main')\nimport os\nos.kill(1, 0)\n"):
         outcome = run_program(source, FAST)
         assert outcome.status == "failed" and "sandbox:" in outcome.detail, source
 

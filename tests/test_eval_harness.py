@@ -4,6 +4,7 @@ few-shot prompts byte for byte against lm-eval's for the same task, seed and K."
 import json
 import re
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,24 +153,30 @@ def test_fewshot_prompts_are_lm_eval_byte_for_byte(tmp_path):
     assert build_prompts(mc_task, 2, 1234, limit=3) == lm_eval_contexts(tmp_path / "lm", "mc_local", 2, limit=3)
 
 
-def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
-    """`eval.py harness` on a Hugging Face directory: the stock gsm8k YAML included and pointed at a local
-    file (its prompt and filters run offline), results and per-sample logs written; an unknown task is
-    refused before any model is loaded."""
-    import importlib
-
+def _local_gsm8k_task(tmp_path, name: str, rows: list[dict], extra: str = "", max_gen_toks: int = 6) -> Path:
+    """A task YAML including lm-eval's stock gsm8k.yaml, pointed at `rows` in a local file: its directory."""
     import lm_eval.tasks as stock
 
-    cli = importlib.import_module("eval")
-    rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}.\n#### {2 * i}"} for i in range(4)]
     (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     gsm8k_yaml = os.path.join(os.path.dirname(stock.__file__), "gsm8k", "gsm8k.yaml")
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "gsm_tiny.yaml").write_text(
-        f"include: {gsm8k_yaml}\ntask: gsm_tiny\ndataset_path: json\ndataset_name: null\n"
+    (tmp_path / "tasks" / f"{name}.yaml").write_text(
+        f"include: {gsm8k_yaml}\ntask: {name}\n{extra}dataset_path: json\ndataset_name: null\n"
         f"dataset_kwargs:\n  data_files:\n    train: {tmp_path / 'gsm.jsonl'}\n    test: {tmp_path / 'gsm.jsonl'}\n"
-        "generation_kwargs:\n  until: ['Question:']\n  do_sample: false\n  max_gen_toks: 6\n")
-    common = ["--dtype", "fp32", "--distributed", "off", "--include-path", str(tmp_path / "tasks")]
+        f"generation_kwargs:\n  until: ['Question:']\n  do_sample: false\n  max_gen_toks: {max_gen_toks}\n")
+    return tmp_path / "tasks"
+
+
+def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
+    """`eval.py harness` on a Hugging Face directory: the stock gsm8k YAML included and pointed at a local
+    file (its prompt and filters run offline), results and per-sample logs written; an unknown task is
+    refused before any model is loaded, naming the task files that do not parse."""
+    import importlib
+
+    cli = importlib.import_module("eval")
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}.\n#### {2 * i}"} for i in range(4)]
+    tasks = _local_gsm8k_task(tmp_path, "gsm_tiny", rows)
+    common = ["--dtype", "fp32", "--distributed", "off", "--include-path", str(tasks)]
     assert cli.main(["harness", str(hf_dir), "--tasks", "gsm_tiny", "--num-fewshot", "1", "--limit", "3",
                      "--output-dir", str(tmp_path / "out"), *common]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -177,8 +184,17 @@ def test_eval_py_harness_runs_stock_gsm8k_offline(hf_dir, tmp_path, capsys):
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples_gsm_tiny.jsonl").read_text().splitlines()]
     assert sorted(s["doc_id"] for s in samples) == [0, 0, 1, 1, 2, 2]  # one record per document and filter
     assert all(json.dumps(s["arguments"]).count("Question: ") == 2 for s in samples)  # 1 shot + the question
-    assert cli.main(["harness", str(hf_dir), "--tasks", "no_such_task", *common]) == 2
-    assert "unknown lm-eval task 'no_such_task'" in capsys.readouterr().err
+    # lm-eval skips a task YAML it cannot parse without a word, so its task looks unknown: the error names
+    # the file and the YAML problem (one line). A file with lm-eval's `!function` tag parses.
+    tasks = tmp_path / "tasks"
+    (tasks / "sub").mkdir()
+    (tasks / "fine.yaml").write_text("task: fine\ndataset_path: json\nprocess_results: !function utils.process\n")
+    (tasks / "sub" / "mine.yaml").write_text("task: mine\ndataset_path: json\ngeneration_kwargs: {until: [\n")
+    (tasks / "sub" / "tabs.yaml").write_text("task: tabs\n\tdataset_path: json\n")
+    assert cli.main(["harness", str(hf_dir), "--tasks", "mine", *common]) == 2
+    assert capsys.readouterr().err == (
+        f"error: unknown lm-eval task 'mine' (stock tasks and {tasks}); {tasks / 'sub' / 'mine.yaml'}: invalid YAML: "
+        f"expected the node content, but found '<stream end>' at line 4, column 1 (and 1 more unparsable task file)\n")
 
 
 def test_eval_py_tasks_generative_and_code(hf_dir, ours, tmp_path, capsys):
@@ -238,3 +254,21 @@ def test_maj_at_k_through_lm_eval_votes_over_k_distinct_samples(ours, tmp_path):
         assert sample["filtered_resps"] == [vote]
         votes.append(vote == sample["target"])
     assert out["results"]["maj"]["exact_match,maj"] == pytest.approx(np.mean(votes), abs=1e-12)
+
+
+def test_eval_py_harness_runs_unsafe_tasks_only_with_consent(hf_dir, tmp_path, capsys):
+    """lm-eval runs the programs of tasks marked `unsafe_code` itself, with no sandbox: `eval.py harness`
+    refuses them (exit 2, lm-eval's one-line reason) unless --unsafe-run-generated-code."""
+    import importlib
+
+    cli = importlib.import_module("eval")
+    rows = [{"question": "What is 1 plus 1?", "answer": "It is 2.\n#### 2"}]
+    tasks = _local_gsm8k_task(tmp_path, "gsm_unsafe", rows, extra="unsafe_code: true\n", max_gen_toks=4)
+    common = [str(hf_dir), "--tasks", "gsm_unsafe", "--num-fewshot", "0", "--limit", "1", "--dtype", "fp32",
+              "--distributed", "off", "--include-path", str(tasks)]
+    assert cli.main(["harness", *common]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress bars
+    assert last == ("error: Attempted to run task: gsm_unsafe which is marked as unsafe: lm-eval runs its generated "
+                    "code in-process, without a sandbox; pass --unsafe-run-generated-code to allow it")
+    assert cli.main(["harness", *common, "--unsafe-run-generated-code"]) == 0
+    assert "gsm_unsafe" in json.loads(capsys.readouterr().out)["results"]

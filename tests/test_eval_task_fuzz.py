@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import strategies as st
 
 from fuzzing import JSON_VALUES, fast_and_slow
+from llama_jax.evaluation.catalog import mmlu_tasks
 from llama_jax.evaluation.suite import load_task_file
 
 RECORDS = {
@@ -28,7 +30,7 @@ def loads_as_written_or_names_the_file(path):
     except ValueError as e:
         assert str(path) in str(e) and "\n" not in str(e).strip(), str(e)
         return
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     assert len(task.items) == len(records)
     for item, record in zip(task.items, records):
         kind = record.get("type", "multiple_choice")
@@ -45,6 +47,33 @@ def test_a_line_nested_too_deeply_is_named(tmp_path):
     path = tmp_path / "deep.jsonl"
     path.write_text("[" * 100000 + "\n")
     loads_as_written_or_names_the_file(path)
+
+
+def test_a_lone_surrogate_is_named_with_its_file_line_and_field(tmp_path):
+    """Valid JSON may spell a lone surrogate; as text it has no UTF-8 form and would fail in the tokenizer."""
+    path = tmp_path / "task.jsonl"
+    record = dict(RECORDS["multiple_choice"], choices=["sat", "r\udcffn"])
+    path.write_text(json.dumps(RECORDS["multiple_choice"]) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: choices\[1\]: a lone surrogate U\+DCFF"):
+        load_task_file(str(path))
+
+
+def test_a_line_separator_inside_a_string_stays_text(tmp_path):
+    """JSON Lines end at "\\n": U+2028 and U+0085 written raw inside a string are part of the record."""
+    path = tmp_path / "task.jsonl"
+    record = dict(RECORDS["generate"], context="2+2\u2028=\x85")
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_task_file(str(path)).items[0].context == "2+2\u2028=\x85"
+
+
+def test_a_lone_surrogate_in_a_catalog_task_file_is_named(tmp_path):
+    root = tmp_path / "mmlu"
+    root.mkdir()
+    good = {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 0, "subject": "s"}
+    (root / "dev.jsonl").write_text(json.dumps(good) + "\n")
+    (root / "test.jsonl").write_text(json.dumps(dict(good, question="Q\ud800?")) + "\n")
+    with pytest.raises(ValueError, match=rf"task mmlu: {root / 'test.jsonl'}:1: question: a lone surrogate U\+D800"):
+        mmlu_tasks(str(tmp_path))
 
 
 def _mutated_bytes(tmp_path, kind, edits):

@@ -12,7 +12,11 @@ import llama_jax
 
 PACKAGE = Path(llama_jax.__file__).resolve().parent
 # Bottom to top: a package may import itself and any package before it, never one after it.
-LAYERS = ("utils", "parallel", "kernels", "model", "data", "curate", "convert", "evaluation", "training", "cli")
+LAYERS = ("utils", "parallel", "kernels", "model", "data", "curate", "checkpoint", "convert", "evaluation", "training",
+          "cli")
+# Libraries that read or write checkpoints: only `llama_jax.checkpoint` may import them, so the on-disk
+# format has one owner and every reader goes through its verification.
+CHECKPOINT_LIBRARIES = ("orbax", "tensorstore")
 
 
 def modules() -> dict[str, Path]:
@@ -20,9 +24,9 @@ def modules() -> dict[str, Path]:
             for p in PACKAGE.rglob("*.py")}
 
 
-def imports_of(path: Path, known: set[str]) -> set[str]:
-    """The llama_jax modules `path` imports. `from pkg import sub` counts as importing the submodule
-    `pkg.sub` alone when it is one (its package's `__init__` only runs first)."""
+def all_imports_of(path: Path, known: set[str]) -> set[str]:
+    """Every module `path` imports. `from pkg import sub` counts as importing the submodule `pkg.sub`
+    alone when it is a llama_jax module (its package's `__init__` only runs first)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -31,7 +35,12 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
             assert node.level == 0, f"{path}: relative import (the project imports absolutely)"
             submodules = {f"{node.module}.{a.name}" for a in node.names} & known
             found.update(submodules or {node.module})
-    return {name for name in found if name.startswith("llama_jax.")}
+    return found
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The llama_jax modules `path` imports."""
+    return {name for name in all_imports_of(path, known) if name.startswith("llama_jax.")}
 
 
 def layer_of(module: str) -> str | None:
@@ -57,6 +66,22 @@ def test_imports_only_go_down():
         rank = LAYERS.index(layer_of(module))
         upward += [f"{module} -> {t}" for t in sorted(targets) if LAYERS.index(layer_of(t)) > rank]
     assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def checkpoint_library_importers(paths: dict[str, Path]) -> list[str]:
+    """`module -> library` for each module outside `llama_jax.checkpoint` importing a checkpoint library."""
+    found = []
+    for module, path in paths.items():
+        if layer_of(module) == "checkpoint":
+            continue
+        found += [f"{module} -> {name}" for name in sorted(all_imports_of(path, set(paths)))
+                  if name.split(".")[0] in CHECKPOINT_LIBRARIES]
+    return found
+
+
+def test_only_the_checkpoint_package_imports_orbax_or_tensorstore():
+    assert not (found := checkpoint_library_importers(modules())), "checkpoint libraries imported outside " \
+        "llama_jax.checkpoint:\n" + "\n".join(found)
 
 
 def test_no_import_cycle():
@@ -90,3 +115,13 @@ def test_the_checks_see_a_planted_upward_import_and_cycle(tmp_path, monkeypatch)
     assert "llama_jax.training.loop" in graph["llama_jax.model.a"]  # model -> training: upward
     assert LAYERS.index(layer_of("llama_jax.training.loop")) > LAYERS.index("model")
     assert "llama_jax.model.a" in graph["llama_jax.model.b"] and "llama_jax.model.b" in graph["llama_jax.model.a"]
+
+
+def test_the_check_sees_a_planted_orbax_import(tmp_path):
+    """Positive control: a lazy `from orbax.checkpoint import v1` in a converter is flagged, in the checkpoint
+    package it is not."""
+    planted = tmp_path / "ours.py"
+    planted.write_text("def f():\n    from orbax.checkpoint import v1\n    import tensorstore as ts\n")
+    assert checkpoint_library_importers({"llama_jax.convert.ours": planted}) == [
+        "llama_jax.convert.ours -> orbax.checkpoint", "llama_jax.convert.ours -> tensorstore"]
+    assert checkpoint_library_importers({"llama_jax.checkpoint.orbax_io": planted}) == []

@@ -114,9 +114,9 @@ def test_train_py_lora_run_saves_adapters_resumes_and_exports_merged_to_transfor
     import torch
     import transformers
 
-    from llama_jax.convert.orbax_dirs import params_item_path, restore_numpy, save_params, stored_param_metadata
+    from llama_jax.checkpoint.params import verified_params_item, restore_numpy, save_params, stored_param_metadata
     from llama_jax.convert.pipeline import convert
-    from llama_jax.training.checkpoints import RunCheckpoints
+    from llama_jax.checkpoint.run import RunCheckpoints
     from llama_jax.training.config import load_train_config
     from llama_jax.training.loop import train
     from test_sft_train import overrides, write_chat_files
@@ -137,7 +137,7 @@ def test_train_py_lora_run_saves_adapters_resumes_and_exports_merged_to_transfor
     resumed = train(load_train_config(None, args + ["steps=3"]))
     assert resumed.first_step == 3 and len(first.losses) == 2
 
-    item = params_item_path(tmp_path / "run")
+    item = verified_params_item(tmp_path / "run")
     adapters = flatten(restore_numpy(item, stored_param_metadata(item)))
     expected = {}
     for path, weight in flatten(base).items():

@@ -14,6 +14,9 @@ Triton's compilers, nor XLA's TPU/GPU SPMD partitioner. Oracles, each able to fa
   the code under test): every parameter's and batch input's sharding in the train step's signature, the
   [batch, seq, vocab] logits' sharding constraint, and each kernel inside a shard_map that makes every
   mesh axis manual (Mosaic's requirement) with q/k/v split over the rules' batch and kv-head axes;
+- context parallelism (`context=2 × fsdp=2 × tensor=2`): each kernel inside a shard_map over every axis
+  that also holds the all-to-alls between sequence and head splits (explicit in the lowered module, since
+  shard_map's collectives are written by us, not the partitioner), and the segment ids' all-gather;
 - collectives, which exist only after SPMD partitioning: the same train step (the `xla` attention; the
   kernels sit in shard_map and add none) partitioned by XLA for 8 simulated CPU devices, in one
   subprocess: no collective ever moves the whole [batch, seq, vocab] logits, FSDP gathers the layer
@@ -64,6 +67,8 @@ MESHES = {  # name: (axis sizes, rules preset)
     "fsdp=4xtensor=2": (dict(fsdp=4, tensor=2), "fsdp+tp"),
     "data=2xfsdp=2xtensor=2": (dict(data=2, fsdp=2, tensor=2), "fsdp+tp"),
 }
+# Context parallelism: sequences split over `context` (tests/test_context_parallel.py proves the numbers).
+CONTEXT_MESHES = {"context=2xfsdp=2xtensor=2": (dict(fsdp=2, context=2, tensor=2), "fsdp+tp")}
 MODEL = ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=512,
                     max_seq_len=256, dtype="bfloat16", attention_impl="auto")
 ROWS, LENGTH = 8, 256
@@ -232,7 +237,7 @@ def lowered_train_step(kind: str, mesh_name: str, model: ModelConfig = MODEL) ->
     from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
     from llama_jax.training.step import init_train_state, jit_train_step
 
-    shape, strategy = MESHES[mesh_name]
+    shape, strategy = {**MESHES, **CONTEXT_MESHES}[mesh_name]
     optimizer = make_optimizer(OptimizerConfig(), total_steps=10)
     state = jax.eval_shape(lambda: init_train_state(api.init_params(model), optimizer))
     mesh, rules = abstract_mesh(shape, kind), rules_for(strategy)
@@ -253,6 +258,33 @@ def test_control_train_step_with_xla_attention_holds_no_kernel_call():
     check_sharded_program(text, "fsdp+tp", None, backward=True)
     with pytest.raises(AssertionError):
         check_sharded_program(text, "fsdp+tp", "tpu", backward=True)
+
+
+@pytest.mark.parametrize("kind", FULL_KINDS)
+def test_context_parallel_train_step_runs_the_kernels_between_all_to_alls(kind):
+    """Sequences split over `context`: each kernel (forward, dK/dV, dQ) inside a shard_map that makes
+    every mesh axis manual and holds the all-to-alls between "local positions, all heads" and "whole
+    sequences, a share of the heads"; the segment ids are all-gathered in such a shard_map; q/k/v enter split
+    over rows, sequence and kv heads, and the batch inputs over rows and sequence, as the rules say."""
+    platform = PLATFORM[kind]
+    text = lowered_train_step(kind, "context=2xfsdp=2xtensor=2")
+    assert set(kernel_calls(text, platform)) == kernel_names(platform)
+    lines = text.splitlines()
+    kernel_lines = [i for i, line in enumerate(lines) if f"custom_call @{CALL[platform]}" in line]
+    bodies = []
+    for i in kernel_lines:
+        header = enclosing_shard_map(lines, i)
+        assert header and 'manual_axes={"data", "fsdp", "context", "tensor"}' in header, lines[i][:120]
+        start = max(j for j in range(i) if lines[j] == header)
+        indent = len(header) - len(header.lstrip())
+        end = next(j for j in range(i, len(lines)) if len(lines[j]) - len(lines[j].lstrip()) <= indent)
+        bodies.append("\n".join(lines[start:end]))
+        assert "stablehlo.all_to_all" in bodies[-1], lines[i][:120]
+        assert '[{"data", "fsdp"}, {"context"}, {"tensor"}, {}]' in header.split("out_shardings")[0], header[:300]
+    gathers = [i for i, line in enumerate(lines) if "stablehlo.all_gather" in line]
+    assert gathers and all('manual_axes={"data", "fsdp", "context", "tensor"}' in (enclosing_shard_map(lines, i) or "")
+                           for i in gathers)
+    assert signature_shardings(text)["batch['inputs']"] == '[{"data", "fsdp"}, {"context"}]'
 
 
 @pytest.mark.parametrize("kind", FULL_KINDS)
@@ -317,6 +349,7 @@ def partition_worker() -> dict:
     state = jax.eval_shape(lambda: init_train_state(api.init_params(model), optimizer))
     runs = {name: (shape, strategy, rules_for(strategy)) for name, (shape, strategy) in MESHES.items()}
     runs["control: logits unsharded"] = (MESHES["fsdp=4xtensor=2"][0], "fsdp+tp", UNSHARDED_LOGITS)
+    runs.update({name: (shape, strategy, rules_for(strategy)) for name, (shape, strategy) in CONTEXT_MESHES.items()})
     out = {}
     for name, (shape, strategy, rules) in runs.items():
         mesh = make_mesh(MeshConfig(**shape, strategy=strategy))
@@ -360,6 +393,16 @@ def test_collectives_the_rules_imply(partitioned, mesh):
     rows_per_device = ROWS // (shape.get("data", 1) * shape.get("fsdp", 1))
     megatron = ("all-reduce", rows_per_device * LENGTH * MODEL.dim) in ops
     assert megatron == (tensor > 1), sorted(ops)
+
+
+def test_context_parallel_gathers_keys_and_values_not_logits(partitioned):
+    """context=2 × fsdp=2 × tensor=2 with the `xla` attention (the all-gather form): each device gathers
+    the whole sequence's K and V of its rows and kv heads, and no collective moves the whole logits."""
+    shape, _ = CONTEXT_MESHES["context=2xfsdp=2xtensor=2"]
+    ops = {tuple(c) for c in partitioned["context=2xfsdp=2xtensor=2"]}
+    rows, kv_heads = ROWS // shape["fsdp"], MODEL.n_kv_heads // shape["tensor"]
+    assert ("all-gather", rows * LENGTH * kv_heads * MODEL.head_dim) in ops, sorted(ops)
+    assert max(n for _, n in ops) < LOGITS
 
 
 if __name__ == "__main__":

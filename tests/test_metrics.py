@@ -2,14 +2,18 @@
 robustly, and an MFU that never exceeds 1."""
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import jax
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
+from fuzzing import fast_and_slow
 from llama_jax.model.config import ModelConfig
-from llama_jax.training.metrics import flops_per_token
+from llama_jax.training.metrics import MetricsFileError, MetricsLog, flops_per_token, read_records
 from llama_jax.training.peak import Peak, datasheet_peak, job_peak
 
 
@@ -122,3 +126,90 @@ def test_a_cpu_peak_is_measured_once_per_process_and_keeps_the_best(monkeypatch)
     assert first.mfu(100.0) == 0.5 and job_peak(cpu, 1, "bfloat16").per_device == 200.0  # re-taken: 200
     assert first.mfu(300.0) == 1.0 and job_peak(cpu, 1, "bfloat16").per_device == 200.0  # 120 < 200 kept
     assert calls == ["bfloat16"] * 3
+
+
+# --- reading an existing metrics.jsonl back on resume ------------------------------------------------------
+
+RECORDS = [{"step": 1, "kind": "train", "time": 1.5, "loss": 5.25}, {"step": 2, "kind": "train", "loss": float("nan")},
+           {"step": 2, "kind": "eval", "val_loss": 4.0, "note": "é"}, {"step": 3, "kind": "train", "loss": 3.0}]
+VALID = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
+
+
+def _read(path):
+    """(records, warnings) of `read_records` on `path`."""
+    warnings = []
+    return [record for _, record in read_records(path, warnings.append)], warnings
+
+
+def _truncated(tmp_path, length):
+    """A record cut short by a kill: the records before the cut come back, at most one warning names the
+    file and the line; never an error (the oracle: the records whose whole JSON text is before the cut)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(VALID[:length])
+    records, warnings = _read(path)
+    whole = [r for r, end in zip(RECORDS, np.cumsum([len(json.dumps(r)) + 1 for r in RECORDS])) if end - 1 <= length]
+    assert json.dumps(records) == json.dumps(whole)
+    lines = VALID[:length].count(b"\n")
+    torn = not VALID[:length].endswith(b"\n") and len(whole) == lines  # the tail is no whole record
+    assert len(warnings) == (length > 0 and torn)
+    assert all(w.startswith(f"warning: {path}:{lines + 1}: dropped the last line") for w in warnings)
+
+
+test_a_record_cut_anywhere_is_dropped_with_one_warning, _ = fast_and_slow(_truncated, length=st.integers(0, len(VALID)))
+
+
+@pytest.mark.parametrize("lines, number, problem", [
+    (["not json at all"], 2, "not JSON (Expecting value)"),
+    (["[1, 2]"], 2, "a JSON list"),
+    (["{\"step\": \"3\", \"kind\": \"train\"}"], 2, "its step is '3'"),
+    (["{\"kind\": \"train\"}"], 2, "its step is None"),
+    (["{\"step\": true}"], 2, "its step is True"),
+    (["{\"step\": 4, \"kind\": \"tr"], 2, "not JSON (Unterminated string"),  # cut short, but not the last line
+])
+def test_a_line_that_is_not_a_record_is_an_error_naming_file_and_line(tmp_path, lines, number, problem):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS[:1])
+                     + "".join(line + "\n" for line in lines).encode() + json.dumps(RECORDS[3]).encode() + b"\n")
+    with pytest.raises(MetricsFileError) as error:
+        _read(path)
+    assert str(error.value).startswith(f"{path}:{number}: not a metrics record ({problem}")
+    assert "\n" not in str(error.value)
+
+
+def _any_bytes(tmp_path, data, cut):
+    """Fuzz: whatever the file holds, read_records returns objects with an integer step or raises
+    MetricsFileError naming file:line; and a valid file with bytes appended keeps its records."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(data)
+    try:
+        records, warnings = _read(path)
+    except MetricsFileError as e:
+        assert re.match(rf"{re.escape(str(path))}:\d+: not a metrics record \(", str(e)) and "\n" not in str(e)
+    else:
+        assert all(isinstance(r, dict) and type(r["step"]) is int for r in records) and len(warnings) <= 1
+    path.write_bytes(VALID + data[:cut])
+    try:
+        records, _ = _read(path)
+    except MetricsFileError as e:  # the valid records never are the line at fault
+        assert int(re.match(rf"{re.escape(str(path))}:(\d+): ", str(e)).group(1)) > len(RECORDS)
+    else:
+        assert json.dumps(records[:len(RECORDS)]) == json.dumps(RECORDS)
+
+
+test_any_bytes_read_or_name_the_line, test_any_bytes_read_or_name_the_line_many = fast_and_slow(
+    _any_bytes, data=st.binary(max_size=80) | st.text(alphabet='{}[]"step:,0123 \n\\ud', max_size=60).map(str.encode),
+    cut=st.integers(0, 80))
+
+
+def test_the_log_rewrites_the_file_without_the_torn_line_and_later_steps(tmp_path):
+    """MetricsLog on resume from step 2: the records up to step 2 stay byte for byte, the torn line and
+    step 3 go, and the next write starts on a line of its own."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(VALID + b'{"step": 4, "ki')
+    said = []
+    log = MetricsLog(tmp_path, enabled=True, resume_step=2, say=said.append)
+    log.write(3, "train", {"loss": 2.5})
+    log.close()
+    lines = path.read_text().splitlines()
+    assert lines[:3] == VALID.decode().splitlines()[:3] and json.loads(lines[3])["loss"] == 2.5 and len(lines) == 4
+    assert len(said) == 1 and said[0].startswith(f"warning: {path}:5: dropped the last line")

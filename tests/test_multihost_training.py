@@ -47,8 +47,8 @@ def worker(spec: dict) -> dict:
     once per override list of `runs`, in order (a later call resumes from the checkpoint an earlier one left),
     with the iterator's `__next__` recording every batch it yields: (global batch number, inputs). With
     `kill` = {before_batch, once_saved, record}, the process SIGKILLs itself when asked for that global
-    batch, once the checkpoint directory `once_saved` is complete, after writing what it yielded to
-    `record`.<process_id>."""
+    batch, once the file `once_saved` exists (a step's integrity record: its save is complete), after
+    writing what it yielded to `record`.<process_id>."""
     sys.modules["torch"] = None  # tensorboardX imports torch when it can (seconds a process); training never needs it
     import jax
     jax.config.update("jax_num_cpu_devices", spec["devices"])
@@ -64,7 +64,7 @@ def worker(spec: dict) -> dict:
         kill = spec.get("kill")
         if kill and number == kill["before_batch"]:
             Path(f"{kill['record']}.{spec['process_id']}").write_text(json.dumps(yielded))
-            while not Path(kill["once_saved"]).is_dir():  # orbax renames the finished save into place
+            while not Path(kill["once_saved"]).is_file():  # the step's integrity record: the save is complete
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
         batch = real_next(self)
@@ -159,7 +159,7 @@ def oracle(corpus, cache_env, tmp_path_factory):
 
 
 def final_params(run_dir: Path) -> dict:
-    from llama_jax.convert.orbax_dirs import load_params
+    from llama_jax.checkpoint.params import load_params
     from llama_jax.training.config import load_train_config
 
     return load_params(run_dir, load_train_config(run_dir / "config.yaml").model)
@@ -197,7 +197,7 @@ def test_two_processes_killed_resume_on_two_processes_then_on_another_mesh(corpu
     losses, params, batches = oracle
     run_dir = tmp_path / "run"
     killed = run_job(2, cache_env, run_args(corpus, run_dir, **{"mesh.fsdp": 4}),
-                     kill={"before_batch": 3, "once_saved": str(run_dir / "checkpoints" / "2"),
+                     kill={"before_batch": 3, "once_saved": str(run_dir / "checkpoint_integrity" / "2.json"),
                            "record": str(tmp_path / "yielded")})
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     resumed = run_job(2, cache_env, run_args(corpus, run_dir, stop_at_step=4, **{"mesh.fsdp": 4}))

@@ -74,6 +74,21 @@ def test_header_and_data_section_must_agree(tmp_path, header, data, message):
         read_header(tmp_path / "bad.safetensors")
 
 
+@pytest.mark.parametrize("shape, offsets", [
+    ([2 ** 70], [0, 4]),  # an OverflowError in the element count
+    ([2 ** 32, 2 ** 32], [0, 0]),  # an int64 element count wraps to 0: this read as an empty tensor
+    ([2 ** 62, 0], [0, 0]),  # no elements, but numpy cannot make the array
+    ([0, 2 ** 63], [0, 0]),
+])
+def test_shapes_beyond_any_array_are_refused_naming_the_tensor(tmp_path, shape, offsets):
+    """One ConvertError line, not an OverflowError, and never a header accepted that then fails to read."""
+    path = tmp_path / "huge.safetensors"
+    write_raw(path, {"a": {"dtype": "F32", "shape": shape, "data_offsets": offsets}}, b"\0" * offsets[1])
+    with pytest.raises(ConvertError) as error:
+        read_header(path)
+    assert str(error.value) == f"{path}: tensor a: shape {shape} is too large for any array (2**63 bytes or more)"
+
+
 @FUZZ
 @given(position=st.integers(0, 10_000), value=st.integers(0, 255), cut=st.integers(0, 10_000))
 def test_byte_mutations_give_the_same_tensors_or_a_convert_error(tmp_path, position, value, cut):
@@ -96,7 +111,7 @@ def test_byte_mutations_give_the_same_tensors_or_a_convert_error(tmp_path, posit
 
 entries = st.fixed_dictionaries({
     "dtype": st.sampled_from(["F32", "F16", "BF16", "I32", "F64"]),
-    "shape": st.lists(st.integers(-1, 4), max_size=3),
+    "shape": st.lists(st.integers(-1, 4) | st.sampled_from([2 ** 31, 2 ** 32, 2 ** 62, 2 ** 63, 2 ** 70]), max_size=3),
     "data_offsets": st.lists(st.integers(-4, 64), min_size=0, max_size=3),
 })
 

@@ -28,7 +28,7 @@ if os.environ["INJECT"] == "enospc":
 
     async_path.write_bytes, async_path.write_text = failing(async_path.write_bytes), failing(async_path.write_text)
 else:
-    from llama_jax.training import checkpoints
+    from llama_jax.checkpoint import run as checkpoints
 
     save = checkpoints.RunCheckpoints.save
 

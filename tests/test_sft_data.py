@@ -80,6 +80,11 @@ def test_the_three_formats_give_the_same_messages(tmp_path):
     ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role: unknown role 'robot'"),
     ("chat", {"messages": [{"role": "user", "content": None}]}, "messages[0]: content: expected a string, got NoneType"),
     ("chat", {"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+    ("chat", {"messages": [{"role": "user", "content": "x\udcff"}, {"role": "assistant", "content": "y"}]},
+     "messages[0]: content: a lone surrogate U+DCFF at character 1 (not Unicode text)"),
+    ("alpaca", {"instruction": "\ud800", "output": "y"}, "instruction: a lone surrogate U+D800 at character 0"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "\udfff!"}]},
+     "conversations[1]: value: a lone surrogate U+DFFF"),
     ("chat", {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"},
                            {"role": "assistant", "content": "y"}]}, "a system message must come first"),
 ])
@@ -96,15 +101,30 @@ def test_a_bad_record_is_one_line_naming_file_line_and_field(tmp_path, kind, rec
     assert len(list(read_conversations(kind, path, skip_bad_lines=True))) == 1
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+# text, and text around a lone surrogate (valid JSON: "\udcff") or an escaped pair (a real character)
+TEXT = st.text(max_size=5) | st.tuples(st.text(max_size=2), st.sampled_from(["\ud800", "\udcff", "\ud83d\ude00"]),
+                                       st.text(max_size=2)).map("".join)
+def test_line_separators_inside_json_strings_stay_in_the_record(tmp_path):
+    """JSON Lines end at "\\n" only; U+2028, U+0085 and \\r are text inside a JSON string written raw
+    (ensure_ascii=False), and used to split the record into two broken lines."""
+    content = "one\u2028two\x85three\rfour"
+    record = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\r\n\r\n" + json.dumps(record) + "\r\n",
+                    encoding="utf-8", newline="")  # Windows line ends too
+    assert list(read_conversations("chat", str(path))) == [(f"{path}:1", record["messages"]),
+                                                           (f"{path}:3", record["messages"])]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | TEXT,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                     max_leaves=8)
 TURN = st.fixed_dictionaries({}, optional={"role": st.sampled_from([*ROLES, "bot"]) | JSON,
-                                           "content": st.text(max_size=5) | JSON,
+                                           "content": TEXT | JSON,
                                            "from": st.sampled_from(["human", "gpt", "system", "x"]) | JSON,
-                                           "value": st.text(max_size=5) | JSON})
-RECORD = st.fixed_dictionaries({}, optional={"instruction": st.text(max_size=5) | JSON, "input": st.text(max_size=5) | JSON,
-                                             "output": st.text(max_size=5) | JSON, "messages": st.lists(TURN, max_size=4) | JSON,
+                                           "value": TEXT | JSON})
+RECORD = st.fixed_dictionaries({}, optional={"instruction": TEXT | JSON, "input": TEXT | JSON,
+                                             "output": TEXT | JSON, "messages": st.lists(TURN, max_size=4) | JSON,
                                              "conversations": st.lists(TURN, max_size=4) | JSON}) | JSON
 
 
@@ -117,6 +137,7 @@ def test_fuzzed_records_give_valid_messages_or_a_one_line_error(kind, record):
         assert str(e).startswith("f.jsonl:7: ") and "\n" not in str(e)
         return
     assert messages and all(m["role"] in ROLES and isinstance(m["content"], str) for m in messages)
+    assert all(m["content"].encode("utf-8") is not None for m in messages)  # text a tokenizer can take
     assert any(m["role"] == "assistant" for m in messages)
     assert all(m["role"] != "system" for m in messages[1:])
 

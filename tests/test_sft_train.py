@@ -47,7 +47,7 @@ def overrides(files: dict, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def test_train_reports_target_share_and_answer_loss_then_generate_chat(files, tmp_path, capsys):
+def test_train_reports_target_share_and_answer_loss_then_generate_chat(files, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     result = train(load_train_config(None, overrides(files, run_dir)))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -66,10 +66,21 @@ def test_train_reports_target_share_and_answer_loss_then_generate_chat(files, tm
     out = json.loads(capsys.readouterr().out)
     assert out["generations"][0]["prompt"] == "Reverse: apple banana" and 1 <= out["new_tokens"] <= 4
 
+    from llama_jax.evaluation import generate as generate_mod  # --chat-date reaches the template
+
+    dates = []
+    monkeypatch.setattr(generate_mod, "chat_prompts", lambda *a, date=None, _real=generate_mod.chat_prompts:
+                        dates.append(date) or _real(*a, date=date))
+    assert eval_cli.main(["generate", str(run_dir), "--dtype", "fp32", "--chat", "llama3.1", "--chat-date",
+                          "05 Dec 2026", "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert dates == ["05 Dec 2026"]
+
 
 @pytest.mark.parametrize("line,message", [
     ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),
     ('{"messages": [{"role": "robot", "content": "q"}]}', "messages[0].role: unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\udcff"}]}',
+     "messages[1]: content: a lone surrogate U+DCFF at character 1 (not Unicode text)"),  # was a tokenizer traceback
 ])
 def test_bad_record_is_exit_status_2_naming_file_and_line(files, tmp_path, capsys, line, message):
     bad = tmp_path / "bad.jsonl"

@@ -72,7 +72,7 @@ def worker(port: int, process_id: int, processes: int, path: str, out: str) -> N
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """The same random weights as a params dir, a Meta directory and a Hugging Face directory."""
     from llama_jax.convert import convert
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.model.api import init_params
     from llama_jax.model.config import ModelConfig
 

@@ -125,3 +125,61 @@ def test_shipped_configs_fit_80_gib_devices(name, devices, mesh, capsys):
     assert plan_cli([str(path), f"devices={devices}", "device_memory_gib=80"]) == 0
     out = capsys.readouterr().out
     assert f"mesh: {mesh} ({devices} devices)" in out and "device memory 80 GiB: fits" in out
+
+
+LONG_CONTEXT = ROOT / "configs" / "train" / "llama3.1-8b-128k.yaml"
+
+
+def hand_counted_8b_128k() -> dict[str, float]:
+    """Per-device figures of the 128K config on 64 devices (fsdp=8 × context=8), by hand from the
+    LLaMA 3.1 8B shape: 32 layers, dim 4096, vocab 128256, 32 heads of 128, 8 kv heads, SwiGLU 14336
+    (1.3 × 8/3 × 4096 rounded up to a multiple of 1024)."""
+    vocab, dim, layers, hidden, kv_dim = 128256, 4096, 32, 14336, 8 * 128
+    matrices = 2 * vocab * dim + layers * (2 * dim * dim + 2 * dim * kv_dim + 3 * dim * hidden)
+    norms = (2 * layers + 1) * dim
+    params = (matrices // 64 + norms) * 4  # fp32, matrices split over fsdp × context = 64
+    tokens = 1 * 131072 // 8  # 8 rows per micro-batch over fsdp=8: one row, its 1/8 of the positions
+    bf16 = 2
+    everything = (dim * bf16 + (dim + 2 * kv_dim + 2 * dim + 2 * hidden) * bf16  # layer input, projections
+                  + 2 * dim * 4 + (dim + kv_dim) * 4 + 2 * hidden * bf16 + dim * bf16 + 32 * 4)  # flash: row stats
+    full = tokens * (layers * dim * bf16 + everything + dim * bf16) + (tokens // 64) * 3 * vocab * 4  # 64 chunks
+    fsdp = 3 * 4 * 63 * params  # 4 micro-batches: gather twice, reduce-scatter once, each 63 shards
+    context = 4 * layers * 2 * 7 / 8 * tokens * (2 * 32 * 128 + 2 * kv_dim) * bf16  # q, k, v, out; fwd + bwd
+    return {"parameters": params, "gradients": 2 * params, "optimizer state": 2 * params + 8,
+            "activations, remat=full": full, "FSDP": fsdp, "context": context}
+
+
+def test_long_context_config_fits_and_its_figures_match_a_hand_count(capsys):
+    cfg = load_train_config(LONG_CONTEXT)
+    assert cfg.model.replace(remat="none", loss_chunk_size=2048) == load_model_config("llama3.1-8b").replace(
+        remat="none")
+    assert cfg.seq_len == 131072 == cfg.model.max_seq_len
+    assert plan_cli([str(LONG_CONTEXT), "devices=64", "device_memory_gib=80"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh: data=1 × fsdp=8 × context=8 × tensor=1 (64 devices)" in out
+    assert "device memory 80 GiB: fits" in out
+    assert "  activation_length      context" in out
+    want = hand_counted_8b_128k()
+    rows = {line[:34].strip(): float(line[34:].split()[0]) for line in out.split("per device")[1].splitlines()[1:9]}
+    for label in ("parameters", "gradients", "optimizer state", "activations, remat=full"):
+        assert rows[label] == pytest.approx(want[label] / GIB, abs=0.006), label
+    traffic = {line[:42].strip(): tuple(map(float, line[42:].split()))
+               for line in out.split("traffic per device per step")[1].splitlines()[1:]}
+    assert traffic["FSDP gathers and reduce-scatters"] == pytest.approx((0, want["FSDP"] / GIB), abs=6e-4)
+    assert traffic["context attention"] == pytest.approx((0, want["context"] / GIB), abs=6e-4)
+    assert traffic["gradient all-reduce"] == (0, 0)  # FSDP covers every axis holding rows or positions
+
+
+def test_plan_counts_only_slice_crossing_collectives_as_dcn(capsys):
+    """Two slices of the 128K config's 64 devices (dcn_data=2): each slice keeps its fsdp × context
+    grid; the only DCN traffic is the gradient all-reduce between the two replicas, 2 × (2 - 1)/2 × the
+    device's gradient shard, once per step."""
+    assert plan_cli([str(LONG_CONTEXT), "devices=128", "mesh.dcn_data=2", "global_batch_size=64"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh: dcn_data=2 × data=1 × fsdp=8 × context=8 × tensor=1 (128 devices)" in out
+    traffic = {line[:42].strip(): tuple(map(float, line[42:].split()))
+               for line in out.split("traffic per device per step")[1].splitlines()[1:]}
+    params = hand_counted_8b_128k()["parameters"]
+    assert traffic["gradient all-reduce"] == pytest.approx((params / GIB, 0), abs=6e-4)
+    assert traffic["FSDP gathers and reduce-scatters"][0] == 0 and traffic["context attention"][0] == 0
+    assert traffic["total"][0] == pytest.approx(params / GIB, abs=6e-4)

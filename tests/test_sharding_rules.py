@@ -122,10 +122,63 @@ def hosts_of(grid) -> np.ndarray:
 
 def test_multi_host_layout_keeps_tensor_in_a_host_and_data_across_hosts():
     devices = [FakeDevice(i, i // 8) for i in range(32)]  # 4 hosts × 8 devices
-    hosts = hosts_of(device_grid((4, 4, 2), devices))
+    hosts = hosts_of(device_grid({"data": 4, "fsdp": 4, "tensor": 2}, devices))
     assert (hosts == np.arange(4)[:, None, None]).all()  # data index = host; fsdp and tensor inside it
-    hosts = hosts_of(device_grid((2, 16, 1), devices))  # 2 data groups of 2 hosts each
+    hosts = hosts_of(device_grid({"data": 2, "fsdp": 16, "tensor": 1}, devices))  # 2 data groups of 2 hosts each
     assert (hosts[:, :, 0] == np.repeat(np.arange(4), 8).reshape(2, 16)).all()
-    assert sorted(d.id for d in device_grid((2, 16, 1), devices).flat) == list(range(32))
+    assert sorted(d.id for d in device_grid({"data": 2, "fsdp": 16, "tensor": 1}, devices).flat) == list(range(32))
     with pytest.raises(ConfigError, match=r"mesh.tensor=16 must fit inside one host \(8 devices per host\)"):
-        device_grid((1, 2, 16), devices)
+        device_grid({"data": 1, "fsdp": 2, "tensor": 16}, devices)
+
+
+@dataclass(frozen=True)
+class SliceDevice:
+    """A device of a multi-slice job: its slice (`slice_index`, as TPU devices report it) and host."""
+
+    id: int
+    slice_index: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+def test_multi_slice_mesh_puts_dcn_axes_outermost_with_one_ici_grid_per_slice():
+    # 4 slices × 8 devices, interleaved in the device list (slice = id % 4): a plain reshape would mix them
+    devices = [SliceDevice(i, i % 4, i % 4) for i in range(32)]
+    cfg = MeshConfig(dcn_data=2, dcn_fsdp=2, fsdp=4, tensor=2, strategy="fsdp+tp")
+    sizes = cfg.shape(len(devices))
+    assert tuple(sizes) == ("dcn_data", "dcn_fsdp", "data", "fsdp", "tensor")
+    grid = device_grid(sizes, devices)
+    assert grid.shape == (2, 2, 1, 4, 2)
+    slices = np.vectorize(lambda d: d.slice_index)(grid)
+    seen = set()
+    for i in range(2):
+        for j in range(2):
+            ici = slices[i, j]
+            assert len(set(ici.flat)) == 1, ici  # one slice holds the whole data × fsdp × tensor grid
+            seen.add(int(ici.flat[0]))
+            assert sorted(d.id for d in grid[i, j].flat) == [d.id for d in devices if d.slice_index == ici.flat[0]]
+    assert seen == {0, 1, 2, 3}
+    with pytest.raises(ConfigError, match=r"4 slices, but the devices belong to 2 slice\(s\)"):
+        device_grid(sizes, [SliceDevice(i, i % 2, i % 2) for i in range(32)])
+    with pytest.raises(ConfigError, match="mesh.dcn_data=-1"):
+        MeshConfig(dcn_data=-1)
+
+
+def test_rules_never_put_tensor_or_context_across_slices():
+    for strategy in ("dp", "fsdp", "fsdp+tp"):
+        rules = rules_for(strategy)
+        check_rules_use_mesh(rules, {"dcn_data": 2, "dcn_fsdp": 2, "data": 1, "fsdp": 2, "context": 2, "tensor": 2}
+                             if strategy == "fsdp+tp" else {"dcn_data": 2, "dcn_fsdp": 2, "fsdp": 2, "context": 2})
+        for name, target in rules:
+            axes = {target} if isinstance(target, str) else set(target or ())
+            if name.startswith("activation_") and axes & {"tensor", "context"}:
+                assert not axes & {"dcn_data", "dcn_fsdp"}, (strategy, name, target)
+        # only batch rows and FSDP shards cross slices
+        dcn = {name for name, target in rules if set((target,) if isinstance(target, str) else target or ())
+               & {"dcn_data", "dcn_fsdp"}}
+        assert dcn == ({"activation_batch"} if strategy == "dp" else {"activation_batch", "embed"}), dcn
+    bad = tuple((n, ("dcn_data", "context") if n == "activation_length" else t) for n, t in rules_for("fsdp"))
+    with pytest.raises(ConfigError, match=r"rule activation_length -> \('dcn_data', 'context'\) puts \['context'\] "
+                                          r"across slices"):
+        check_rules_use_mesh(bad, {"dcn_data": 2, "fsdp": 2, "context": 2})

@@ -153,19 +153,38 @@ def test_loss_decreases_and_metrics_are_written(corpus, tmp_path):
     assert saved.model.dim == 32 and saved.steps == 30 and saved.log_every == 5
 
 
-def test_resume_reproduces_an_uninterrupted_run_bitwise(corpus, tmp_path):
+def test_resume_reproduces_an_uninterrupted_run_bitwise(corpus, tmp_path, capsys):
+    """... and its metrics.jsonl reads as one run, also when the first run was killed while writing a
+    record (a torn last line: dropped with one warning); a line that is not a record stops the resume
+    with one line naming the file and line (exit 2), the file untouched."""
+    from llama_jax.cli.train import main
+
     whole = run_in_process(corpus, tmp_path / "whole", stop_at_step=6)
     first = run_in_process(corpus, tmp_path / "split", stop_at_step=3)
     assert first.status == "stopped" and first.last_step == 3
+    metrics = tmp_path / "split" / "metrics.jsonl"
+    kept = metrics.read_text()
+    torn = '{"step": 4, "kind": "train", "lo'
+    metrics.write_text(kept + torn)
+    capsys.readouterr()
     second = run_in_process(corpus, tmp_path / "split", stop_at_step=6)
     assert (second.first_step, second.last_step, second.status) == (4, 6, "stopped")
     assert first.losses + second.losses == whole.losses  # exact equality of fp32 values
-    # the metrics file of the resumed run reads as one run
     assert losses_from_jsonl(tmp_path / "split") == losses_from_jsonl(tmp_path / "whole")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [f"warning: {metrics}:{kept.count(chr(10)) + 1}: dropped the last line, a record cut short "
+                        f"by an interrupted write ({len(torn)} bytes, no newline)"]
+    lines = metrics.read_text().splitlines()
+    for garbage, problem in (("\x00\x00\x00", "not JSON (Expecting value)"), ("[3]", "a JSON list")):
+        metrics.write_text("\n".join([*lines[:2], garbage, *lines[2:]]) + "\n")
+        assert main(overrides(corpus, tmp_path / "split", stop_at_step=9)) == 2
+        assert capsys.readouterr().err == (f"error: {metrics}:3: not a metrics record ({problem}; expected a JSON "
+                                           f"object with an integer step): fix or delete that line\n")
+        assert metrics.read_text().splitlines()[2] == garbage
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    from llama_jax.training.checkpoints import RunCheckpoints
+    from llama_jax.checkpoint.run import RunCheckpoints
 
     with pytest.raises(TrainingDiverged, match=r"step \d+: the loss \(.*\) or gradient norm \(.*\) is not finite") as err:
         run_in_process(corpus, tmp_path / "run", checkpoint_every=1, **{"optimizer.peak_lr": "1.0e+30",
@@ -175,7 +194,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpu
     ckpts = RunCheckpoints(tmp_path / "run", keep=5)
     assert ckpts.latest_step() == bad_step - 1 and f"step {bad_step - 1}" in str(err.value)
     ckpts.close()
-    from llama_jax.convert.orbax_dirs import load_params
+    from llama_jax.checkpoint.params import load_params
 
     params = load_params(tmp_path / "run", load_train_config(tmp_path / "run" / "config.yaml").model)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -305,7 +324,7 @@ def test_the_default_run_beats_gzip(tmp_path):
 def saved_weights(corpus, tmp_path) -> tuple[dict, float]:
     """Random weights saved as a params dir at tmp_path/weights, and the loss of the run's first batch
     under them, computed outside the loop (the oracle of a run started from them)."""
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
     from llama_jax.data.tokenizer import load_tokenizer
     from llama_jax.model.api import init_params
@@ -339,7 +358,7 @@ def test_init_from_a_run_directory_takes_its_final_params_with_fresh_data_and_op
     moment, step count or data position of the source carries over."""
     import orbax.checkpoint as ocp
 
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.data import DataConfig, SourceConfig, make_train_iterator
     from llama_jax.data.tokenizer import load_tokenizer
     from llama_jax.training.step import batch_nll
@@ -408,6 +427,19 @@ def test_bad_configs_fail_before_compiling(corpus, tmp_path, monkeypatch, overri
     _no_compile(monkeypatch)
     with pytest.raises((ConfigError, ValueError), match=message):
         run_in_process(corpus, tmp_path / "run", **override)
+
+
+def test_a_lone_surrogate_in_jsonl_data_is_one_line_exit_2_before_compiling(corpus, tmp_path, monkeypatch, capsys):
+    """Valid JSON, but `\\udcff` decodes to a string with no UTF-8 form: the tokenizer's TypeError
+    traceback before, now the file and line."""
+    from llama_jax.cli.train import main
+
+    _no_compile(monkeypatch)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the cat sees the dog."}\n{"text": "the owl \\udcff"}\n')
+    assert main(overrides(corpus, tmp_path / "run", **{"data.sources": f"[{{kind: jsonl, path: {data}}}]"})) == 2
+    assert capsys.readouterr().err == (f"error: {data}:2: text: a lone surrogate U+DCFF at character 8 (not Unicode "
+                                       f"text); set skip_bad_lines to skip such lines\n")
 
 
 def test_unwritable_run_dir_fails_before_compiling(corpus, tmp_path, monkeypatch):

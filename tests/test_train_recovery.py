@@ -45,6 +45,49 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+# Runs train.py in a child that blocks when the loop is about to save step HANG_AT_STEP, announcing it in a
+# marker file: the parent SIGKILLs it there, after the previous save completed and before the next.
+HANG_BEFORE_SAVE = r"""
+import os, sys, time
+from pathlib import Path
+from llama_jax.training import loop
+
+save = loop.RunCheckpoints.save
+
+def hanging(self, step, *args):
+    if step == int(os.environ["HANG_AT_STEP"]):
+        Path(os.environ["MARKER"]).write_text(str(step))
+        time.sleep(600)
+    return save(self, step, *args)
+
+loop.RunCheckpoints.save = hanging
+sys.argv = ["train.py", *sys.argv[1:]]
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+# Runs train.py in a child that blocks right after orbax renamed step HANG_AT_STEP into place (the save is
+# complete on disk), before anything else runs: the narrowest window between a save and its record.
+HANG_AFTER_COMMIT = r"""
+import os, sys, time
+from pathlib import Path
+from orbax.checkpoint._src.path import atomicity
+
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self):
+    await commit(self)
+    if self.get_final().name == os.environ["HANG_AT_STEP"]:
+        Path(os.environ["MARKER"]).write_text(str(self.get_final()))
+        time.sleep(600)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv = ["train.py", *sys.argv[1:]]
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return prepare(tmp_path_factory.mktemp("recovery_corpus"))
@@ -103,6 +146,59 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(corpus,
     resumed = losses_from_jsonl(run_dir)
     assert sorted(resumed) == list(range(1, 9))
     assert {s: resumed[s] for s in killed_losses} == killed_losses  # bitwise the same losses again
+
+
+def _killed_after_step_4_was_saved(script, corpus, cache_env, tmp_path):
+    """SIGKILL a run (checkpoints every 2 steps) in `script`'s hang around step 4's save; (run_dir, args,
+    the losses it logged)."""
+    run_dir, marker = tmp_path / "run", tmp_path / "hanging"
+    args = overrides(corpus, run_dir, stop_at_step=8, checkpoint_every=2)
+    step_4 = run_dir / "checkpoints" / "4"
+    child = _spawn(["-c", script, *args], {**cache_env, "HANG_AT_STEP": "4" if script is HANG_AFTER_COMMIT else "6",
+                                           "MARKER": str(marker)})
+    try:
+        _wait_for(lambda: marker.exists() and step_4.is_dir(), child, timeout=180)
+        time.sleep(1)  # whatever follows the save in the background has had its time
+        child.send_signal(signal.SIGKILL)
+    finally:
+        _kill(child)
+    return run_dir, args, losses_from_jsonl(run_dir)
+
+
+def _assert_resumed_from_step_2_not_4(proc, run_dir, killed_losses, why):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert re.search(rf"checkpoint step 4 is (damaged|unverified): .*({why})", out), out
+    assert "resuming from" in out and "checkpoints/2 (step 2)" in out and "(step 4)" not in out
+    assert "peak_lr" not in out and "not finite" not in out  # damage is not blamed on the learning rate
+    assert [p.name.split(".")[1].split("-")[0] for p in (run_dir / "checkpoints").iterdir()
+            if p.name.startswith("4.")] in (["corrupt"], ["unverified"])  # moved aside, never deleted
+    resumed = losses_from_jsonl(run_dir)
+    assert sorted(resumed) == list(range(1, 9))
+    assert {s: resumed[s] for s in killed_losses} == killed_losses  # bitwise the same losses again
+
+
+def test_sigkill_after_a_save_then_a_bit_flip_in_it_falls_back_to_the_step_before(corpus, cache_env, tmp_path):
+    """The crash window of issue 26: killed after step 4's save completed and before step 6's, step 4's largest
+    file then damaged in place (same size). The rerun must not resume from step 4 (nor bless it with a
+    record): it sets step 4 aside and repeats the killed run's losses from step 2."""
+    run_dir, args, killed_losses = _killed_after_step_4_was_saved(HANG_BEFORE_SAVE, corpus, cache_env, tmp_path)
+    params = run_dir / "checkpoints" / "4" / "params"
+    largest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    largest.write_bytes(bytes(data))
+    proc = run_python("import sys, train; sys.exit(train.main(sys.argv[1:]))", *args, env_extra=cache_env)
+    _assert_resumed_from_step_2_not_4(proc, run_dir, killed_losses, "CRC-32 differs|no integrity record")
+
+
+def test_a_step_killed_between_its_commit_and_its_record_is_not_resumed(corpus, cache_env, tmp_path):
+    """Killed right after orbax renamed step 4 into place, before its integrity record: nothing vouches for
+    step 4's files, so the rerun sets it aside as unverified and resumes from step 2."""
+    run_dir, args, killed_losses = _killed_after_step_4_was_saved(HANG_AFTER_COMMIT, corpus, cache_env, tmp_path)
+    assert not (run_dir / "checkpoint_integrity" / "4.json").exists()
+    proc = run_python("import sys, train; sys.exit(train.main(sys.argv[1:]))", *args, env_extra=cache_env)
+    _assert_resumed_from_step_2_not_4(proc, run_dir, killed_losses, "no integrity record")
 
 
 def test_sigterm_saves_a_final_checkpoint_and_exits(corpus, cache_env, tmp_path):

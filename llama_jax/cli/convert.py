@@ -11,6 +11,7 @@ import sys
 from llama_jax.convert.common import DTYPES, FORMATS, ConvertError
 from llama_jax.convert.hf import DEFAULT_SHARD_BYTES
 from llama_jax.convert.pipeline import convert
+from llama_jax.utils.extras import MissingExtra
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                       model_parallel=args.model_parallel, preset=args.preset,
                       meta_embedding_split_dim=args.meta_embedding_split_dim, max_shard_bytes=args.max_shard_size,
                       progress=not args.no_progress)
-    except (ConvertError, OSError) as e:  # bad input, or an I/O error such as a full disk: one line
+    except (ConvertError, MissingExtra, OSError) as e:  # bad input, a missing extra, an I/O error: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst} ({args.to}; dim={cfg.dim}, n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size})")

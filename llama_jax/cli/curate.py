@@ -94,13 +94,16 @@ def _curate(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from llama_jax.curate.errors import CurateError
+    from llama_jax.utils.extras import MissingExtra, require
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if not {"-h", "--help"} & set(argv):
+            require("curate", "llama-jax-curate")
         if argv[:1] == ["train-quality-models"]:
             return _train(argv[1:])
         return _curate(argv)
-    except (ConfigError, CurateError) as e:
+    except (ConfigError, CurateError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,7 @@
 
     llama-jax-eval perplexity CHECKPOINT --data FILE_DIR_OR_GLOB [--data more.jsonl] [--stride 1024]
     llama-jax-eval tasks CHECKPOINT --tasks piqa,gsm8k,humaneval,my_task.yaml --data-dir ~/tensorflow_datasets
+    llama-jax-eval score-code humaneval --completions out/humaneval.jsonl   (rescore saved completions, no model)
     llama-jax-eval harness CHECKPOINT --tasks gsm8k --include-path my_tasks/ --num-fewshot 5 --limit 50
     llama-jax-eval generate CHECKPOINT --prompt "The capital of France is" [--temperature 0.8 --top-p 0.9]
     llama-jax-eval generate CHECKPOINT --chat llama3 --system "Be brief." --prompt "Name three rivers."
@@ -12,7 +13,9 @@ Face directory (converted in memory, nothing written); its own tokenizer is used
 --data: a text file, directory or glob (one file = one document), a .jsonl file (one document per line,
 field --text-field), `tfds:NAME` (split --split, prepared in --data-dir) or `builtin:validation`.
 The model runs on a mesh over all devices of all processes (--fsdp/--tensor/--strategy); results are
-printed as JSON by process 0. Exit status: 0 done, 2 bad input or configuration.
+printed as JSON by process 0. Generated code runs only in a bubblewrap container (docs/evaluation.md);
+where bwrap cannot run, code tasks are refused unless --unsafe-run-generated-code.
+Exit status: 0 done, 2 bad input or configuration.
 """
 from __future__ import annotations
 
@@ -29,7 +32,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("meta", "hf", "orbax"), default=None, help="default: detected")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's own)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute and weight dtype")
-    add_flag(parser, "--no-bos", action="store_true", help="do not put BOS in front of each text")
+    bos = parser.add_mutually_exclusive_group()
+    bos.add_argument("--bos", dest="bos", action="store_const", const=True, default=None,
+                     help="put BOS in front of each text (default: as the tokenizer's own convention says)")
+    add_flag(bos, "--no-bos", dest="bos", action="store_const", const=False, default=None,
+             help="do not put BOS in front of each text")
     add_flag(parser, "--data-parallel", type=int, default=1, help="mesh 'data' axis size")
     parser.add_argument("--fsdp", type=int, default=-1, help="mesh 'fsdp' axis size (-1: remaining devices)")
     parser.add_argument("--tensor", type=int, default=1, help="mesh 'tensor' axis size")
@@ -39,6 +46,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--coordinator-address", default=None)
     add_flag(parser, "--num-processes", type=int, default=None)
     add_flag(parser, "--process-id", type=int, default=None)
+
+
+def _unsafe_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--unsafe-run-generated-code", action="store_true",
+                        help=f"consent to running model-written code for {what}")
+
+
+def _code_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--code-timeout", type=float, default=10.0, help="seconds per generated program")
+    add_flag(parser, "--code-workers", type=int, default=0, help="programs run at once (default: CPU count)")
+    _unsafe_flag(parser, "code tasks where bubblewrap cannot run (audit hook only, no container)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,8 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     add_flag(tasks, "--top-p", type=float, default=1.0, help="1: off")
     tasks.add_argument("--seed", type=int, default=0, help="sampling seed of the first sample (then +1 each)")
     add_flag(tasks, "--max-new-tokens", type=int, default=None, help="generation length (default: each task's)")
-    add_flag(tasks, "--code-timeout", type=float, default=10.0, help="seconds per generated program")
-    add_flag(tasks, "--code-workers", type=int, default=0, help="programs run at once (default: CPU count)")
+    _code_flags(tasks)
+
+    score = sub.add_parser("score-code", help="pass@k of saved completions (TASK.jsonl of `tasks --output-dir`)")
+    score.add_argument("task", help="a code task: humaneval, mbpp or a task file")
+    score.add_argument("--completions", required=True, help="JSONL, one {\"id\", \"completions\": [...]} per line")
+    add_flag(score, "--data-dir", default=None, help="directory holding mbpp/ (for mbpp)")
+    score.add_argument("--output", default=None, help="also write the results to this JSON file")
+    _code_flags(score)
 
     harness = sub.add_parser("harness", help="lm-evaluation-harness tasks with llama_jax as the model")
     _common(harness)
@@ -91,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     add_flag(harness, "--max-gen-toks", type=int, default=256, help="generation length unless a task sets it")
     add_flag(harness, "--fewshot-seed", type=int, default=1234)
     harness.add_argument("--seed", type=int, default=0, help="sampling seed of the first repeat")
+    _unsafe_flag(harness, "lm-eval's code tasks (lm-eval runs their programs itself, in-process, with no sandbox)")
 
     gen = sub.add_parser("generate", help="sample text with a KV cache")
     _common(gen)
@@ -108,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="each prompt is a user turn in this chat template (as in fine-tuning); stops at its "
                           "end-of-turn token")
     gen.add_argument("--system", default="", help="with --chat: a system prompt before each prompt")
+    add_flag(gen, "--chat-date", default=None,
+             help="with --chat: the date the template writes (LLaMA 3.1's 'Today Date'; default: the template's)")
     return parser
 
 
@@ -170,22 +197,27 @@ def run_perplexity(args, emit) -> None:
     context_len = model.cfg.max_seq_len if args.context_len is None else args.context_len
     scorer = TokenScorer(model, batch_size=args.batch_size, max_len=context_len)
     result = evaluate_perplexity(scorer, texts, model.tokenizer, context_len=context_len, stride=args.stride,
-                                 bos=not args.no_bos).as_dict()
+                                 bos=args.bos).as_dict()
     result.update(context_len=context_len, windows="rolling" if args.stride is None else f"stride {args.stride}")
     emit(result, args.output)
 
 
+def _code_limits(args):
+    from llama_jax.evaluation.sandbox import Limits
+
+    return Limits(timeout_s=args.code_timeout, cpu_s=max(1, int(args.code_timeout)))
+
+
 def run_tasks(args, emit) -> None:
     from llama_jax.evaluation.runner import RunOptions, TaskRunner, prepare
-    from llama_jax.evaluation.sandbox import Limits
     from llama_jax.evaluation.catalog import load_tasks
 
     options = RunOptions(num_fewshot=args.num_fewshot, fewshot_seed=args.fewshot_seed, limit=args.limit,
                          samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         bos=not args.no_bos,
-                         code_limits=Limits(timeout_s=args.code_timeout, cpu_s=max(1, int(args.code_timeout))),
-                         code_workers=args.code_workers)
+                         bos=args.bos,
+                         code_limits=_code_limits(args), code_workers=args.code_workers,
+                         allow_unsafe_code=args.unsafe_run_generated_code)
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
     prepared = [prepare(t, options) for t in load_tasks(specs, data_dir=args.data_dir, split=args.split)]
     model = _load(args)  # every task, prompt and item was checked above
@@ -201,6 +233,22 @@ def run_tasks(args, emit) -> None:
     emit(results, str(out_dir / "results.json") if out_dir else None)
 
 
+def run_score_code(args, emit) -> None:
+    from llama_jax.evaluation.catalog import load_tasks
+    from llama_jax.evaluation.code_exec import code_metrics, execute, read_completions
+    from llama_jax.evaluation.runner import PASS_KS
+    from llama_jax.evaluation.sandbox import choose_isolation
+
+    (task,) = load_tasks([args.task], data_dir=args.data_dir)
+    if task.kind != "code":
+        raise ValueError(f"score-code: task {task.name} is a {task.kind} task, not a code task")
+    items, completions = read_completions(args.completions, task.items)
+    choose_isolation(args.unsafe_run_generated_code)
+    outcomes = execute(items, completions, _code_limits(args), workers=args.code_workers,
+                       allow_unsafe=args.unsafe_run_generated_code)
+    emit({task.name: code_metrics(outcomes, [k for k in PASS_KS if k <= min(map(len, completions))])}, args.output)
+
+
 def _task_manager(names: list[str], include_path: str | None):
     """lm-eval's TaskManager: only `include_path`'s tasks when they cover `names` (instant), else with
     lm-eval's stock tasks too; unknown names are refused before a model is loaded."""
@@ -211,12 +259,20 @@ def _task_manager(names: list[str], include_path: str | None):
         manager = TaskManager(include_path=include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
+        from llama_jax.evaluation.harness import unparsable_task_files
+
+        broken = unparsable_task_files(include_path) if include_path else []
+        more = f" (and {len(broken) - 1} more unparsable task file{'s' * (len(broken) > 2)})" if len(broken) > 1 else ""
         raise ValueError(f"unknown lm-eval task {unknown[0]!r} (stock tasks"
-                         f"{' and ' + include_path if include_path else ''})")
+                         f"{' and ' + include_path if include_path else ''})"
+                         + (f"; {broken[0]}{more}" if broken else ""))
     return manager
 
 
 def run_harness(args, emit) -> None:
+    from llama_jax.utils.extras import require
+
+    require("eval", "eval.py harness", ("lm_eval",))
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
@@ -225,10 +281,17 @@ def run_harness(args, emit) -> None:
     names = [s.strip() for s in args.tasks.split(",") if s.strip()]
     manager = _task_manager(names, args.include_path)
     lm = lm_class()(model=_load(args), batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed,
-                    add_bos_token=not args.no_bos)
-    out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
-                                  task_manager=manager, log_samples=bool(args.output_dir),
-                                  fewshot_random_seed=args.fewshot_seed, confirm_run_unsafe_code=True)
+                    add_bos_token=args.bos)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit,
+                                      task_manager=manager, log_samples=bool(args.output_dir),
+                                      fewshot_random_seed=args.fewshot_seed,
+                                      confirm_run_unsafe_code=args.unsafe_run_generated_code)
+    except ValueError as e:
+        if "marked as unsafe" not in str(e):
+            raise
+        raise ValueError(f"{str(e).split('. Set confirm_run_unsafe_code')[0]}: lm-eval runs its generated code "
+                         "in-process, without a sandbox; pass --unsafe-run-generated-code to allow it") from None
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir is not None and emit.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,10 +315,11 @@ def run_generate(args, emit) -> None:
 
         head = [{"role": "system", "content": args.system}] if args.system else []
         token_prompts, end_of_turn = chat_prompts(tok, args.chat, [head + [{"role": "user", "content": p}]
-                                                                   for p in prompts])
+                                                                   for p in prompts], date=args.chat_date)
         result = Generator(model, sampling, eos_id=end_of_turn)(token_prompts)
     else:
-        result = Generator(model, sampling)([tok.encode(p, bos=not args.no_bos) for p in prompts])
+        bos = tok.adds_bos if args.bos is None else args.bos
+        result = Generator(model, sampling)([tok.encode(p, bos=bos) for p in prompts])
     emit({"generations": [{"prompt": p, "completion": tok.decode(t), "new_tokens": len(t)}
                           for p, t in zip(prompts, result.tokens)],
           "new_tokens": result.new_tokens, "seconds": result.seconds, "compile_seconds": result.compile_seconds,
@@ -285,7 +349,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from llama_jax.utils.config_io import ConfigError
 
-    run = {"perplexity": run_perplexity, "tasks": run_tasks, "harness": run_harness,
+    run = {"perplexity": run_perplexity, "tasks": run_tasks, "score-code": run_score_code, "harness": run_harness,
            "generate": run_generate}[args.command]
     try:
         run(args, _Emitter())

@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
         return 2
 
     from llama_jax.utils.config_io import ConfigError
-    from llama_jax.training.checkpoints import CheckpointSaveError
+    from llama_jax.checkpoint.run import CheckpointSaveError
     from llama_jax.training.config import load_train_config
     from llama_jax.training.loop import TrainingDiverged, train
 

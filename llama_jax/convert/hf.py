@@ -77,6 +77,7 @@ class HFReader:
         embedding = self.entries[torch_name(tensor_maps(self.cfg)[0], "hf")]
         self.dtype = safetensors_io.tensor_dtype(embedding[0], "model.embed_tokens.weight", embedding[1])
         self.tokenizer_files = tokenizer_files(path)
+        self.source_dirs = (path,)  # where the companion files are (`companions`)
 
     def _validate(self) -> None:
         expected = {}
@@ -125,8 +126,10 @@ def plan_shards(cfg: ModelConfig, dtype: np.dtype, max_shard_bytes: int) -> list
 class HFWriter:
     """Writes config.json and safetensors files (sharded with an index above `max_shard_bytes`)."""
 
-    def __init__(self, directory: Path, cfg: ModelConfig, dtype: np.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, directory: Path, cfg: ModelConfig, dtype: np.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 token_ids: dict | None = None):
         self.directory, self.cfg, self.dtype = directory, cfg, np.dtype(dtype)
+        self.token_ids = token_ids or {}  # config.json's bos/eos/pad ids (`llama_jax.convert.companions`)
         self.plan = plan_shards(cfg, self.dtype, max_shard_bytes)
         n = len(self.plan)
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -147,7 +150,7 @@ class HFWriter:
         self._writer.close()
         if self._shard != len(self.plan) - 1:
             raise RuntimeError(f"{self.directory}: wrote {self._shard + 1} of {len(self.plan)} planned files")
-        config = hf_config_dict(self.cfg)
+        config = hf_config_dict(self.cfg, self.token_ids)
         # transformers 5 reads `dtype`; older readers (and serving stacks) read `torch_dtype`
         config["dtype"] = config["torch_dtype"] = config_name(self.dtype)
         (self.directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

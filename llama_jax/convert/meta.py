@@ -206,6 +206,7 @@ class MetaReader:
         self._validate()
         self.dtype = torch_to_numpy(first["tok_embeddings.weight"][:0]).dtype
         self.tokenizer_files = tokenizer_files(path)
+        self.source_dirs = (path,)  # where the companion files are (`companions`)
 
     def _validate(self) -> None:
         n = len(self.shards.paths)

@@ -1,5 +1,8 @@
 """One conversion: open and validate the source, plan the target, stream tensor by tensor, commit.
 
+The tokenizer and the files that make the target the same chat model (`companions`: tokenizer config,
+chat template, generation config, BOS/EOS/pad ids) travel with the weights.
+
 Everything that can be checked (every name, shape and dtype in the source, the target's splits and
 config form) is checked before the first byte is written; the target is written into a temporary
 sibling of DST and renamed at the end, so a failed conversion leaves no DST behind.
@@ -13,10 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.model.config import ModelConfig, load_model_config
+from llama_jax.convert import companions
 from llama_jax.convert.common import DTYPES, FORMATS, ConvertError, tensor_count, tensor_items
 from llama_jax.convert.hf import DEFAULT_SHARD_BYTES, HFReader, HFWriter, is_hf_dir
 from llama_jax.convert.meta import MetaReader, MetaWriter, is_meta_dir
 from llama_jax.convert.ours import OrbaxReader, OrbaxWriter, ParamTreeBuilder, is_orbax_dir
+from llama_jax.utils.extras import require
 from llama_jax.utils.files import atomic_directory
 
 READERS = {"meta": MetaReader, "hf": HFReader, "orbax": OrbaxReader}
@@ -47,6 +52,8 @@ def open_reader(path: str | os.PathLike, fmt: str | None = None, preset: str | N
         raise ConvertError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if not path.is_dir():
         raise ConvertError(f"{path}: not a directory")
+    if fmt == "meta":
+        require("torch", "reading a Meta checkpoint (.pth)")
     base = load_model_config(preset) if preset else ModelConfig()
     reader = READERS[fmt](path, base)
     if preset:
@@ -72,13 +79,14 @@ def read_checkpoint(path: str | os.PathLike, fmt: str | None = None) -> tuple[Mo
 
 
 def make_writer(fmt: str, directory: Path, cfg: ModelConfig, dtype: np.dtype, *, model_parallel: int = 1,
-                meta_embedding_split_dim: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+                meta_embedding_split_dim: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                token_ids: dict | None = None):
     if fmt == "meta":
         return MetaWriter(directory, cfg, dtype, model_parallel, meta_embedding_split_dim)
     if model_parallel != 1:
         raise ConvertError(f"--model-parallel applies to --to meta only (got {model_parallel} for {fmt})")
     if fmt == "hf":
-        return HFWriter(directory, cfg, dtype, max_shard_bytes)
+        return HFWriter(directory, cfg, dtype, max_shard_bytes, token_ids)
     if fmt == "orbax":
         return OrbaxWriter(directory, cfg, dtype)
     raise ConvertError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -98,20 +106,27 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, src_form
         raise ConvertError(f"{dst} already exists; refusing to overwrite it")
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if to == "meta":
+        require("torch", "writing a Meta checkpoint (.pth)")
     reader = open_reader(src, src_format, preset)
     target_dtype = DTYPES[dtype] if dtype else reader.dtype
     try:
+        tokenizer = reader.tokenizer_files[0] if reader.tokenizer_files else None
+        token_ids = companions.source_token_ids(reader.source_dirs, tokenizer)
         with atomic_directory(dst, "convert-tmp") as tmp:
             writer = make_writer(to, tmp, reader.cfg, target_dtype, model_parallel=model_parallel,
-                                 meta_embedding_split_dim=meta_embedding_split_dim, max_shard_bytes=max_shard_bytes)
+                                 meta_embedding_split_dim=meta_embedding_split_dim, max_shard_bytes=max_shard_bytes,
+                                 token_ids=token_ids)
             with tqdm(total=tensor_count(reader.cfg), unit="tensor", desc=f"{reader.fmt} -> {to}",
                       disable=not progress) as bar:
                 for tmap, layer in tensor_items(reader.cfg):
                     writer.add(tmap, layer, reader.tensor(tmap, layer))
                     bar.update()
             writer.finish()
-            for tokenizer in reader.tokenizer_files:
-                shutil.copyfile(tokenizer, tmp / tokenizer.name)
+            for file in reader.tokenizer_files:
+                shutil.copyfile(file, tmp / file.name)
+            companions.carry(tmp, tokenizer_dirs=[f.parent for f in reader.tokenizer_files[:1]],
+                             model_dirs=reader.source_dirs, token_ids=token_ids, hf_target=to == "hf")
     finally:
         reader.close()
     return reader.cfg

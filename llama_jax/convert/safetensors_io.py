@@ -10,6 +10,7 @@ the whole file in memory: the header is planned from the model config, then tens
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Sequence
@@ -77,7 +78,10 @@ def _checked_span(path: Path, name: str, entry) -> tuple[int, int]:
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise ConvertError(f"{path}: tensor {name}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
-    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if dtype.itemsize * math.prod(d for d in shape if d) >= 2 ** 63:  # numpy's limit, zero dimensions aside
+        raise ConvertError(f"{path}: tensor {name}: shape {shape!r} is too large for any array (2**63 bytes "
+                           f"or more)"[:300])
+    expected = dtype.itemsize * math.prod(shape)  # exact: Python integers do not overflow
     if offsets[1] - offsets[0] != expected:
         raise ConvertError(f"{path}: tensor {name} spans {offsets[1] - offsets[0]} bytes, its shape {tuple(shape)} "
                            f"needs {expected}")

@@ -6,9 +6,10 @@ Here each parameter group is built directly in this process's device shards: for
 tensor the format's reader yields, only the slices this process's devices hold are copied into their
 shard buffers, the tensor is dropped, and once a group is complete each buffer goes to its device. A
 process's peak is therefore its own share of the model plus one checkpoint tensor plus one device shard.
-Our orbax directories are read the same way, one parameter at a time and one device shard at a time
-(`orbax_dirs.load_params`): each host reads only the stored chunks its shards overlap, which for a
-params dir (chunked along `embed`) or a checkpoint written with the same fsdp split is its own slices.
+Our own checkpoints are read the same way, one parameter at a time and one device shard at a time, once
+verified (`llama_jax.checkpoint.params.load_params`): each host reads only the stored chunks its shards
+overlap, which for a params dir (chunked along `embed`) or a checkpoint written with the same fsdp split
+is its own slices.
 
 Meta and Hugging Face readers still read each tensor whole (memory-mapped shards for Meta; Meta's q/k
 rows must be permuted whole), so every process reads every byte once: host memory, not I/O, is what
@@ -22,7 +23,7 @@ import os
 import jax
 import numpy as np
 
-from llama_jax.convert import orbax_dirs
+from llama_jax.checkpoint import layout, params as checkpoint_params
 from llama_jax.convert.common import copy_into, our_shape
 from llama_jax.convert.pipeline import detect_format, open_reader
 from llama_jax.model import api
@@ -71,10 +72,10 @@ def read_sharded(path: str | os.PathLike, shardings_for, *, expected: ModelConfi
     """
     fmt = fmt or detect_format(path)
     if fmt == "orbax":
-        cfg = orbax_dirs.read_model_config(path) if expected is None else expected
+        cfg = layout.read_model_config(path) if expected is None else expected
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype) if dtype else cfg
-        params = orbax_dirs.load_params(path, cfg, shardings=shardings_for(cfg))
-        return cfg, params, orbax_dirs.find_tokenizer(path)
+        params = checkpoint_params.load_params(path, cfg, shardings=shardings_for(cfg))
+        return cfg, params, layout.find_tokenizer(path)
     reader = open_reader(path, fmt)
     try:
         if expected is not None:

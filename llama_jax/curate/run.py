@@ -17,6 +17,7 @@ from llama_jax.curate.cutoffs import CUTOFFS_FILE, read_cutoffs
 from llama_jax.curate.errors import CurateError
 from llama_jax.curate.models import lid176_path, require_file
 from llama_jax.curate.stages import Phase, ResolvedModels, source_phases
+from llama_jax.utils.extras import require
 
 MIXTURE_DIR = "mixture"
 
@@ -116,6 +117,7 @@ def make_executor(cfg: CurateConfig, phase: Phase, depends=None):
         return LocalPipelineExecutor(phase.pipeline, tasks=phase.tasks, workers=min(ex.workers, phase.tasks),
                                      logging_dir=phase.logging_dir)
     if ex.kind == "ray":
+        require("curate", "the ray executor", ("ray",))
         from datatrove.executor.ray import RayPipelineExecutor
 
         return RayPipelineExecutor(phase.pipeline, tasks=phase.tasks, workers=min(ex.workers, phase.tasks),

@@ -24,6 +24,8 @@ import json
 import logging
 from typing import Callable, Iterable, Iterator
 
+from llama_jax.utils.text import lone_surrogate
+
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
@@ -42,6 +44,8 @@ def _string(record: dict, key: str, where: str, *, optional: bool = False) -> st
     value = record[key]
     if not isinstance(value, str):
         raise RecordError(f"{where}: {key}: expected a string, got {type(value).__name__}")
+    if (surrogate := lone_surrogate(value)) is not None:
+        raise RecordError(f"{where}: {key}: {surrogate}")
     return value
 
 
@@ -135,8 +139,8 @@ def read_conversations(kind: str, path: str, *, skip_bad_lines: bool = False,
     """("file:line", messages) of every non-blank line of the JSONL file `path`."""
     renames = field_renames(fields)
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        with open(path, encoding="utf-8", newline="") as fh:  # lines end at "\n", as in sources._read_jsonl
+            lines = fh.read().split("\n")
     except UnicodeDecodeError as e:
         raise RecordError(f"{path}: not UTF-8 text ({e.reason})") from None
     records = ((f"{path}:{number}", lambda where, line=line: record_messages(kind, line, where, renames))

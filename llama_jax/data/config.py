@@ -94,7 +94,9 @@ class DataConfig:
     cache_dir: where tokenized sources are kept (keyed by source contents and tokenizer file) so later
     runs skip tokenization; "" tokenizes in memory every run.
     chat_template: for conversation sources (fine-tuning): how conversations become tokens and which
-    tokens are targets; `llama2`, `llama3`, `alpaca` or `tokenizer` (see chat_template.py).
+    tokens are targets; `llama2`, `llama3`, `llama3.1`, `alpaca` or `tokenizer` (see chat_template.py).
+    chat_date: the date a template writes (`date_string`: LLaMA 3.1's "Today Date: 26 Jul 2024" line);
+    "" keeps the template's own default.
     """
 
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(kind="builtin", split="train")])
@@ -104,6 +106,7 @@ class DataConfig:
     shuffle: bool = True
     cache_dir: str = ""
     chat_template: str = "llama3"
+    chat_date: str = ""
 
     def __post_init__(self):
         if not self.sources:

@@ -160,7 +160,7 @@ def make_sft_train_iterator(cfg: DataConfig, tokenizer, *, seq_len: int, global_
     """Reads, renders and tokenizes every conversation now, so a bad record fails before any compile."""
     _check_seq_len(seq_len)
     _rows_for_host(global_batch_size, process_index, process_count)
-    template = ChatTemplate(cfg.chat_template, tokenizer)
+    template = ChatTemplate(cfg.chat_template, tokenizer, date=cfg.chat_date or None)
     sources = [encode_source(src, template, seq_len) for src in cfg.sources]
     return SFTTrainIterator(sources, [src.weight for src in cfg.sources], tokenizer, seq_len=seq_len,
                             global_batch_size=global_batch_size, process_index=process_index,
@@ -174,7 +174,7 @@ def make_sft_eval_batches(cfg: DataConfig, tokenizer, *, seq_len: int, batch_siz
     _check_seq_len(seq_len)
     rows = _rows_for_host(batch_size, process_index, process_count)
     my_rows = slice(process_index * rows, (process_index + 1) * rows)
-    template = ChatTemplate(cfg.chat_template, tokenizer)
+    template = ChatTemplate(cfg.chat_template, tokenizer, date=cfg.chat_date or None)
     examples = concat_examples([encode_source(src, template, seq_len) for src in _validation_sources(cfg)])
     packed = PackedRows(examples, np.arange(examples.num_examples), seq_len, pad_id=tokenizer.pad_id)
     num_batches = -(-packed.num_rows // batch_size)

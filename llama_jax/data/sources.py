@@ -18,6 +18,7 @@ from pathlib import Path
 from llama_jax.data import corpus
 from llama_jax.data.curated import curated_shards
 from llama_jax.data.config import SourceConfig
+from llama_jax.utils.text import lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,20 @@ def _source_files(src: SourceConfig) -> list[str]:
     return resolve_paths(src.path, key=f"source path ({src.describe()})")
 
 
-def _read_utf8(path: str) -> str:
+def _read_utf8(path: str, *, newline: str | None = None) -> str:
+    """The file's text; `newline` as for `open` (None: universal newlines, "": the file's own)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline=newline) as f:
+            return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def _read_jsonl(path: str, text_field: str, skip_bad_lines: bool) -> list[str]:
     docs, bad = [], []
-    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+    # JSON Lines end at "\n" ("\r\n" leaves a "\r", JSON whitespace): line numbers are those of grep -n, and
+    # U+2028, U+0085, ... (which str.splitlines would also cut at) stay text inside a JSON string
+    for number, line in enumerate(_read_utf8(path, newline="").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -69,11 +74,15 @@ def _read_jsonl(path: str, text_field: str, skip_bad_lines: bool) -> list[str]:
         except (json.JSONDecodeError, RecursionError) as e:
             problem = f"{path}:{number}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})"
         else:
-            if isinstance(record, dict) and isinstance(record.get(text_field), str):
-                docs.append(record[text_field])
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                problem = (f"{path}:{number}: no string field {text_field!r}"
+                           + (f" (keys: {sorted(record)})" if isinstance(record, dict) else " (not a JSON object)"))
+            elif (surrogate := lone_surrogate(text)) is not None:
+                problem = f"{path}:{number}: {text_field}: {surrogate}"
+            else:
+                docs.append(text)
                 continue
-            problem = (f"{path}:{number}: no string field {text_field!r}"
-                       + (f" (keys: {sorted(record)})" if isinstance(record, dict) else " (not a JSON object)"))
         if not skip_bad_lines:
             raise ValueError(problem + "; set skip_bad_lines to skip such lines")
         bad.append(problem)

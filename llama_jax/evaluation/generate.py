@@ -278,10 +278,11 @@ def generate_texts(generator: Generator, prompts: Sequence[Sequence[int]], *, un
     return texts
 
 
-def chat_prompts(tokenizer, template_name: str, conversations: Sequence[list[dict]]) -> tuple[list[list[int]], int]:
+def chat_prompts(tokenizer, template_name: str, conversations: Sequence[list[dict]], *, date: str | None = None
+                 ) -> tuple[list[list[int]], int]:
     """Conversations (messages, without the answer) as the chat template fine-tuning used renders them,
     ending with the assistant's header; and the end-of-turn id that stops generation (LLaMA 3: <|eot_id|>)."""
     from llama_jax.data.chat_template import ChatTemplate
 
-    template = ChatTemplate(template_name, tokenizer)
+    template = ChatTemplate(template_name, tokenizer, date=date)
     return [template.encode_prompt(list(messages)) for messages in conversations], template.end_of_turn_id

@@ -13,8 +13,8 @@ Requests of one type arrive together and are batched here:
   greedy unless `do_sample`, else temperature/top_k/top_p. Identical sampled requests (lm-eval's
   `repeats: k`) get seeds seed, seed + 1, ..., so `majority_vote` sees k different samples (maj@k).
 
-Token conventions follow lm-eval's HF backend on a LLaMA tokenizer: `tok_encode` adds BOS unless
-`add_bos_token=False`, the prefix token (empty contexts, the first rolling window) is BOS, the context
+Token conventions follow lm-eval's HF backend: `tok_encode` adds BOS when the tokenizer's convention
+does (`Tokenizer.adds_bos`; `add_bos_token=True`/`False` overrides it), the prefix token (empty contexts, the first rolling window) is BOS, the context
 of a generation is cut on the left to max_length - max_gen_toks tokens. The model is one SPMD program
 over all devices and hosts, so the LM reports rank 0 of 1 to lm-eval: every process runs every request.
 """
@@ -30,6 +30,37 @@ from llama_jax.evaluation.perplexity import token_logprobs
 from llama_jax.evaluation.scoring import TokenScorer
 
 _CLASS = None
+
+
+def unparsable_task_files(include_path: str) -> list[str]:
+    """"FILE: invalid YAML: PROBLEM at line L, column C" for each task YAML under `include_path` that does not
+    parse, in lm-eval's order (sorted paths, every depth).
+
+    lm-eval's task index skips such a file with only a debug log, so its task then looks unknown: the
+    caller names these files when a task is not found. Tags (`!function utils.f`) are accepted unresolved
+    here; lm-eval resolves them itself.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from llama_jax.utils.config_io import yaml_problem
+
+    class TaskLoader(yaml.SafeLoader):
+        """Safe YAML that reads any `!tag` (lm-eval's `!function`) as nothing."""
+
+    TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    problems = []
+    for path in sorted(Path(include_path).glob("**/*.yaml"), key=lambda p: p.as_posix()):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=TaskLoader)  # a SafeLoader: plain data only
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}: not UTF-8 text (byte {e.start})")
+        except yaml.YAMLError as e:
+            problems.append(f"{path}: invalid YAML: {yaml_problem(e)}")
+        except RecursionError:
+            problems.append(f"{path}: invalid YAML: nested too deeply")
+    return problems
 
 
 def _sampling(kwargs: dict, default_max: int, seed: int) -> tuple[SamplingConfig, list[str]]:
@@ -57,7 +88,7 @@ def lm_class():
     @register_model("llama_jax")
     class LlamaJaxLM(TemplateLM):
         def __init__(self, model: EvalModel | None = None, pretrained: str | None = None, *, batch_size: int = 16,
-                     max_gen_toks: int = 256, add_bos_token: bool = True, dtype: str = "bf16", seed: int = 0,
+                     max_gen_toks: int = 256, add_bos_token: bool | str | None = None, dtype: str = "bf16", seed: int = 0,
                      tokenizer: str | None = None, **_ignored: Any):
             super().__init__()
             if model is None:
@@ -66,7 +97,8 @@ def lm_class():
                 model = load_eval_model(pretrained, dtype=dtype, tokenizer_path=tokenizer)
             self.model, self.tok = model, model.tokenizer
             self.batch_size, self.max_gen_toks, self.seed = int(batch_size), int(max_gen_toks), int(seed)
-            self.add_bos_token = add_bos_token in (True, "True", "true", "1", 1)
+            self.add_bos_token = (self.tok.adds_bos if add_bos_token in (None, "None", "")
+                                  else add_bos_token in (True, "True", "true", "1", 1))
             self.scorer = TokenScorer(model, batch_size=self.batch_size)
             self._generators: dict[tuple, Generator] = {}
 

@@ -1,6 +1,7 @@
 """Perplexity and bits per byte of documents, long ones scored in windows.
 
-A document is [BOS] + its tokens (`bos=False` drops the BOS; its first token is then context only).
+A document is [BOS] + its tokens when the tokenizer's convention puts BOS in front (`Tokenizer.adds_bos`;
+`bos=True`/`False` overrides it); without BOS its first token is context only.
 Every token after the first is predicted exactly once. Two window schemes:
 
 - Rolling (the default): lm-evaluation-harness's `loglikelihood_rolling` (its
@@ -118,10 +119,11 @@ def token_logprobs(scorer: TokenScorer, documents: Sequence[Sequence[int]], *, c
 
 
 def evaluate_perplexity(scorer: TokenScorer, texts: Sequence[str], tokenizer, *, context_len: int | None = None,
-                        stride: int | None = None, bos: bool = True) -> PerplexityResult:
+                        stride: int | None = None, bos: bool | None = None) -> PerplexityResult:
     """Perplexity and bits per byte of `texts` (context_len defaults to the scorer's maximum; rolling
     windows unless a `stride` is given)."""
     context_len = scorer.max_len if context_len is None else context_len
+    bos = tokenizer.adds_bos if bos is None else bos
     docs = [tokenizer.encode(t, bos=bos) for t in texts]
     kept = [(t, d) for t, d in zip(texts, docs) if len(d) >= 2]
     if not kept:

@@ -8,7 +8,8 @@ the same tasks every few hundred steps without recompiling).
 Generative tasks: greedy decoding (or, with `samples` k > 1, k completions sampled with seeds seed,
 seed + 1, ...), cut at the task's stop strings; metrics exact_match (the share of right completions,
 over all samples) and, with k > 1, maj@k. Code tasks: pass@k for k in 1, 10, 100 up to the samples
-drawn, every program run in the sandbox.
+drawn, every program run in the sandbox (refused at `prepare` when the sandbox's container cannot run
+here, unless `allow_unsafe_code`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from llama_jax.evaluation.code_exec import code_metrics, execute
 from llama_jax.evaluation.fewshot import DEFAULT_SEED
 from llama_jax.evaluation.generate import Generator, SamplingConfig, generate_texts
 from llama_jax.evaluation.loading import EvalModel
-from llama_jax.evaluation.sandbox import Limits
+from llama_jax.evaluation.sandbox import Limits, choose_isolation
 from llama_jax.evaluation.scoring import TokenScorer
 from llama_jax.evaluation.suite import Task, build_prompts, with_prompts
 from llama_jax.evaluation.tasks import evaluate_task
@@ -43,9 +44,10 @@ class RunOptions:
     seed: int = 0
     max_new_tokens: int | None = None  # None: each task's own
     batch_size: int = 16
-    bos: bool = True
+    bos: bool | None = None  # None: as the tokenizer's convention says (`Tokenizer.adds_bos`)
     code_limits: Limits = Limits()
     code_workers: int = 0
+    allow_unsafe_code: bool = False  # run generated code with the audit hook alone where bwrap cannot run
 
     def __post_init__(self):
         if self.samples < 1:
@@ -71,6 +73,8 @@ def prepare(task: Task, options: RunOptions) -> Prepared:
     max_new = options.max_new_tokens or task.settings.max_new_tokens
     SamplingConfig(max_new_tokens=max_new, temperature=options.temperature, top_k=options.top_k,
                    top_p=options.top_p)  # bad sampling flags fail here
+    if task.kind == "code":
+        choose_isolation(options.allow_unsafe_code)  # no container and no consent: refused before any model
     return Prepared(limited, with_prompts(limited, prompts), tuple(prompts), max_new)
 
 
@@ -101,7 +105,8 @@ class TaskRunner:
     def completions(self, prepared: Prepared) -> list[list[str]]:
         """samples[item][j]: the j-th completion of each item, cut at the task's stop strings."""
         tok, o = self.model.tokenizer, self.options
-        prompts = [tok.encode(p, bos=o.bos) for p in prepared.prompts]
+        bos = tok.adds_bos if o.bos is None else o.bos
+        prompts = [tok.encode(p, bos=bos) for p in prepared.prompts]
         gen = self._generator(prepared.max_new_tokens)
         runs = [generate_texts(gen, prompts, until=prepared.task.settings.until, batch_size=o.batch_size,
                                seed=o.seed + j) for j in range(o.samples)]
@@ -115,7 +120,8 @@ class TaskRunner:
         samples = self.completions(prepared)
         if kind == "generate":
             return generative_metrics(prepared, samples)
-        outcomes = execute(prepared.items, samples, self.options.code_limits, workers=self.options.code_workers)
+        outcomes = execute(prepared.items, samples, self.options.code_limits, workers=self.options.code_workers,
+                           allow_unsafe=self.options.allow_unsafe_code)
         records = [{"id": item.id, "prompt": prompt, "completions": s, "status": [o.status for o in out]}
                    for item, prompt, s, out in zip(prepared.items, prepared.prompts, samples, outcomes)]
         return code_metrics(outcomes, [k for k in PASS_KS if k <= len(samples[0])]), records

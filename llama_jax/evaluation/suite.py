@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -40,6 +39,7 @@ from llama_jax.evaluation.code_exec import CODE_LAYOUTS, CodeItem
 from llama_jax.evaluation.fewshot import DEFAULT_SEED, Example, FewShotFormat, draw_shots
 from llama_jax.evaluation.tasks import Item, shared_context_item
 from llama_jax.utils.config_io import ConfigError, from_dict, load_yaml
+from llama_jax.utils.files import json_objects
 
 KINDS = ("multiple_choice", "generate", "code")
 
@@ -141,28 +141,8 @@ def _parse_item(kind: str, record: dict, item_id: str, where: str):
 
 def read_items(path: str, task: str) -> tuple[str, list, list[str | None]]:
     """(kind, items, code solutions for few-shot) of a task JSONL file; strict, errors name file:line."""
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise TaskError(f"task {task}: {path} is not UTF-8 text ({e.reason})") from None
-    except FileNotFoundError:
-        raise TaskError(f"task {task}: file {path} does not exist") from None
-    except (OSError, ValueError) as e:  # a directory, unreadable, a NUL in the name
-        raise TaskError(f"task {task}: cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
     kind, items, solutions = None, [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"task {task}: {path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise TaskError(f"{where}: JSON nested too deeply") from None
-        if not isinstance(record, dict):
-            raise TaskError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for number, where, record in json_objects(path, TaskError, f"task {task}: "):
         line_kind = record.get("type", "multiple_choice")
         if line_kind not in KINDS:
             raise TaskError(f"{where}: key 'type' must be one of {list(KINDS)}, got {line_kind!r}")

@@ -7,7 +7,7 @@ context carries no trailing space); Winogrande instead varies the context and sh
 
 Encoding (lm-evaluation-harness's `_encode_pair`): trailing whitespace of the context is moved to the
 front of the continuation; whole = encode(context + continuation) and ctx = encode(context), both with
-BOS when `bos` is on; the continuation tokens are whole[len(ctx):]. When the tokenizer merges a token
+BOS when `bos` is on (by default: when the tokenizer's convention says, `Tokenizer.adds_bos`); the continuation tokens are whole[len(ctx):]. When the tokenizer merges a token
 across the boundary, that token counts as continuation, and the context keeps only len(ctx) tokens of
 whole's. An empty context is the BOS token alone. Sequences longer than the model's context lose
 tokens from the left. A choice's score is the sum of log p over its continuation tokens.
@@ -144,8 +144,10 @@ def load_tfds_task(name: str, *, data_dir: str | None, split: str | None = None)
 
 # ------------------------------------------------------------------------------------------- scoring
 
-def encode_pair(tokenizer, context: str, continuation: str, *, bos: bool = True) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, context: str, continuation: str, *, bos: bool | None = None
+                ) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) by lm-evaluation-harness's rule (module docstring)."""
+    bos = tokenizer.adds_bos if bos is None else bos
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -156,7 +158,7 @@ def encode_pair(tokenizer, context: str, continuation: str, *, bos: bool = True)
     return ctx, whole[len(ctx):]
 
 
-def choice_scores(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos: bool = True
+def choice_scores(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos: bool | None = None
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per item: (log-likelihood of each choice, whether each continuation is the greedy one)."""
     sequences, spans, groups = [], [], []
@@ -211,7 +213,7 @@ def continuation_bytes(continuation: str) -> int:
     return len(continuation.removeprefix(" ").encode("utf-8"))
 
 
-def evaluate_task(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos: bool = True
+def evaluate_task(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos: bool | None = None
                   ) -> tuple[dict, list[dict]]:
     """(metrics, one record per item for the JSONL report)."""
     scores = choice_scores(scorer, tokenizer, items, bos=bos)

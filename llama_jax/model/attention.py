@@ -30,7 +30,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from llama_jax.model.context_attention import context_parallel_attention
 from llama_jax.model.cpu_fast_paths import grouped_query_products
+from llama_jax.parallel.context import context_axes
 from llama_jax.parallel.platform import target_platform
 from llama_jax.utils.config_io import ConfigError
 
@@ -49,15 +51,18 @@ def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None, q_off
 
 
 def xla_attention(q, k, v, segment_ids=None, *, q_offset: int = 0):
-    """Reference attention: fp32 scores and softmax, fully masked rows give zeros (never NaN).
+    """Reference attention: fp32 scores and softmax, fully masked rows give zeros (never NaN)."""
+    return masked_attention(q, k, v, attention_mask(q.shape[1], k.shape[1], segment_ids, q_offset))
 
-    Each kv head serves its group of query heads directly (K/V are never repeated).
-    """
+
+def masked_attention(q, k, v, mask):
+    """The reference's core under any boolean mask [batch or 1, 1, q_len, kv_len] (context parallelism
+    builds its own from true positions). Each kv head serves its group of query heads directly (K/V are
+    never repeated)."""
     batch, q_len, n_heads, head_dim = q.shape
-    kv_len, n_kv_heads = k.shape[1], k.shape[2]
+    n_kv_heads = k.shape[2]
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
-    mask = attention_mask(q_len, kv_len, segment_ids, q_offset)
     out, mask = grouped_query_products(q, k, v, mask)  # [b, kv, group, q, d], mask [b, 1, 1, q, s]
     # A query with no visible key (padding) would average masked keys: zero it instead.
     out = out * jnp.any(mask, axis=-1)[..., None]
@@ -119,8 +124,16 @@ def resolve_impl(name: str, platform: str | None = None) -> str:
 
 
 def attention(q, k, v, segment_ids=None, *, impl: str = "xla", q_offset: int = 0):
-    """Causal (grouped-query) attention by the named implementation; see the module docstring."""
+    """Causal (grouped-query) attention by the named implementation; see the module docstring. Under
+    context parallelism (the sequence split over devices in the balanced layout) the reference runs on
+    all-gathered keys and the others on whole sequences of a share of the heads
+    (`llama_jax.model.context_attention`)."""
     if q.shape[1] != k.shape[1]:
         # Decoding with a KV cache: only the reference handles q_len != kv_len.
         return xla_attention(q, k, v, segment_ids, q_offset=q_offset)
-    return IMPLEMENTATIONS[resolve_impl(impl)].load()(q, k, v, segment_ids)
+    impl = resolve_impl(impl)
+    axes = context_axes()
+    if axes:
+        kernel = None if impl == "xla" else IMPLEMENTATIONS[impl].load()
+        return context_parallel_attention(q, k, v, segment_ids, axes, masked=masked_attention, kernel=kernel)
+    return IMPLEMENTATIONS[impl].load()(q, k, v, segment_ids)

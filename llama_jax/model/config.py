@@ -63,9 +63,12 @@ class ModelConfig:
     attention_impl: str = "auto"
     scan_layers: bool = True
     remat: str = "none"
+    # Positions per row whose [vocab] logits the loss holds at once (`model.loss.target_log_probs`):
+    # longer sequences are scored in chunks, each chunk's logits recomputed in the backward pass.
+    loss_chunk_size: int = 2048
 
     def __post_init__(self):
-        positive = ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len")
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "loss_chunk_size")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")

@@ -12,6 +12,7 @@ Every transform works on one tensor at a time, so converters can stream checkpoi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable, Mapping
 
 import numpy as np
@@ -116,8 +117,10 @@ def params_from_torch(get: Callable[[str], np.ndarray], cfg: ModelConfig, fmt: s
     return params
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict:
-    """Hugging Face `config.json` contents for `cfg` (LlamaForCausalLM)."""
+def hf_config_dict(cfg: ModelConfig, token_ids: Mapping = MappingProxyType({})) -> dict:
+    """Hugging Face `config.json` contents for `cfg` (LlamaForCausalLM), with the `bos_token_id`,
+    `eos_token_id` and `pad_token_id` of `token_ids` (those it has: they belong to the tokenizer and
+    the checkpoint, not to the architecture)."""
     rope_scaling = None
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
@@ -132,8 +135,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "initializer_range": cfg.init_std, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "float32",
+        "initializer_range": cfg.init_std, **token_ids, "torch_dtype": "float32",
     }
 
 

@@ -31,6 +31,7 @@ from flax import nnx
 
 from llama_jax.model.attention import attention
 from llama_jax.model.config import ModelConfig
+from llama_jax.parallel.context import context_shards, from_balanced, to_balanced
 from llama_jax.parallel.logical import constrain
 from llama_jax.model.cpu_fast_paths import matmul
 from llama_jax.utils.trees import flatten, unflatten
@@ -271,7 +272,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
                  layer_params: list | None = None, logits_at: jax.Array | None = None,
-                 lora: LoraPath | None = None):
+                 lora: LoraPath | None = None, head: bool = True):
         """tokens [batch, length] int. positions default to 0.. (or the cache's next slots).
 
         segment_ids [batch, length]: document ids for packed sequences, 0 for padding (see
@@ -284,6 +285,8 @@ class Transformer(nnx.Module):
         continuation reads a few positions: the output layer, a large share of a small model's work,
         then runs on those only).
         lora: LoRA adapters applied unmerged, with dropout on their inputs (training; see `LoraPath`).
+        head=False: return the final normed hidden states [batch, length, dim] in the compute dtype
+        instead of the logits, for a loss that applies `head_kernel` chunk by chunk (`model.loss`).
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -293,6 +296,13 @@ class Transformer(nnx.Module):
         if cache is not None:
             new_segments = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids
             segment_ids = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, new_segments.astype(jnp.int32), start, axis=1)
+        shards = context_shards()
+        if shards > 1 and cache is not None:
+            raise ValueError(f"decoding with a KV cache cannot split sequences over devices (the mesh's context "
+                             f"axes split them {shards} ways): use a mesh without context parallelism")
+        if shards > 1:  # the balanced layout of context parallelism (`parallel.context`), undone below
+            tokens, positions = to_balanced(tokens, shards), to_balanced(positions, shards)
+            segment_ids = None if segment_ids is None else to_balanced(segment_ids, shards)
         rope = rope_angles(cfg, positions)
 
         # The lookup reads whole rows: gather the table's embed shards first, as FSDP does for a matmul's
@@ -330,21 +340,27 @@ class Transformer(nnx.Module):
             if cache is not None:
                 kv = tuple(zip(*outputs)) if per_layer_cache else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
+        if shards > 1:
+            x = constrain(from_balanced(x, shards), BATCH_LENGTH_EMBED)
         read = length
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
             read = logits_at.shape[1]
         x = self.norm(x)
-        x2d = x.reshape(batch * read, cfg.dim)
-        if self.output is None:
-            logits = matmul(x2d, self.tok_embeddings[...].astype(cfg.compute_dtype).T)
-        else:
-            logits = self.output(x2d)
-        logits = logits.astype(jnp.float32).reshape(batch, read, cfg.vocab_size)
-        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         if cache is not None:
             cache = KVCache(kv[0], kv[1], segment_ids, start + length)
+        if not head:
+            return x, cache
+        logits = matmul(x.reshape(batch * read, cfg.dim), self.head_kernel())
+        logits = logits.astype(jnp.float32).reshape(batch, read, cfg.vocab_size)
+        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits, cache
+
+    def head_kernel(self) -> jax.Array:
+        """The output projection [dim, vocab] in the compute dtype (the embedding's transpose when tied)."""
+        if self.output is None:
+            return self.tok_embeddings[...].astype(self.cfg.compute_dtype).T
+        return self.output.kernel[...].astype(self.cfg.compute_dtype)
 
 
 def unstack_layers(layers, n_layers: int) -> list:

@@ -1,7 +1,8 @@
 """The device mesh and what is placed on it: mesh construction, shardings from logical names, batches.
 
-One program from a laptop CPU to a pod: the mesh always has the axes ("data", "fsdp", "tensor"); on one
-device every axis has size 1 and the same jitted programs run unchanged. Where an array lives comes from
+One program from a laptop CPU to a pod: the mesh always has the axes ("data", "fsdp", "tensor"), plus
+"context" and the cross-slice "dcn_data" / "dcn_fsdp" when they are larger than 1 (`rules.MESH_AXES`); on
+one device every axis has size 1 and the same jitted programs run unchanged. Where an array lives comes from
 its logical axis names and the rules table (`llama_jax.parallel.rules`); `specs_for` turns a tree of names
 and shapes into PartitionSpecs, checking every split is even. `activate` installs the rules and the mesh
 while a program traces, so the model's `constrain` calls pin activations at block boundaries.
@@ -24,32 +25,42 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 from llama_jax.parallel import logical
 from llama_jax.parallel.logical import Rules, logical_to_spec
-from llama_jax.parallel.rules import (DEFAULT_STRATEGY, MESH_AXES, RULE_PRESETS, axis_product, check_rules_use_mesh,
-                                      rules_for)
+from llama_jax.parallel.rules import (DCN_AXES, DEFAULT_STRATEGY, ICI_AXES, MESH_AXES, RULE_PRESETS, axis_product,
+                                      check_rules_use_mesh, mesh_axis_names, rules_for)
 from llama_jax.utils.config_io import ConfigError
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes (-1: all remaining devices, at most one axis) and the rules preset."""
+    """Mesh axis sizes (-1: all remaining devices, at most one axis) and the rules preset.
+
+    data, fsdp, context, tensor are axes inside a slice (one TPU slice or one NVLink/ICI domain);
+    dcn_data and dcn_fsdp split across slices, over the data-centre network: the mesh's axis `dcn_data`
+    (or `dcn_fsdp`) has that many slices, each holding one whole data × fsdp × context × tensor grid.
+    """
 
     data: int = 1
     fsdp: int = -1
+    context: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
     strategy: str = DEFAULT_STRATEGY
 
     def __post_init__(self):
         sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
         for axis, size in sizes.items():
-            if size == 0 or size < -1:
-                raise ConfigError(f"mesh.{axis}={size}; expected a positive size or -1 (all remaining devices)")
+            if size == 0 or size < -1 or (size == -1 and axis in DCN_AXES):
+                raise ConfigError(f"mesh.{axis}={size}; expected a positive size"
+                                  f"{'' if axis in DCN_AXES else ' or -1 (all remaining devices)'}")
         if list(sizes.values()).count(-1) > 1:
             raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
         if self.strategy not in RULE_PRESETS:
             raise ConfigError(f"mesh.strategy={self.strategy!r}; expected one of {sorted(RULE_PRESETS)}")
 
     def shape(self, n_devices: int) -> dict[str, int]:
-        """Axis sizes with -1 resolved for `n_devices` devices; error if they do not multiply to it."""
+        """Sizes of the mesh's axes (`rules.mesh_axis_names`) with -1 resolved for `n_devices` devices;
+        error if they do not multiply to it."""
         sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
         known = math.prod(s for s in sizes.values() if s != -1)
         for axis, size in sizes.items():
@@ -59,40 +70,64 @@ class MeshConfig:
                                       f"product {known}, so mesh.{axis}=-1 cannot be resolved")
                 sizes[axis] = n_devices // known
         if math.prod(sizes.values()) != n_devices:
-            raise ConfigError(f"mesh data×fsdp×tensor = {sizes} uses {math.prod(sizes.values())} devices, "
+            named_sizes = " × ".join(f"{a}={n}" for a, n in sizes.items() if a in mesh_axis_names(sizes))
+            raise ConfigError(f"mesh {named_sizes} uses {math.prod(sizes.values())} devices, "
                               f"but there are {n_devices}")
-        return sizes
+        return {axis: sizes[axis] for axis in mesh_axis_names(sizes)}
 
 
+def _slice_grid(sizes: dict[str, int], devices: list) -> np.ndarray:
+    """Devices of several slices (`slice_index`): the DCN axes outermost, one whole ICI grid per slice."""
+    names = tuple(sizes)
+    n_slices = math.prod(sizes[a] for a in DCN_AXES if a in sizes)
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) != n_slices:
+        raise ConfigError(f"mesh dcn_data × dcn_fsdp = {n_slices} slices, but the devices belong to "
+                          f"{len(slices)} slice(s) (their slice_index)")
+    ici = tuple(1 if a in DCN_AXES else sizes[a] for a in names)
+    dcn = tuple(sizes[a] if a in DCN_AXES else 1 for a in names)
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    except ValueError as err:
+        raise ConfigError(f"mesh {sizes}: cannot lay out {len(devices)} devices over {n_slices} slices "
+                          f"({err})") from err
 
-def device_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
-    """Devices arranged as `shape`; across hosts, `tensor` stays inside a host and `data` spans hosts."""
+
+def device_grid(sizes: dict[str, int], devices: list) -> np.ndarray:
+    """Devices arranged as the mesh `sizes` ({axis: size}, in mesh order). Across slices, the DCN axes
+    split between slices and everything else stays inside one; across hosts of one slice, `context` and
+    `tensor` stay inside a host and `data` spans hosts."""
+    shape = tuple(sizes.values())
+    if any(sizes.get(a, 1) > 1 for a in DCN_AXES):
+        return _slice_grid(sizes, devices)
     n_hosts = len({d.process_index for d in devices})
     if n_hosts == 1:
         return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    data, fsdp, tensor = shape
+    data, fsdp, context, tensor = (sizes.get(a, 1) for a in ICI_AXES)
     per_host = len(devices) // n_hosts
-    if per_host % tensor:
+    if per_host % (context * tensor):
         raise ConfigError(f"mesh.tensor={tensor} must fit inside one host ({per_host} devices per host): tensor "
-                          f"parallelism needs the fast links between a host's own devices")
+                          f"parallelism needs the fast links between a host's own devices"
+                          + (f" (with mesh.context={context})" if context > 1 else ""))
     dcn_data = math.gcd(data, n_hosts)
     dcn_fsdp = n_hosts // dcn_data
     if fsdp % dcn_fsdp or len(devices) % n_hosts:
         raise ConfigError(f"mesh data={data} × fsdp={fsdp} × tensor={tensor} cannot be laid out over "
                           f"{n_hosts} hosts: data × fsdp must be divisible by the host count with tensor "
                           f"inside one host")
-    ici = (data // dcn_data, fsdp // dcn_fsdp, tensor)
-    return mesh_utils.create_hybrid_device_mesh(ici, (dcn_data, dcn_fsdp, 1), devices, process_is_granule=True)
+    ici = {"data": data // dcn_data, "fsdp": fsdp // dcn_fsdp, "context": context, "tensor": tensor}
+    host_dcn = {"data": dcn_data, "fsdp": dcn_fsdp}
+    return mesh_utils.create_hybrid_device_mesh(tuple(ici[a] for a in sizes), tuple(host_dcn.get(a, 1) for a in sizes),
+                                                devices, process_is_granule=True)
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """The ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes)."""
+    """The mesh over `devices` (default: all devices of all processes), its axes as `MeshConfig.shape`."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = cfg.shape(len(devices))
     check_rules_use_mesh(rules_for(cfg.strategy), sizes)
-    grid = device_grid(tuple(sizes[a] for a in MESH_AXES), devices)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
+    grid = device_grid(sizes, devices)
+    return Mesh(grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
 
 
 def specs_for(axes: Any, shapes: Any, rules: Rules, mesh_shape: dict[str, int]) -> Any:
@@ -120,8 +155,12 @@ def named(mesh: Mesh, specs: Any) -> Any:
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-    """Rows of every batch array split as the rules place `activation_batch`; other dims whole."""
-    return NamedSharding(mesh, logical_to_spec(("activation_batch",), rules, mesh.axis_names))
+    """Rows of every batch array split as the rules place `activation_batch`, and with context
+    parallelism positions as they place `activation_length`; other dims whole."""
+    spec = list(logical_to_spec(("activation_batch", "activation_length"), rules, mesh.axis_names))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -158,8 +197,8 @@ def process_rows(mesh: Mesh, global_rows: int, rules: Rules | None = None) -> sl
 
     With the mesh of `make_mesh` they are the contiguous block `process_index` of `process_count`.
     """
-    sharding = batch_sharding(mesh, rules_for(DEFAULT_STRATEGY) if rules is None else rules)
-    indices = sharding.addressable_devices_indices_map((global_rows,)).values()
+    rows = batch_sharding(mesh, rules_for(DEFAULT_STRATEGY) if rules is None else rules).spec[:1]
+    indices = NamedSharding(mesh, PartitionSpec(*rows)).addressable_devices_indices_map((global_rows,)).values()
     blocks = [index[0].indices(global_rows)[:2] for index in indices]
     start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
     if (stop - start) * jax.process_count() != global_rows:

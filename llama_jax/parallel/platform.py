@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from llama_jax.parallel.rules import MESH_AXES
+from llama_jax.parallel.rules import mesh_axis_names
 
 # `jax.Device.device_kind` as the hardware reports it -> (platform, cores per JAX device).
 # TPU v4 and v5p run two TensorCores as one device (megacore); NVIDIA cores are streaming multiprocessors.
@@ -42,11 +42,13 @@ def target_platform() -> str:
 
 
 def abstract_mesh(shape: dict[str, int], device_kind: str) -> AbstractMesh:
-    """A ("data", "fsdp", "tensor") mesh of `shape` made of `device_kind` devices that need not exist
+    """A mesh of `shape` (axes as `rules.mesh_axis_names`: data, fsdp, tensor and any larger than 1)
+    made of `device_kind` devices that need not exist
     (axis types Auto, as `parallel.mesh.make_mesh` builds them)."""
     if device_kind not in DEVICE_KINDS:
         raise ValueError(f"unknown device kind {device_kind!r}; expected one of {sorted(DEVICE_KINDS)}")
     platform, cores = DEVICE_KINDS[device_kind]
     device = AbstractDevice(device_kind=device_kind, num_cores=cores, platform=platform)
-    return AbstractMesh(tuple(shape.get(axis, 1) for axis in MESH_AXES), MESH_AXES,
-                        axis_types=(AxisType.Auto,) * len(MESH_AXES), abstract_device=device)
+    names = mesh_axis_names(shape)
+    return AbstractMesh(tuple(shape.get(axis, 1) for axis in names), names,
+                        axis_types=(AxisType.Auto,) * len(names), abstract_device=device)

@@ -37,7 +37,8 @@ from llama_jax.model import api
 from llama_jax.model.attention import resolve_impl
 from llama_jax.model.lora import adapter_shapes, init_adapters
 from llama_jax.utils.trees import flatten
-from llama_jax.training.checkpoints import RunCheckpoints, abstract_with_shardings
+from llama_jax.checkpoint.integrity import CheckpointDamaged
+from llama_jax.checkpoint.run import RunCheckpoints, abstract_with_shardings
 from llama_jax.utils.config_io import ConfigError, to_dict
 from llama_jax.parallel.distributed import initialize
 from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, format_values
@@ -48,6 +49,7 @@ from llama_jax.training.profiling import StepProfiler
 from llama_jax.training.run_lock import RunLock
 from llama_jax.training.spikes import Spike, SpikeDetector, describe_spike
 from llama_jax.training.task_eval import TaskEval
+from llama_jax.convert import companions
 from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.optimizer import lr_schedule, make_optimizer
@@ -107,16 +109,19 @@ def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
 
 
 def write_run_files(run_dir: Path, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
-    """The resolved config (model as a full mapping) and a copy of the tokenizer, beside the checkpoints."""
+    """The resolved config (model as a full mapping), a copy of the tokenizer, and the files that make an
+    export the same chat model (`llama_jax.convert.companions`: tokenizer config and chat template from
+    the tokenizer's directory, generation config and BOS/EOS/pad ids from `init_from`, else made from the
+    tokenizer), beside the checkpoints."""
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(run_dir / "config.yaml")
     target = run_dir / f"tokenizer{Path(tokenizer.path).suffix}"
     if Path(tokenizer.path).resolve() != target.resolve():
         shutil.copyfile(tokenizer.path, target)
-        config = Path(tokenizer.path).with_name("tokenizer_config.json")  # special tokens, chat template
-        if config.is_file():
-            shutil.copyfile(config, run_dir / config.name)
+    model_dirs = [Path(cfg.init_from)] if cfg.init_from else []
+    companions.carry(run_dir, tokenizer_dirs=[Path(tokenizer.path).parent], model_dirs=model_dirs,
+                     token_ids=companions.source_token_ids(model_dirs, tokenizer.path), hf_target=False)
 
 
 class Evaluator:
@@ -231,14 +236,16 @@ def _trained_init(cfg: TrainConfig):
 
 
 def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, optimizer, say):
-    """(state, meta) of the newest step that passes its integrity record and restores, or None when the
-    run has no step. A damaged step is set aside (one line says which file failed) and the previous one
-    tried; a checkpoint of another model is a configuration error, not damage."""
+    """(state, meta) of the newest step that passes its integrity record and restores with finite
+    parameters, or None when the run has no step. A damaged step (or one without a record, which a job
+    killed between orbax's commit and the record leaves) is set aside (one line says which file failed)
+    and the previous one tried; a checkpoint of another model is a configuration error, not damage."""
     tried, abstract = [], None
     expected = ({p: s.shape for p, s in flatten(adapter_shapes(cfg.model, cfg.lora)).items()} if cfg.lora.enabled
                 else api.flat_param_shapes(cfg.model))
     while (step := ckpts.latest_step()) is not None:
         where = ckpts.directory / str(step)
+        unverified = not ckpts.record(step).is_file()
         problem = ckpts.damage(step)
         if problem is None:
             try:
@@ -254,17 +261,20 @@ def _restore_newest_intact(cfg: TrainConfig, ckpts: RunCheckpoints, shardings, o
                     step, abstract_with_shardings(abstract.params, shardings.params),
                     abstract_with_shardings(abstract.opt_state, shardings.opt_state))
                 step_array = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shardings.step)
+            except CheckpointDamaged as e:
+                problem = str(e)
             except Exception as e:  # noqa: BLE001
                 problem = f"it does not restore ({_one_line(e)})"
             else:
                 say(f"resuming from {where} (step {step})")
                 return TrainState(step=step_array, params=params, opt_state=opt_state), meta
-        aside = ckpts.set_aside(step)
+        state = "unverified" if unverified else "damaged"
+        aside = ckpts.set_aside(step, "unverified" if unverified else "corrupt")
         tried.append(f"step {step}: {problem}")
-        say(f"checkpoint step {step} is damaged: {problem}; moved to {aside}, trying the previous step")
+        say(f"checkpoint step {step} is {state}: {problem}; moved to {aside}, trying the previous step")
     if tried:
         raise CheckpointsDamaged(f"no checkpoint in {ckpts.directory} restores (each was moved aside as "
-                                 f"<step>.corrupt-<time>): " + "; ".join(tried))
+                                 f"<step>.corrupt-<time> or <step>.unverified-<time>): " + "; ".join(tried))
     return None
 
 
@@ -350,7 +360,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
         spikes.set_state(meta["spikes"])
     first = int(meta.get("step", 0))
     progress = Progress(enabled=main, mode=cfg.progress, start=first, total=cfg.last_step)
-    log = MetricsLog(run_dir, enabled=main, resume_step=first)
+    log = MetricsLog(run_dir, enabled=main, resume_step=first, say=say)
     step_fn = jit_train_step(cfg.model, optimizer, mesh, rules, schedule=schedule,
                                       micro_batches=cfg.micro_batches, lora=lora, seed=cfg.seed)
     eval_fn = jit_eval_step(cfg.model, mesh, rules, lora=lora)
@@ -474,6 +484,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResu
                 save(step)
             if preemption.requested:
                 save(step)
+                ckpts.wait()  # durable and recorded before the line says so
                 result.status = "preempted"
                 progress.message(f"SIGTERM: saved step {step}, exiting")
                 break

@@ -34,26 +34,31 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 
+class MetricsFileError(ValueError):
+    """An existing `metrics.jsonl` holds a line that is not one of our records; the message names file:line."""
+
+
 class MetricsLog:
     """One JSON object per line in `run_dir/metrics.jsonl` and TensorBoard events in `run_dir/tensorboard`.
 
     Only the main process writes (pass `enabled=False` elsewhere). On resume, records past the restored
-    step are dropped first, so the file always reads as one run without repeated steps.
+    step are dropped first, so the file always reads as one run without repeated steps. The file is
+    read strictly then (see `read_records`): a record cut short by a killed job is dropped with a
+    warning (`say`), anything else that is not a record stops the run.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int):
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int, say=print):
         self.enabled = enabled
         self._file = self._writer = None
         if not enabled:
             return
-        self._run_dir = run_dir
+        self._run_dir, self._say = run_dir, say
         self._open(resume_step)
 
     def _open(self, resume_step: int) -> None:
         path = self._run_dir / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, record in read_records(path, self._say) if record["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._file = path.open("a")
         self._writer = _summary_writer_class()(str(self._run_dir / "tensorboard"), purge_step=resume_step + 1)
@@ -82,6 +87,40 @@ class MetricsLog:
         if self.enabled:
             self._file.close()
             self._writer.close()
+
+
+def read_records(path: Path, say) -> list[tuple[str, dict]]:
+    """(line, record) for each non-blank line of an existing `metrics.jsonl`.
+
+    Each record is written as one line ending in a newline, so a job killed mid-write leaves at most a
+    last line without its newline; if that line is not JSON it is such a torn record, dropped with one
+    warning. Any other line that is not a JSON object with an integer `step` (hand edits, another
+    program's output, disk damage) is a MetricsFileError naming the file and line: guessing what it
+    meant would rewrite the run's history.
+    """
+    *lines, last = path.read_bytes().split(b"\n")  # `last` is b"" when the file ends with a newline
+    records = []
+    for number, raw in enumerate([*lines, last] if last.strip() else lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+            record = json.loads(text)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if number > len(lines):  # the last line, without its newline
+                say(f"warning: {path}:{number}: dropped the last line, a record cut short by an interrupted "
+                    f"write ({len(raw)} bytes, no newline)")
+                continue
+            problem = f"not JSON ({getattr(e, 'msg', None) or type(e).__name__})"
+        else:
+            if isinstance(record, dict) and type(record.get("step")) is int:
+                records.append((text, record))
+                continue
+            problem = (f"a JSON {type(record).__name__}" if not isinstance(record, dict)
+                       else f"its step is {record.get('step')!r}")[:80]
+        raise MetricsFileError(f"{path}:{number}: not a metrics record ({problem}; expected a JSON object with "
+                               f"an integer step): fix or delete that line")
+    return records
 
 
 def _summary_writer_class():

@@ -9,7 +9,8 @@ no weights are allocated and no devices beyond the host's are needed (`devices=`
 
 Parameters, gradients and optimizer state are exact. Activations are an estimate of what the backward
 pass keeps alive per device for each remat policy (see `activation_bytes`); XLA's scheduling, fusion
-and temporary buffers move the real figure, so leave headroom.
+and temporary buffers move the real figure, so leave headroom. Last, the bytes each device sends per
+step over the data-centre network between slices and within its slice (`plan_traffic`).
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from llama_jax.utils.config_io import ConfigError, from_dict, parse_override
 from llama_jax.parallel.logical import Rules, logical_to_spec
 from llama_jax.model import api
 from llama_jax.model.attention import IMPLEMENTATIONS, resolve_impl
-from llama_jax.parallel.rules import axis_product, check_rules_use_mesh, rules_for
+from llama_jax.model.loss import chunk_count
+from llama_jax.parallel.rules import MESH_AXES, axis_product, check_rules_use_mesh, rules_for
 from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
 from llama_jax.training.optimizer import make_optimizer, opt_state_specs
+from llama_jax.training.plan_traffic import rule_axes, traffic_bytes
 from llama_jax.training.step import trainable_specs
 from llama_jax.utils.trees import flatten
 
@@ -97,7 +100,7 @@ def lora_state_bytes_per_device(model_cfg: ModelConfig, optimizer: optax.Gradien
 def gathered_weight_bytes(model_cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int]) -> int:
     """Transient bytes of FSDP: one layer's weights and the embedding/output gathered whole over `fsdp`,
     and their gradients before the reduce-scatter (2×). Zero when parameters are not fsdp-sharded."""
-    whole = {**mesh_shape, "fsdp": 1}
+    whole = {**mesh_shape, **{axis: 1 for axis in rule_axes(rules, "embed", mesh_shape)}}
     shapes = api.param_shapes(model_cfg)
     sharded, gathered = api.param_specs(model_cfg, rules, mesh_shape), api.param_specs(model_cfg, rules, whole)
 
@@ -117,7 +120,8 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
                      policy: str, platform: str = "gpu") -> int:
     """Estimated activation bytes per device kept for the backward pass of one micro-batch.
 
-    Per layer and token, in elements (tensor-split dims divided by their split; c = compute dtype bytes):
+    Per layer and token of the device (its rows, and its share of positions under context parallelism),
+    in elements (tensor-split dims divided by their split; c = compute dtype bytes):
       full          the layer input (D·c).
       save_matmuls  the layer input and every projection output: ((D + 2·kv·hd)/t + 2·D + 2·F/t)·c.
       none          all of the above, the fp32 norm inputs (2·D·4), rotary q/k in fp32, the SwiGLU gate
@@ -126,10 +130,13 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
                     Which one `attention_impl` is comes from the attention registry (`auto` resolved
                     for `platform`).
     Under `full` and `save_matmuls` the layer being differentiated recomputes its `none` set; once per
-    step come the fp32 logits, their softmax and its gradient (3·V/t·4) and the embedding output.
+    step come the embedding output and, for one loss chunk's positions (`model.loss`: at most
+    `loss_chunk_size` per row), the fp32 logits, their softmax and its gradient (3·V/t·4).
     Within ~35% of XLA:CPU's own buffer assignment on small models (tests/test_sharding_plan.py).
     """
-    tokens = -(-rows // _split(rules, "activation_batch", mesh_shape)) * seq_len  # rows per device, rounded up
+    # rows per device (rounded up) × positions per device (context parallelism splits them)
+    tokens = -(-rows // _split(rules, "activation_batch", mesh_shape)) * seq_len // _split(
+        rules, "activation_length", mesh_shape)
     t_heads = _split(rules, "activation_heads", mesh_shape)
     t_mlp = _split(rules, "activation_mlp", mesh_shape)
     t_vocab = _split(rules, "activation_vocab", mesh_shape)
@@ -144,8 +151,9 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
                   + 2 * f / t_mlp * c + d / t_heads * c + attention)
     per_layer = {"none": everything, "save_matmuls": layer_input + matmul_outputs, "full": layer_input}[policy]
     recompute = 0.0 if policy == "none" else everything
-    once = 3 * cfg.vocab_size / t_vocab * FP32 + d * c
-    return int(tokens * (cfg.n_layers * per_layer + recompute + once))
+    chunk_tokens = tokens // chunk_count(seq_len, cfg.loss_chunk_size)
+    logits = chunk_tokens * 3 * cfg.vocab_size / t_vocab * FP32
+    return int(tokens * (cfg.n_layers * per_layer + recompute + d * c) + logits)
 
 
 def _split_argv(argv: list[str]) -> tuple[str | None, list[str], PlanOptions]:
@@ -166,8 +174,8 @@ def _split_argv(argv: list[str]) -> tuple[str | None, list[str], PlanOptions]:
 def render_plan(cfg, options: PlanOptions) -> str:
     """The plan report for a `TrainConfig` (see the module docstring)."""
     model = cfg.model
-    n_devices = options.devices or (jax.device_count() if -1 in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-                                    else cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor)
+    fixed = [getattr(cfg.mesh, axis) for axis in MESH_AXES]
+    n_devices = options.devices or (jax.device_count() if -1 in fixed else math.prod(fixed))
     mesh_shape = cfg.mesh.shape(n_devices)
     rules = rules_for(cfg.mesh.strategy)
     check_rules_use_mesh(rules, mesh_shape)
@@ -196,6 +204,9 @@ def render_plan(cfg, options: PlanOptions) -> str:
     total = sum(state.values()) + gathered + acts[model.remat]
 
     mesh_text = " × ".join(f"{a}={n}" for a, n in mesh_shape.items())
+    if cfg.seq_len % (2 * _split(rules, "activation_length", mesh_shape)):
+        warnings.append(f"warning: seq_len {cfg.seq_len} must be a multiple of 2 × the context split "
+                        f"({_split(rules, 'activation_length', mesh_shape)}) to train")
     lines = [f"plan: {api.param_count(model) / 1e9:.2f} B parameters ({model.param_dtype}, compute {model.dtype}), "
              f"{model.n_layers} layers, dim {model.dim}, vocab {model.vocab_size}",
              f"mesh: {mesh_text} ({n_devices} devices), strategy {cfg.mesh.strategy}",
@@ -218,6 +229,12 @@ def render_plan(cfg, options: PlanOptions) -> str:
         verdict = "fits" if used <= 1 else "DOES NOT FIT"
         lines.append(f"device memory {options.device_memory_gib:g} GiB: {verdict} ({used:.0%} of it, "
                      f"before XLA's temporaries)")
+    traffic = traffic_bytes(model, rules, mesh_shape, param_shard=state["params"], rows=rows, seq_len=cfg.seq_len,
+                            micro_batches=cfg.micro_batches, kernel=impl != "xla")
+    lines += ["", f"{'traffic per device per step (estimate)':42s}{'over DCN GiB':>14s}{'in slice GiB':>14s}"]
+    lines += [f"  {name:40s}{dcn / GIB:14.3f}{ici / GIB:14.3f}" for name, (dcn, ici) in traffic.items()]
+    lines.append(f"  {'total':40s}{sum(d for d, _ in traffic.values()) / GIB:14.3f}"
+                 f"{sum(i for _, i in traffic.values()) / GIB:14.3f}")
     lines += warnings
     return "\n".join(lines)
 

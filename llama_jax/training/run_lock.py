@@ -7,8 +7,10 @@ with the job's identity (a random id, host, PID, start time) and refreshes its `
 lock (they wait for its verdict, so a refused job exits 2 on every host). A job finding the file held
 is refused with a message naming the holder, unless the holder is gone: a process of this host that no
 longer runs (killed, out of memory), or a heartbeat older than `stale_after_s` (a crashed job
-elsewhere); then the lock is taken over with a warning. The lock is removed when the
-job ends, however it ends, short of a crash (which leaves a heartbeat that goes stale).
+elsewhere); then the lock is taken over with a warning. A lock file without a readable record (the
+moment between the exclusive create and the write of the record, or a job that died in it) counts as
+held until its modification time is `stale_after_s` old. The lock is removed when the job ends, however
+it ends, short of a crash (which leaves a heartbeat that goes stale).
 
 Guarantees: on a local disk and on POSIX shared file systems whose exclusive create is atomic (NFSv3+,
 Lustre, GPFS), at most one job trains in a directory, except that a job whose heartbeat stalls for
@@ -19,6 +21,7 @@ race between two jobs started within the same second.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -89,14 +92,21 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                age = time.time() - float(holder.get("heartbeat", 0) or 0)
+                heartbeat = holder.get("heartbeat")
+                recorded = type(heartbeat) in (int, float) and math.isfinite(heartbeat)
+                try:  # no record (yet): the job is between its create and its write, or died there
+                    age = time.time() - (heartbeat if recorded else self.path.stat().st_mtime)
+                except FileNotFoundError:  # released in the meantime
+                    continue
                 pid = holder.get("pid")
                 dead = (holder.get("host") == self.identity["host"] and isinstance(pid, int)
                         and not isinstance(pid, bool) and pid > 0 and not process_alive(pid))
                 if age <= self.stale_after_s and not dead:
                     return (f"run_dir {self.path.parent} is in use by job {holder.get('job', '?')} "
                             f"(host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, heartbeat "
-                            f"{age:.0f} s ago): use another run_dir, or wait for it to finish")
+                            f"{age:.0f} s ago): use another run_dir, or wait for it to finish" if recorded
+                            else f"run_dir {self.path.parent} is being taken by another job ({self.path}, created "
+                            f"{age:.0f} s ago, holds no record yet): use another run_dir, or wait for it to finish")
                 why = ("is no longer running" if dead else
                        f"sent no heartbeat for {age:.0f} s (stale after {self.stale_after_s:g} s)")
                 self.say(f"warning: taking over {self.path}: its holder (host {holder.get('host', '?')}, PID "

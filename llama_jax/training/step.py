@@ -19,7 +19,6 @@ from jax.sharding import Mesh, PartitionSpec
 from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import LoraConfig, adapter_axes, adapter_shapes, merge, unmerged
-from llama_jax.model.loss import token_nll
 from llama_jax.parallel.logical import Rules
 from llama_jax.parallel.mesh import batch_sharding, named, replicated, specs_for, under
 from llama_jax.training.optimizer import opt_state_specs
@@ -39,10 +38,11 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> Tr
 def batch_nll(cfg: ModelConfig, params: Any, batch: dict, lora_path=None) -> tuple[jax.Array, jax.Array]:
     """(sum of masked NLL, number of loss tokens) of a packed batch (see `llama_jax.data`); `lora_path`:
     unmerged adapters on `params` (`lora.unmerged`)."""
-    logits, _ = api.apply(cfg, params, batch["inputs"], positions=batch.get("positions"),
-                          segment_ids=batch.get("segment_ids"), lora=lora_path)
+    log_probs, _ = api.target_log_probs(cfg, params, batch["inputs"], batch["targets"],
+                                        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                                        lora=lora_path)
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
+    return -jnp.sum(log_probs * mask), jnp.sum(mask)
 
 
 def _split_micro_batches(batch: dict, n: int) -> dict:

@@ -3,6 +3,11 @@
 One generic loader serves every config in the project (model, data, mesh, training): it walks the
 dataclass fields, checks every value's type, rejects unknown keys, and names the offending key (with its
 dotted path) in every error, so a typo fails at load time instead of deep inside compilation.
+
+Three things YAML itself lets through are refused here, for every config at once: an empty file (which
+would otherwise build the all-defaults config, a 6.7B model), a key given twice in one mapping (PyYAML
+keeps the last silently) and a float field that is NaN or infinite (`.nan`, `.inf`: every float setting
+is a rate, a size or a threshold, for which neither means anything).
 """
 from __future__ import annotations
 
@@ -22,6 +27,29 @@ _YAML11_FLOAT_MISS = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or contradicts another value."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated within one mapping (`steps: 30` ... `steps: 40`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by its own keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
 
 
 def _type_name(tp: Any) -> str:
@@ -64,12 +92,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=f"{key}.")
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and _YAML11_FLOAT_MISS.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string; users mean the number
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got boolean {value!r}")
+    # YAML 1.1 reads `3e-4` (no dot) as a string; users mean the number
+    if tp is float and (isinstance(value, int) or isinstance(value, str) and _YAML11_FLOAT_MISS.fullmatch(value.strip())):
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -119,25 +151,27 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    """The mapping in a YAML file; a missing file, bad UTF-8, bad YAML or a non-mapping is a ConfigError
-    naming the file (and the line, for YAML errors)."""
+    """The mapping in a YAML file; a missing or empty file, bad UTF-8, bad YAML (a repeated key included)
+    or a non-mapping is a ConfigError naming the file (and the line, for YAML errors)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _parse_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(f"{path}: invalid YAML: {yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty (or only comments); expected a mapping of settings")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
+def yaml_problem(error: yaml.YAMLError) -> str:
     """A YAML parser error as one line: what went wrong and where (line and column, 1-based)."""
     mark = getattr(error, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -152,9 +186,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+        return key.split("."), _parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: invalid YAML value: {_yaml_problem(e)}") from None
+        raise ConfigError(f"override {text!r}: invalid YAML value: {yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"override {text[:80]!r}...: invalid YAML value: nested too deeply") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import socket
@@ -11,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from llama_jax.utils.text import lone_surrogate_in
 
 # What a checkpoint directory (ours, Meta's, Hugging Face's) may hold as its tokenizer, preferred first.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -84,3 +87,34 @@ def atomic_directory(path: str | os.PathLike, purpose: str = "tmp") -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def json_objects(path: str | os.PathLike, error: type[ValueError] = ValueError,
+                 prefix: str = "") -> Iterator[tuple[int, str, dict]]:
+    """(line number, "PREFIXPATH:LINE", object) for each non-empty line of a JSONL file; anything else
+    (missing, unreadable, not UTF-8, a line that is not a JSON object, a string holding a lone surrogate)
+    raises `error` in one line. Lines end at "\n" only: U+2028, U+0085 and the like are text inside a JSON
+    string (str.splitlines would cut the record there), and line numbers are grep -n's."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise error(f"{prefix}{path} is not UTF-8 text ({e.reason})") from None
+    except FileNotFoundError:
+        raise error(f"{prefix}file {path} does not exist") from None
+    except (OSError, ValueError) as e:  # a directory, unreadable, a NUL in the name
+        raise error(f"{prefix}cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{prefix}{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise error(f"{where}: JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if (surrogate := lone_surrogate_in(record)) is not None:
+            raise error(f"{where}: {surrogate}")
+        yield number, where, record

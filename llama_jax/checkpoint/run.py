@@ -2,7 +2,7 @@
 
 Each step directory holds three items: `params` (the model's pure dict), `opt_state` (optax state, same
 tree as the parameters it mirrors) and `meta` (JSON: step, data-iterator state, seed, spike detector;
-read back by `checkpoint_meta.read_meta`, which checks every field). Every process
+read back by `llama_jax.checkpoint.meta.read_meta`, which checks every field). Every process
 calls `save` and `restore` (orbax writes and reads each process's shards cooperatively); saves are
 asynchronous, so training continues while the arrays are written.
 
@@ -15,27 +15,31 @@ into that layout, whatever mesh wrote them (resharding on restore). `param_shape
 shapes from the metadata alone, so the caller can compare them with the config before anything is
 read or compiled.
 
-Damage after the fact (a truncated, zeroed or deleted file) is what orbax cannot see: once a step's save
-has finished, process 0 records every file's size and CRC-32 in `RUN/checkpoint_integrity/<step>.json`;
-`damage(step)` compares the files with that record (one line naming the first file that differs), and
-`set_aside(step)` renames a damaged step to `checkpoints/<step>.corrupt-<time>` (never deleted; orbax
-no longer sees it) so that the previous step becomes the latest.
+Damage after the fact (a truncated, zeroed or deleted file) is what orbax cannot see: as soon as orbax has
+committed a step (in its finalize thread, before `wait` returns and before the next save starts),
+process 0 records every file's size and CRC-32 in `RUN/checkpoint_integrity/<step>.json`
+(`llama_jax.checkpoint.integrity`). `damage(step)` compares the files with that record (one line naming
+the first file that differs, or saying the step has no record: a job killed between orbax's commit and
+the record leaves such a step, which nothing reads), and `set_aside(step)` renames a damaged step to
+`checkpoints/<step>.corrupt-<time>` (never deleted; orbax no longer sees it) so that the previous step
+becomes the latest. A record is only written for the step this process has just saved.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
+import jax.numpy as jnp
 
-from llama_jax.training.checkpoint_meta import read_meta
+from llama_jax.checkpoint import integrity, orbax_io
+from llama_jax.checkpoint.integrity import CheckpointDamaged
+from llama_jax.checkpoint.layout import RUN_CHECKPOINT_DIR, RUN_INTEGRITY_DIR
+from llama_jax.checkpoint.meta import read_meta
 from llama_jax.utils.trees import flatten
 
 
@@ -63,38 +67,33 @@ class RunCheckpoints:
     """Save and restore (params, opt_state, meta) of a run; keeps the last `keep` steps plus milestones."""
 
     def __init__(self, run_dir: str | Path, *, keep: int, keep_period: int = 0, async_save: bool = True):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
-        self.integrity_dir = Path(run_dir).absolute() / "checkpoint_integrity"
-        self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, keep_period=keep_period or None, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=True)
+        self.directory = Path(run_dir).absolute() / RUN_CHECKPOINT_DIR
+        self.integrity_dir = Path(run_dir).absolute() / RUN_INTEGRITY_DIR
+        self._options = dict(keep=keep, keep_period=keep_period, async_save=async_save)
         self._manager = self._open()
         self._saving: int | None = None  # the step whose save may still be in flight
         self._failed: CheckpointSaveError | None = None
         if jax.process_index() == 0:
             self._forget_records_of_pruned_steps()
 
-    def _open(self) -> ocp.CheckpointManager:
-        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler()}
-        return ocp.CheckpointManager(self.directory, options=self._options, item_handlers=handlers)
+    def _open(self) -> orbax_io.RunManager:
+        return orbax_io.RunManager(self.directory, **self._options, on_committed=self._committed)
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
-        return self._manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     def steps(self) -> list[int]:
         """Every complete step, oldest first."""
-        return sorted(self._manager.all_steps())
+        return self._manager.steps()
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
         """Start saving `step` (returns once the arrays are copied off; writing continues in the background)."""
-        self.wait()  # the previous save is complete: record its files before the next one starts
+        self.wait()  # one save at a time: a failure is reported for the step it concerns
         self._saving = step
         with self._failures():
-            self._manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.save(step, params, opt_state, meta)
 
     @contextlib.contextmanager
     def _failures(self):
@@ -112,52 +111,35 @@ class RunCheckpoints:
                    f"rerun to resume from it" if intact else "no earlier checkpoint exists"))
             raise self._failed from e
 
-    def _record_integrity(self) -> None:
-        """Sizes and CRC-32s of the files of every finished step that has no record yet (process 0)."""
+    def _committed(self, step: int) -> None:
+        """Record `step`'s files, which orbax has just committed (called in orbax's finalize thread)."""
         if jax.process_index() != 0:
             return
-        self.integrity_dir.mkdir(parents=True, exist_ok=True)
+        integrity.write_record(self.record(step), self.directory / str(step))
         self._forget_records_of_pruned_steps()
-        for step in self.steps():
-            record = self.integrity_dir / f"{step}.json"
-            if not record.exists():
-                tmp = record.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(file_digests(self.directory / str(step)), sort_keys=True))
-                tmp.replace(record)
+
+    def record(self, step: int) -> Path:
+        """Where the integrity record of `step` is."""
+        return self.integrity_dir / f"{step}.json"
 
     def _forget_records_of_pruned_steps(self) -> None:
         """Delete the records of steps orbax pruned (keep_checkpoints): a step number saved again later
         (a run restarted after every kept step was set aside) must get a fresh record, not be judged
         damaged against the old one."""
-        kept = {str(step) for step in self.steps()}
+        kept = {p.name for p in self.directory.iterdir() if p.name.isdigit()} if self.directory.is_dir() else set()
         for record in self.integrity_dir.glob("*.json"):
             if record.stem.isdigit() and record.stem not in kept:
                 record.unlink(missing_ok=True)
 
     def damage(self, step: int) -> str | None:
-        """What differs between `step`'s files and their record (None: intact, or saved without a record)."""
-        record = self.integrity_dir / f"{step}.json"
-        if not record.exists():
-            return None
-        try:
-            expected = json.loads(record.read_text())
-        except ValueError:
-            return f"its integrity record {record} is unreadable"
-        step_dir = self.directory / str(step)
-        for name, (size, crc) in sorted(expected.items()):
-            path = step_dir / name
-            if not path.is_file():
-                return f"file {path} is missing"
-            if path.stat().st_size != size:
-                return f"file {path} has {path.stat().st_size} bytes, {size} when saved"
-            if _crc32(path) != crc:
-                return f"file {path} changed since it was saved (CRC-32 differs)"
-        return None
+        """What differs between `step`'s files and their record (None: intact), or that it has no record."""
+        return integrity.damage(self.record(step), self.directory / str(step))
 
     def set_aside(self, step: int, why: str = "corrupt") -> Path:
         """Rename a step out of orbax's sight (`<step>.<why>-<time>`, e.g. damaged or saved during a loss
-        spike); the previous step becomes the latest. Process 0 renames; every process then reopens the
-        manager."""
+        spike), and its record with it (`checkpoint_integrity/<step>.<why>-<time>.json`: renaming both back
+        by hand restores the step, checked like any other); the previous step becomes the latest. Process 0
+        renames; every process then reopens the manager."""
         stamp = time.strftime('%Y%m%d-%H%M%S')
         target = self.directory / f"{step}.{why}-{stamp}"
         for n in itertools.count(1):  # the same step set aside twice within a second (repeated rollbacks)
@@ -166,7 +148,8 @@ class RunCheckpoints:
             target = self.directory / f"{step}.{why}-{stamp}-{n}"
         if jax.process_index() == 0:
             os.rename(self.directory / str(step), target)
-            (self.integrity_dir / f"{step}.json").unlink(missing_ok=True)
+            if self.record(step).is_file():
+                os.rename(self.record(step), self.integrity_dir / f"{target.name}.json")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -177,20 +160,23 @@ class RunCheckpoints:
 
     def param_shapes(self, step: int) -> dict[tuple[str, ...], tuple[int, ...]]:
         """{parameter path: shape} saved at `step`, read from the metadata only (no array is read)."""
-        return {path: tuple(meta.shape) for path, meta in flatten(self._manager.item_metadata(step)["params"]).items()}
+        return {path: tuple(meta.shape) for path, meta in flatten(self._manager.param_metadata(step)).items()}
 
     def restore(self, step: int, target_params: Any, target_opt_state: Any) -> tuple[Any, Any, dict]:
-        """(params, opt_state, meta) of `step`, read into the targets' shapes, dtypes and shardings."""
+        """(params, opt_state, meta) of `step`, read into the targets' shapes, dtypes and shardings.
+        Parameters holding NaN or inf are `CheckpointDamaged` (a run never saves them: the loop stops first)."""
         meta = read_meta(self.directory / str(step), step)  # strict, and names the file (orbax's JSON would not)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target_params), opt_state=ocp.args.StandardRestore(target_opt_state)))
-        return restored["params"], restored["opt_state"], meta
+        params, opt_state = self._manager.restore(step, target_params, target_opt_state)
+        finite = jax.device_get(jax.jit(lambda tree: {p: jnp.isfinite(x).all() for p, x in flatten(tree).items()})(
+            params))
+        if bad := [p for p, ok in sorted(finite.items()) if not ok]:
+            raise CheckpointDamaged(f"parameter {'.'.join(bad[0])} holds NaN or inf ({len(bad)} parameter(s) do)")
+        return params, opt_state, meta
 
     def wait(self) -> None:
-        """Block until every started save is complete on disk, and record its files."""
+        """Block until every started save is complete on disk and recorded."""
         with self._failures():
-            self._manager.wait_until_finished()
-            self._record_integrity()
+            self._manager.wait()
 
     def close(self) -> None:
         try:
@@ -198,20 +184,6 @@ class RunCheckpoints:
         finally:
             if self._failed is None:
                 self._manager.close()
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def file_digests(directory: Path) -> dict[str, tuple[int, int]]:
-    """{relative path: (bytes, CRC-32)} of every file under `directory`."""
-    return {str(p.relative_to(directory)): (p.stat().st_size, _crc32(p))
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
