@@ -44,7 +44,7 @@ def test_llama_config_mixes_the_papers_proportions():
     (["minhash.n_gram=3"], "unknown key minhash.n_gram"),
     (["quality.corpus_percentiles=[50, 10]"], "quality.corpus_percentiles: two increasing numbers"),
     (["quality.cutoffs=[300, 200]"], "quality.cutoffs: two increasing positive perplexities"),
-    (["quality.cutoffs=[100, .nan]"], "quality.cutoffs: two increasing positive perplexities"),
+    (["quality.cutoffs=[100, .nan]"], "quality.cutoffs[1]: expected a finite number, got nan"),
     (["quality.cutoffs=[100, 200]", "quality.corpus_percentiles=[30, 60]"],
      "quality: give cutoffs or corpus_percentiles, not both"),
     (["line_dedup.min_kept_share=1.5"], "line_dedup.min_kept_share: must be in [0, 1]"),
