@@ -8,6 +8,8 @@ import random
 from xml.sax.saxutils import escape
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llama_jax.curate.config import BookDedupConfig, GitHubRulesConfig
 
@@ -174,6 +176,28 @@ def test_ccnet_normalisation():
 
     assert normalize_line("  Café “Über” — 2024 Edition\u00a0!  ") == 'cafe "uber" - 0000 edition !'
     assert normalized_lines("A\n\n  \nB 7") == ["a", "b 0"]
+
+
+def _ccnet_normalize_every_character(line: str) -> str:
+    """The oracle: CCNet's normalisation with every character through NFD and its Unicode category."""
+    import re
+    import unicodedata
+
+    from llama_jax.curate.normalize import _PUNCTUATION
+
+    line = line.lower().translate(_PUNCTUATION)
+    line = "".join(c for c in unicodedata.normalize("NFD", line)
+                   if unicodedata.category(c) not in ("Mn", "Cc", "Cf", "Co", "Cs"))
+    return re.sub(r"\s+", " ", re.sub(r"\d", "0", line)).strip()
+
+
+@settings(max_examples=500, deadline=None)
+@given(line=st.text(max_size=40) | st.text(alphabet=st.characters(max_codepoint=127), max_size=40))
+def test_ascii_fast_path_normalises_as_every_character_would(line):
+    """ASCII lines skip NFD and the per-character category test: the same result as the full path."""
+    from llama_jax.curate.normalize import normalize_line
+
+    assert normalize_line(line) == _ccnet_normalize_every_character(line)
 
 
 def test_mixture_shares_match_weights_within_one_percent():

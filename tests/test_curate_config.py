@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import datatrove.executor.local  # noqa: F401  (its log sink binds the real stderr here, not a test's capture)
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,12 +37,17 @@ def test_llama_config_mixes_the_papers_proportions():
 
 @pytest.mark.parametrize("overrides,message", [
     (["sources=[{name: cc, format: sample, stages: [dedupe]}]"],
-     "sources[0]: stages[0]: unknown stage 'dedupe' (known: line_dedup, "),
+     "sources[0]: stages[0]: unknown stage 'dedupe' (known: minhash, line_dedup, "),
     (["executor.kind=kubernetes"], "executor.kind: unknown executor 'kubernetes' (known: local, slurm, ray)"),
     (["sources=[{name: cc, format: warc, path: x}]"], "sources[0]: format: 'warc' is not one of"),
     (["sources=[{name: cc, format: jsonl}]"], "sources[0]: path: a jsonl source needs an input file"),
     (["minhash.n_gram=3"], "unknown key minhash.n_gram"),
-    (["quality.percentiles=[50, 10]"], "quality.percentiles: two increasing numbers"),
+    (["quality.corpus_percentiles=[50, 10]"], "quality.corpus_percentiles: two increasing numbers"),
+    (["quality.cutoffs=[300, 200]"], "quality.cutoffs: two increasing positive perplexities"),
+    (["quality.cutoffs=[100, .nan]"], "quality.cutoffs[1]: expected a finite number, got nan"),
+    (["quality.cutoffs=[100, 200]", "quality.corpus_percentiles=[30, 60]"],
+     "quality: give cutoffs or corpus_percentiles, not both"),
+    (["line_dedup.min_kept_share=1.5"], "line_dedup.min_kept_share: must be in [0, 1]"),
     (["sources=[{name: cc, format: jsonl, path: x, stages: [quality]}]"],
      "models.kenlm: stage 'quality' of source 'cc' needs it"),
     (["mixture.sources=[{name: cc, weight: 0}]"], "mixture.sources[0](cc).weight: must be > 0"),
@@ -62,6 +68,63 @@ def test_missing_config_file_and_model_file(tmp_path, capsys):
             f"models.reference={tmp_path / 'ref.ftz'}"]
     assert main(args) == 2
     assert capsys.readouterr().err == f"error: models.reference: model file {tmp_path / 'ref.ftz'} does not exist\n"
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"", "empty"),
+    (bytes(range(256)) * 8, "no line is a JSON object with text in 'text' (8 not UTF-8, 1 not JSON, 0 without text)"),
+    (b'[1, 2]\n{"body": "x"}\n{oops\n', "no line is a JSON object with text in 'text' (0 not UTF-8, 1 not JSON, "
+                                       "2 without text)"),
+])
+def test_input_without_documents_is_one_line_naming_it(tmp_path, capsys, content, why):
+    """An empty or binary input file stops after reading it, naming the file and what was wrong (not the
+    next stage's empty internal directory)."""
+    (tmp_path / "c4.jsonl").write_bytes(content)
+    args = [f"output_dir={tmp_path / 'out'}", "mixture.enabled=false", "progress=false",
+            f"sources=[{{name: c4, format: jsonl, path: {tmp_path / 'c4.jsonl'}, stages: [c4_rules]}}]"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: sources (c4).path: {tmp_path / 'c4.jsonl'}: no documents read: {why}\n"
+
+
+def test_cutoffs_file_mistakes_are_one_line_naming_it(tmp_path, capsys):
+    """The quality stage's fixed cutoffs come from cutoffs.json beside the KenLM model: a missing or
+    malformed one is one line naming it, before any worker starts."""
+    for name in ("kenlm.bin", "sp.model"):
+        (tmp_path / name).write_bytes(b"x")
+    args = [f"output_dir={tmp_path / 'out'}", "mixture.enabled=false", f"models.kenlm={tmp_path / 'kenlm.bin'}",
+            f"models.sentencepiece={tmp_path / 'sp.model'}",
+            f"sources=[{{name: cc, format: jsonl, path: {tmp_path}, stages: [quality]}}]"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith(f"error: models.cutoffs: perplexity cutoffs file "
+                                              f"{tmp_path / 'cutoffs.json'} does not exist")
+    (tmp_path / "cutoffs.json").write_text('{"cutoffs": [200, 100]}')
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'cutoffs.json'}: cutoffs must be two increasing "
+                                       f"positive perplexities, got [200, 100]\n")
+    (tmp_path / "other.json").write_text('{"cutoffs": [1, 2, 3]}')  # models.cutoffs: read instead of the one beside
+    assert main([*args, f"models.cutoffs={tmp_path / 'other.json'}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'other.json'}: not a cutoffs file")
+
+
+@FUZZ
+@given(data=st.binary(max_size=80) | st.recursive(
+    st.none() | st.floats() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["cutoffs", "x"]), inner, max_size=2),
+    max_leaves=6).map(lambda v: json.dumps(v).encode()))
+def test_fuzz_cutoffs_file(tmp_path_factory, data):
+    """Whatever cutoffs.json holds: two increasing positive finite numbers, or a CurateError naming it."""
+    import math
+
+    from llama_jax.curate.cutoffs import read_cutoffs
+
+    path = tmp_path_factory.mktemp("cutoffs") / "cutoffs.json"
+    path.write_bytes(data)
+    try:
+        head, middle = read_cutoffs(path)
+    except CurateError as e:
+        assert str(e).startswith(f"{path}: ")
+    else:
+        assert math.isfinite(middle) and 0 < head <= middle
 
 
 def test_missing_input_names_the_source(tmp_path, capsys):
@@ -89,7 +152,8 @@ def test_fuzz_curate_config_file(tmp_path_factory, data):
 
 
 _KEYS = st.sampled_from(["output_dir", "sources", "executor.kind", "executor.tasks", "stages", "models.kenlm",
-                         "mixture.sources", "quality.percentiles", "book_dedup.threshold", "language.languages",
+                         "mixture.sources", "quality.corpus_percentiles", "quality.cutoffs", "book_dedup.threshold",
+                         "language.languages", "line_dedup.min_kept_share",
                          "sources[0]", "mixture.shard_tokens", "sample_bytes"])
 _VALUES = st.sampled_from(["1", "-1", "0.5", "x", "[]", "[1, 2]", "{}", "null", "true", "[{name: a}]",
                            "[{name: a, format: jsonl, path: p}]", "[{name: a, stages: [minhash, minhash]}]",

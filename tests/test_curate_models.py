@@ -55,14 +55,14 @@ def test_perplexity_buckets_follow_corpus_percentiles(tmp_path):
     scores = [float(s) for s in random.Random(2).sample(range(1, 10_000), 300)]
     docs = [Document(text="x", id=str(i), metadata={"perplexity": s}) for i, s in enumerate(scores)]
     list(PerplexityCutoffs(str(tmp_path / "cutoffs.json"), [33.3, 66.7]).run(iter(docs)))
-    block = PerplexityBucketFilter(str(tmp_path / "cutoffs.json"), ["head", "middle", "tail"])
+    block = PerplexityBucketFilter(["head", "middle", "tail"], cutoffs_file=str(tmp_path / "cutoffs.json"))
     buckets = {}
     for doc in docs:
         block.filter(doc)
         buckets.setdefault(doc.metadata["bucket"], []).append(doc.metadata["perplexity"])
     assert [len(buckets[b]) for b in ("head", "middle", "tail")] == [100, 100, 100]
     assert max(buckets["head"]) < min(buckets["middle"]) and max(buckets["middle"]) < min(buckets["tail"])
-    keep_head = PerplexityBucketFilter(str(tmp_path / "cutoffs.json"), ["head"])
+    keep_head = PerplexityBucketFilter(["head"], cutoffs_file=str(tmp_path / "cutoffs.json"))
     assert sum(keep_head.filter(d) is True for d in docs) == 100
 
 
@@ -89,21 +89,106 @@ def test_reference_classifier_separates_two_toy_sets(tmp_path):
 
 
 def test_train_quality_models_cli(tmp_path, english_pages, capsys):
-    """`train-quality-models` from JSONL files writes the three model files; a bad input line is one
-    error naming the file and line (exit 2)."""
+    """`train-quality-models` from JSONL files writes the three model files, the cutoffs and the held-out
+    diagnostics, and prints them; the cutoffs are the percentiles asked for of the held-out reference
+    pages' perplexities (recomputed here with the written models); a bad input line is one error naming
+    the file and line (exit 2)."""
     import json
 
-    from llama_jax.cli.curate import main
+    import numpy as np
 
-    (tmp_path / "ref.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in english_pages[:40]))
+    from llama_jax.cli.curate import main
+    from llama_jax.curate.blocks.quality import PerplexityModel
+    from llama_jax.curate.quality_models import held_out_split
+
+    references = english_pages[:40]
+    (tmp_path / "ref.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in references))
     (tmp_path / "rand.jsonl").write_text("".join(json.dumps({"text": " ".join(sorted(p.split()))}) + "\n"
                                                  for p in english_pages[40:80]))
+    out = tmp_path / "models"
     args = ["train-quality-models", "--reference", str(tmp_path / "ref.jsonl"), "--random",
-            str(tmp_path / "rand.jsonl"), "--out", str(tmp_path / "models"), "--vocab-size", "1000"]
+            str(tmp_path / "rand.jsonl"), "--out", str(out), "--vocab-size", "1000", "--cutoff-percentiles", "40", "90"]
     assert main(args) == 0
-    assert {p.name for p in (tmp_path / "models").iterdir()} >= {"kenlm.bin", "sp.model", "reference.ftz"}
+    assert {p.name for p in out.iterdir()} >= {"kenlm.bin", "sp.model", "reference.ftz", "cutoffs.json",
+                                               "diagnostics.json"}
+    printed = capsys.readouterr().out
+    _, held = held_out_split(references, 0.2, "--reference")
+    lm = PerplexityModel(str(out / "kenlm.bin"), str(out / "sp.model"))
+    expected = np.percentile([lm.perplexity(t) for t in held], [40, 90])
+    record = json.loads((out / "cutoffs.json").read_text())
+    assert record["cutoffs"] == pytest.approx(expected, rel=1e-9) and record["pages"] == 8
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert diagnostics["held_out"] == {"reference": 8, "random": 8}
+    assert diagnostics["perplexity"]["auc"] == 1.0  # sorted words: every one scores worse than the prose
+    assert f"head <= {expected[0]:.1f}, middle <= {expected[1]:.1f}" in printed
+    assert "reference classifier at p(reference) >= 0.25: precision" in printed
+    assert f"wrote {out / 'cutoffs.json'}" in printed
+    # --cutoff-sample: the percentiles of those pages' perplexities instead
+    sample = english_pages[100:110]
+    (tmp_path / "sample.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in sample))
+    assert main([*args, "--cutoff-sample", str(tmp_path / "sample.jsonl"), "--held-out", "0.25"]) == 0
+    _, held = held_out_split(references, 0.25, "--reference")
+    lm = PerplexityModel(str(out / "kenlm.bin"), str(out / "sp.model"))
+    record = json.loads((out / "cutoffs.json").read_text())
+    assert record["cutoffs"] == pytest.approx(np.percentile([lm.perplexity(t) for t in sample], [40, 90]), rel=1e-9)
+    assert record["basis"] == "sample pages" and record["pages"] == 10
+    assert json.loads((out / "diagnostics.json").read_text())["held_out"] == {"reference": len(held), "random": 10}
     capsys.readouterr()
     (tmp_path / "rand.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'rand.jsonl'}:2: not a UTF-8 JSON line") and err.count("\n") == 1
+
+
+def test_reference_classifier_size_is_the_documented_formula(curate_models):
+    """docs/curation.md: reference.ftz is 126 bytes of header, each vocabulary word and label spelled out
+    (+10 bytes), and (words + bucket) + labels vectors of `dim` floats."""
+    from llama_jax.curate.models import load_fasttext
+
+    model = load_fasttext(curate_models.reference)
+    args = model.f.getArgs()
+    entries = list(model.words) + list(model.labels)
+    expected = (126 + sum(len(e.encode()) + 10 for e in entries)
+                + (len(model.words) + args.bucket + len(model.labels)) * args.dim * 4)
+    assert (args.dim, args.bucket) == (16, 10000)
+    assert curate_models.reference.stat().st_size == expected
+
+
+class _FixedPerplexity:
+    """A stand-in language model: the perplexity listed for each text."""
+
+    def __init__(self, table: dict[str, float]):
+        self.table = table
+
+    def perplexity(self, text: str) -> float:
+        return self.table[text]
+
+
+def test_diagnostics_warn_when_the_models_separate_poorly(tmp_path):
+    """Held-out figures with a classifier trained on two vocabularies (encyclopedic vs shop spam): on
+    held-out pages of each it separates, perplexities that separate give AUC 1, and nothing is warned;
+    with a random sample no different from the references (more encyclopedic pages, equal perplexities)
+    precision falls to ~0.5 and AUC to 0.5: both warned."""
+    from llama_jax.curate.diagnostics import held_out_figures
+    from llama_jax.curate.quality_models import train_reference_classifier
+
+    rng = random.Random(3)
+    science = ("the species was first described in the nineteenth century and is found in temperate forests "
+               "where it feeds on insects seeds and small fruit during the breeding season").split()
+    spam = ("buy cheap discount now free shipping best price click here limited offer sale deal coupon "
+            "order today guaranteed lowest prices subscribe win prize casino bonus").split()
+    model = str(train_reference_classifier(_toy(science, rng, 200), _toy(spam, rng, 200), tmp_path / "ref.ftz"))
+    references, randoms, alike = _toy(science, rng, 20), _toy(spam, rng, 20), _toy(science, rng, 20)
+    apart = _FixedPerplexity({**{t: 100.0 + i for i, t in enumerate(references)},
+                              **{t: 500.0 + i for i, t in enumerate(randoms)}})
+    good = held_out_figures(apart, model, references, randoms, (105.0, 119.0), "held-out reference pages", 0.25)
+    assert good.warnings == ()
+    assert good.record["classifier"] == {"threshold": 0.25, "precision": 1.0, "recall": 1.0}
+    assert good.record["perplexity"]["auc"] == 1.0
+    assert good.record["kept_by_head_and_middle"] == {"reference": 1.0, "random": 0.0}
+    poor = held_out_figures(_FixedPerplexity({t: 100.0 for t in references + alike}), model, references, alike,
+                            (100.0, 100.0), "held-out reference pages", 0.25)
+    assert poor.record["perplexity"]["auc"] == 0.5 and poor.record["classifier"]["precision"] == 0.5
+    assert [w.split(" (")[0] for w in poor.warnings] == [
+        "the reference classifier separates held-out pages poorly",
+        "KenLM perplexity separates held-out reference from random pages poorly"]

@@ -35,18 +35,37 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=int, default=4000, help="SentencePiece vocabulary (default 4000)")
     parser.add_argument("--dim", type=int, default=16, help="fastText dimension (default 16)")
     parser.add_argument("--bucket", type=int, default=10000, help="fastText hash buckets (default 10000)")
+    parser.add_argument("--held-out", type=float, default=0.2,
+                        help="share of each page set kept out of training to measure the models (default 0.2)")
+    parser.add_argument("--cutoff-percentiles", type=float, nargs=2, default=[50.0, 99.0], metavar=("HEAD", "MIDDLE"),
+                        help="perplexity percentiles of the held-out reference pages (or --cutoff-sample) that "
+                             "end the head and middle buckets (default 50 99)")
+    parser.add_argument("--cutoff-sample", help="JSONL of pages to take the cutoff percentiles of instead")
+    parser.add_argument("--min-score", type=float, default=0.25,
+                        help="the reference stage's p(reference) threshold the diagnostics measure (default 0.25)")
     return parser
 
 
 def _train(argv: list[str]) -> int:
-    from llama_jax.curate.quality_models import read_texts, train_quality_models
+    from llama_jax.curate.quality_models import CutoffSettings, read_texts, train_quality_models
 
     args = _train_parser().parse_args(argv)
+    head, middle = args.cutoff_percentiles
+    if not 0 < head <= middle <= 100:
+        raise ConfigError(f"--cutoff-percentiles: two increasing numbers in (0, 100], got {head} {middle}")
+    if not 0 < args.held_out < 1:
+        raise ConfigError(f"--held-out: a share in (0, 1), got {args.held_out}")
+    sample = tuple(read_texts(args.cutoff_sample)) if args.cutoff_sample else ()
     models = train_quality_models(read_texts(args.reference), read_texts(args.random), args.out, args.order,
-                                  args.vocab_size, args.dim, args.bucket)
-    print(f"wrote {models.kenlm}, {models.sentencepiece}, {models.reference}")
+                                  args.vocab_size, args.dim, args.bucket, args.held_out,
+                                  CutoffSettings((head, middle), sample), args.min_score)
+    print(models.report)
+    for warning in models.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for path in (models.kenlm, models.sentencepiece, models.reference, models.cutoffs, models.diagnostics):
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     print(f"use: models.kenlm={models.kenlm} models.sentencepiece={models.sentencepiece} "
-          f"models.reference={models.reference}")
+          f"models.reference={models.reference} (the quality stage reads {models.cutoffs.name} beside kenlm.bin)")
     return 0
 
 

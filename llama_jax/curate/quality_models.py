@@ -3,12 +3,17 @@
 - KenLM 5-gram on the reference pages: CCNet-normalised lines, SentencePiece-encoded (a model trained
   here on the same lines), counted by `lmplz`, compiled by `build_binary`. Scores text "like the
   references" with low perplexity.
-- fastText linear classifier, labels `reference` / `random`, with a small `dim` and `bucket` so the
-  model is ~1 MB rather than fastText's default ~800 MB.
+- fastText linear classifier, labels `reference` / `random`, with a small `dim` and `bucket`: its file
+  is (words in its vocabulary + `bucket`) x `dim` x 4 bytes, rather than fastText's default ~800 MB.
+- The perplexity cutoffs (`cutoffs.json`): percentiles of the perplexities of held-out reference pages
+  (never seen by the KenLM model), or of a user's sample of pages, fixed from then on.
+
+A share of both page sets is held out of training to measure the models (`diagnostics.py`).
 """
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import subprocess
 import tempfile
@@ -16,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama_jax.curate.errors import CurateError
-from llama_jax.curate.models import kenlm_tool
+from llama_jax.curate.models import classifier_line, kenlm_tool
 from llama_jax.curate.normalize import normalized_lines
+from llama_jax.utils.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,10 @@ class QualityModels:
     kenlm: Path
     sentencepiece: Path
     reference: Path
+    cutoffs: Path
+    diagnostics: Path
+    report: str  # the held-out figures, as printed
+    warnings: tuple[str, ...]
 
 
 def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
@@ -81,11 +91,6 @@ def train_kenlm(references: list[str], out_dir: Path, order: int = 5, vocab_size
     return out_dir / "kenlm.bin", out_dir / "sp.model"
 
 
-def classifier_line(text: str) -> str:
-    """One document per line, as the filter sees it at run time (newlines read as spaces)."""
-    return " ".join(text.split())
-
-
 def _train_fasttext(train_file: str, out_path: str, options: dict) -> None:
     """fastText supervised training and save, in this process; retried with the next seed when it stops
     with "Encountered NaN" (see `train_reference_classifier`)."""
@@ -123,9 +128,52 @@ def train_reference_classifier(references: list[str], randoms: list[str], out_pa
     return out_path
 
 
+def held_out_split(texts: list[str], share: float, what: str, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(training pages, held-out pages): a seeded `share` of them (at least one) held out."""
+    import random
+
+    if len(texts) < 2:
+        raise CurateError(f"{what}: {len(texts)} page(s); at least 2 are needed (one is held out to measure the models)")
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    held = min(len(order) - 1, max(1, round(share * len(order))))
+    return order[held:], order[:held]
+
+
+@dataclass(frozen=True)
+class CutoffSettings:
+    """The quality cutoffs: `percentiles` (head, middle) of the perplexities of `sample` pages, or of the
+    held-out reference pages when no sample is given."""
+
+    percentiles: tuple[float, float] = (50.0, 99.0)
+    sample: tuple[str, ...] = ()
+
+
 def train_quality_models(references: list[str], randoms: list[str], out_dir: str | Path, order: int = 5,
-                         vocab_size: int = 4000, dim: int = 16, bucket: int = 10000) -> QualityModels:
+                         vocab_size: int = 4000, dim: int = 16, bucket: int = 10000, held_out: float = 0.2,
+                         cutoff: CutoffSettings = CutoffSettings(), min_score: float = 0.25) -> QualityModels:
+    """The three models and the cutoffs, trained on all but a held-out share of each page set; the
+    held-out pages measure them (`min_score`: the reference stage's threshold)."""
+    import numpy as np
+
+    from llama_jax.curate.blocks.quality import PerplexityModel
+    from llama_jax.curate.cutoffs import CUTOFFS_FILE, write_cutoffs
+    from llama_jax.curate.diagnostics import held_out_figures
+
     out_dir = Path(out_dir)
-    kenlm_bin, sp_model = train_kenlm(references, out_dir, order, vocab_size)
-    reference = train_reference_classifier(references, randoms, out_dir / "reference.ftz", dim, bucket)
-    return QualityModels(kenlm_bin, sp_model, reference)
+    ref_train, ref_held = held_out_split(references, held_out, "--reference")
+    rand_train, rand_held = held_out_split(randoms, held_out, "--random")
+    kenlm_bin, sp_model = train_kenlm(ref_train, out_dir, order, vocab_size)
+    reference = train_reference_classifier(ref_train, rand_train, out_dir / "reference.ftz", dim, bucket)
+    lm = PerplexityModel(str(kenlm_bin), str(sp_model))
+    basis_pages = list(cutoff.sample) or ref_held
+    scores = [s for s in (lm.perplexity(t) for t in basis_pages) if math.isfinite(s)]
+    if not scores:
+        raise CurateError("no page to compute the perplexity cutoffs from has any scorable text")
+    head, middle = (float(c) for c in np.percentile(scores, list(cutoff.percentiles)))
+    basis = "sample pages" if cutoff.sample else "held-out reference pages"
+    write_cutoffs(out_dir / CUTOFFS_FILE, (head, middle), basis, list(cutoff.percentiles), len(scores))
+    figures = held_out_figures(lm, str(reference), ref_held, rand_held, (head, middle), basis, min_score)
+    write_atomically(out_dir / "diagnostics.json", json.dumps(figures.record, indent=1).encode())
+    return QualityModels(kenlm_bin, sp_model, reference, out_dir / CUTOFFS_FILE, out_dir / "diagnostics.json",
+                         figures.report, figures.warnings)

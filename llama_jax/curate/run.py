@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from llama_jax.curate.config import CurateConfig
+from llama_jax.curate.cutoffs import CUTOFFS_FILE, read_cutoffs
 from llama_jax.curate.errors import CurateError
 from llama_jax.curate.models import lid176_path, require_file
 from llama_jax.curate.stages import Phase, ResolvedModels, source_phases
@@ -21,35 +22,49 @@ from llama_jax.utils.extras import require
 MIXTURE_DIR = "mixture"
 
 
-def _sample_models(cfg: CurateConfig, report: Callable[[str], None]) -> ResolvedModels:
+def _sample_models(cfg: CurateConfig, report: Callable[[str], None]) -> tuple[str, str, str]:
     """For the built-in sample: quality models trained on its clean docstring pages (references) and
-    its raw crawl pages (random), once per output directory."""
+    its raw crawl pages (random), once per output directory. Returns (kenlm, sentencepiece, reference)."""
     from llama_jax.curate.quality_models import train_quality_models
     from llama_jax.curate.sample import docstring_pages, sample_pages
 
     models_dir = cfg.root / "models"
     done = models_dir / ".complete"
-    if not done.is_file():
+    if not (done.is_file() and (models_dir / CUTOFFS_FILE).is_file()):
         report(f"training the sample's quality models into {models_dir} ...")
         crawl = [r["text"] for r in sample_pages(min(cfg.sample_bytes, 2_000_000), seed=1)]
         train_quality_models(docstring_pages(), crawl, models_dir)
         done.touch()
-    return ResolvedModels(str(lid176_path()), str(models_dir / "kenlm.bin"), str(models_dir / "sp.model"),
-                          str(models_dir / "reference.ftz"))
+    return str(models_dir / "kenlm.bin"), str(models_dir / "sp.model"), str(models_dir / "reference.ftz")
+
+
+def _cutoffs(cfg: CurateConfig, kenlm: str) -> tuple[float, float] | None:
+    """The quality stage's fixed cutoffs: the configured numbers, else the models' file; None when the
+    run cuts at its own corpus percentiles."""
+    if cfg.quality.corpus_percentiles:
+        return None
+    if cfg.quality.cutoffs:
+        return cfg.quality.cutoffs[0], cfg.quality.cutoffs[1]
+    path = cfg.models.cutoffs or str(Path(kenlm).expanduser().parent / CUTOFFS_FILE)
+    return read_cutoffs(path)
 
 
 def resolve_models(cfg: CurateConfig, report: Callable[[str], None]) -> ResolvedModels:
     """Model paths checked to exist (the stages that need them are known from the config)."""
     uses = {stage for src in cfg.sources for stage in src.stages}
-    if any(src.format == "sample" for src in cfg.sources) and not (cfg.models.kenlm or cfg.models.reference):
-        return _sample_models(cfg, report)
-    paths = {}
-    for key, stage in (("kenlm", "quality"), ("sentencepiece", "quality"), ("reference", "reference")):
-        value = getattr(cfg.models, key)
-        paths[key] = str(require_file(value, f"models.{key}")) if stage in uses else value
+    sample = any(src.format == "sample" for src in cfg.sources)
     language = (str(require_file(cfg.models.language, "models.language")) if cfg.models.language
-                else str(lid176_path()) if "language" in uses else "")
-    return ResolvedModels(language, paths["kenlm"], paths["sentencepiece"], paths["reference"])
+                else str(lid176_path()) if "language" in uses or sample else "")
+    if sample and not (cfg.models.kenlm or cfg.models.reference):
+        kenlm, sentencepiece, reference = _sample_models(cfg, report)
+    else:
+        paths = {}
+        for key, stage in (("kenlm", "quality"), ("sentencepiece", "quality"), ("reference", "reference")):
+            value = getattr(cfg.models, key)
+            paths[key] = str(require_file(value, f"models.{key}")) if stage in uses else value
+        kenlm, sentencepiece, reference = paths["kenlm"], paths["sentencepiece"], paths["reference"]
+    cutoffs = _cutoffs(cfg, kenlm) if "quality" in uses else None
+    return ResolvedModels(language, kenlm, sentencepiece, reference, cutoffs)
 
 
 def _input_path(cfg: CurateConfig, src, report: Callable[[str], None]) -> str:
@@ -139,6 +154,33 @@ def _worker_logs_to(path: Path):
             os.close(saved_fd)
 
 
+def _source_input(cfg: CurateConfig, name: str) -> str:
+    src = next(s for s in cfg.sources if s.name == name)
+    return f"sources ({name}).path: {Path(src.path).expanduser()}"
+
+
+def _require_documents(cfg: CurateConfig, name: str) -> None:
+    """After a source's read phase: at least one document came out, else one error naming the input and
+    what was wrong with it (rather than the next stage failing on an empty internal directory)."""
+    from llama_jax.curate.blocks.tally import read_tally
+
+    funnel = cfg.root / "funnel" / name / "00_read"
+    if read_tally(funnel / "out").get("docs", 0):
+        return
+    src = next(s for s in cfg.sources if s.name == name)
+    path = Path(src.path).expanduser()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    skipped = read_tally(funnel / "skipped")
+    if not sum(p.stat().st_size for p in files):
+        why = "empty" if path.is_file() else "its files are all empty"
+    elif sum(skipped.values()):
+        why = (f"no line is a JSON object with text in {src.text_field!r} ({skipped.get('not_utf8', 0)} not UTF-8, "
+               f"{skipped.get('bad_json', 0)} not JSON, {skipped.get('no_text', 0)} without text)")
+    else:
+        why = f"nothing in it reads as {src.format} documents"
+    raise CurateError(f"{_source_input(cfg, name)}: no documents read: {why}")
+
+
 def _ensure_ray(cfg: CurateConfig) -> None:
     import ray
 
@@ -173,6 +215,9 @@ def execute(cfg: CurateConfig, report: Callable[[str], None] = print) -> list[Ph
                     cause = cause.__cause__
                 if isinstance(cause, CurateError):
                     raise cause from None
-                raise CurateError(f"{phase.source}/{phase.stage}/{phase.step} failed: {e} "
-                                  f"(task logs: {phase.logging_dir}/logs)") from e
+                where = (f"{_source_input(cfg, phase.source)}: unreadable input" if phase.stage == "read"
+                         else f"{phase.source}/{phase.stage}/{phase.step} failed")
+                raise CurateError(f"{where}: {e} (task logs: {phase.logging_dir}/logs)") from e
+        if phase.stage == "read" and phase.source in {s.name for s in cfg.sources if s.format != "sample"}:
+            _require_documents(cfg, phase.source)
     return phases

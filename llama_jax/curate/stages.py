@@ -38,6 +38,7 @@ class ResolvedModels:
     kenlm: str
     sentencepiece: str
     reference: str
+    cutoffs: tuple[float, float] | None  # the quality stage's fixed perplexity cutoffs (None: corpus percentiles)
 
 
 def stage_dirs(root: Path, source: str, index: int, stage: str, previous: str) -> StageDirs:
@@ -54,13 +55,12 @@ def _reader(dirs: StageDirs, folder: str | None = None):
 
 def _counted(dirs: StageDirs, blocks: list, reader=None) -> list:
     """reader -> count in -> blocks -> drop emptied docs -> count out -> write the stage's output."""
-    from datatrove.pipeline.writers.jsonl import JsonlWriter
-
     from llama_jax.curate.blocks.empty import DropEmpty
     from llama_jax.curate.blocks.tally import FunnelCounter
+    from llama_jax.curate.blocks.writer import StageWriter
 
     return [reader or _reader(dirs), FunnelCounter(f"{dirs.funnel}/in"), *blocks, DropEmpty(),
-            FunnelCounter(f"{dirs.funnel}/out"), JsonlWriter(dirs.output, output_filename="${rank}.jsonl.gz")]
+            FunnelCounter(f"{dirs.funnel}/out"), StageWriter(dirs.output)]
 
 
 def document_text(doc) -> str:
@@ -89,20 +89,22 @@ def _read(cfg: CurateConfig, src: SourceCuration, dirs: StageDirs, path: str) ->
 
 
 def _line_dedup(cfg, dirs, models):
-    from datatrove.pipeline.dedup.sentence_dedup import (SentDedupConfig, SentenceDedupFilter,
-                                                         SentenceDedupSignature, SentenceFindDedups)
+    from datatrove.pipeline.dedup.sentence_dedup import (SentDedupConfig, SentenceDedupSignature,
+                                                         SentenceFindDedups)
 
+    from llama_jax.curate.blocks.line_dedup import LineDedupFilter
     from llama_jax.curate.blocks.words import WhitespaceTokenizer
 
-    words = WhitespaceTokenizer()
-    config = SentDedupConfig(n_sentences=1, split_sentences=False, min_doc_words=cfg.line_dedup.min_doc_words,
-                             min_num_sentences=1)
+    # Length rules are LineDedupFilter's (the same for every page); datatrove's only drop emptied pages.
+    config = SentDedupConfig(n_sentences=1, split_sentences=False, min_doc_words=0, min_num_sentences=0)
     sigs, dups = f"{dirs.work}/signatures", f"{dirs.work}/duplicates"
+    rules = cfg.line_dedup
     return [("signatures", [_reader(dirs), SentenceDedupSignature(sigs, finder_workers=1, config=config,
-                                                                   language=words)],
+                                                                   language=WhitespaceTokenizer())],
              cfg.executor.tasks),
             ("find", [SentenceFindDedups(sigs, dups, config=config)], 1),
-            ("filter", _counted(dirs, [SentenceDedupFilter(dups, config=config, language=words)]), cfg.executor.tasks)]
+            ("filter", _counted(dirs, [LineDedupFilter(dups, config, rules.min_doc_words, rules.min_kept_share)]),
+             cfg.executor.tasks)]
 
 
 def _language(cfg, dirs, models):
@@ -113,18 +115,21 @@ def _language(cfg, dirs, models):
 
 
 def _quality(cfg, dirs, models):
-    """Score (all tasks) -> percentile cutoffs (one task) -> bucket filter over the scored pages (they are
-    the stage's input with a score added, so the filter phase counts them as the stage's input)."""
-    from datatrove.pipeline.writers.jsonl import JsonlWriter
-
+    """Fixed cutoffs (the default): score and bucket in one pass. Corpus percentiles: score (all tasks) ->
+    percentile cutoffs (one task) -> bucket filter over the scored pages (they are the stage's input with
+    a score added, so the filter phase counts them as the stage's input)."""
     from llama_jax.curate.blocks.quality import KenLMScorer, PerplexityBucketFilter, PerplexityCutoffs
+    from llama_jax.curate.blocks.writer import StageWriter
 
+    scorer = KenLMScorer(models.kenlm, models.sentencepiece)
+    if models.cutoffs is not None:
+        bucket_filter = PerplexityBucketFilter(cfg.quality.keep_buckets, cutoffs=models.cutoffs)
+        return [("filter", _counted(dirs, [scorer, bucket_filter]), cfg.executor.tasks)]
     scored, cutoffs = f"{dirs.work}/scored", f"{dirs.work}/cutoffs.json"
-    score = [_reader(dirs), KenLMScorer(models.kenlm, models.sentencepiece),
-             JsonlWriter(scored, output_filename="${rank}.jsonl.gz")]
-    bucket_filter = PerplexityBucketFilter(cutoffs, cfg.quality.keep_buckets)
+    score = [_reader(dirs), scorer, StageWriter(scored)]
+    bucket_filter = PerplexityBucketFilter(cfg.quality.keep_buckets, cutoffs_file=cutoffs)
     return [("score", score, cfg.executor.tasks),
-            ("cutoffs", [_reader(dirs, scored), PerplexityCutoffs(cutoffs, cfg.quality.percentiles)], 1),
+            ("cutoffs", [_reader(dirs, scored), PerplexityCutoffs(cutoffs, cfg.quality.corpus_percentiles)], 1),
             ("filter", _counted(dirs, [bucket_filter], reader=_reader(dirs, scored)), cfg.executor.tasks)]
 
 

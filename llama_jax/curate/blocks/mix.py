@@ -1,5 +1,6 @@
 """The mixing step as a datatrove block (one task): reads each source's curated output, writes the
-mixture's shards and its manifest (the file `SourceConfig(kind="curated")` reads)."""
+mixture's shards and its manifest (the file `SourceConfig(kind="curated")` reads). Every shard line keeps
+the document's raw-input id (and url), so a training document can be traced to where it was crawled."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,14 @@ from llama_jax.curate.blocks.readers import SafeJsonlReader
 from llama_jax.curate.mixture import Doc, count_tokens, interleave_into_shards, plan_mixture
 from llama_jax.data.curated import FORMAT, MANIFEST
 from llama_jax.utils.files import write_atomically
+
+
+def provenance(doc: Doc) -> dict:
+    """A shard line: the text, its source, the id it had in the raw input and its url when it has one."""
+    record = {"text": doc.text, "source": doc.source, "id": doc.id}
+    if doc.url:
+        record["url"] = doc.url
+    return record
 
 
 class MixtureWriter(PipelineStep):
@@ -28,7 +37,8 @@ class MixtureWriter(PipelineStep):
         if not Path(folder).is_dir():
             return []
         reader = SafeJsonlReader(folder, skipped_dir=f"{self.skipped_dir}/{name}")
-        return [Doc(name, doc.text, count_tokens(doc.text)) for doc in reader.run()]
+        return [Doc(name, doc.text, count_tokens(doc.text), doc.id, str(doc.metadata.get("url") or ""))
+                for doc in reader.run()]
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         sources = {name: self._read(name, folder) for name, folder in sorted(self.inputs.items())}
@@ -38,7 +48,7 @@ class MixtureWriter(PipelineStep):
         entries = []
         for i, shard in enumerate(shards):
             name = f"shard-{i:05d}.jsonl"
-            lines = "".join(json.dumps({"text": d.text, "source": d.source}, ensure_ascii=False) + "\n" for d in shard)
+            lines = "".join(json.dumps(provenance(d), ensure_ascii=False) + "\n" for d in shard)
             write_atomically(out / name, lines.encode("utf-8", "surrogatepass"))
             entries.append({"file": name, "documents": len(shard), "tokens": sum(d.tokens for d in shard)})
         total = sum(e["tokens"] for e in entries)

@@ -1,9 +1,11 @@
-"""KenLM perplexity buckets, as CCNet: score each page, cut the corpus at percentiles, keep chosen buckets.
+"""KenLM perplexity buckets, as CCNet: score each page, bucket it by two perplexity cutoffs, keep chosen
+buckets. Lower perplexity = closer to the reference text = "head".
 
-Three blocks because the cutoffs depend on the whole corpus: `KenLMScorer` annotates every page with
-its perplexity (all tasks), `PerplexityCutoffs` (one task) reads all scores and writes the percentile
-cutoffs to a JSON file, `PerplexityBucketFilter` (all tasks) labels each page head/middle/tail from that
-file and keeps the configured buckets. Lower perplexity = closer to the reference text = "head".
+`KenLMScorer` annotates every page with its perplexity; `PerplexityBucketFilter` labels it head/middle/
+tail and keeps the configured buckets. The cutoffs are fixed numbers (CCNet's `cutoff.csv`: computed once
+when the models are trained, `train-quality-models` writes them), so a page's bucket does not depend on
+the rest of the run. Only with `quality.corpus_percentiles` are they the run's own percentiles, which
+`PerplexityCutoffs` (one task, after scoring) computes into a file the filter reads.
 """
 from __future__ import annotations
 
@@ -87,12 +89,15 @@ def bucket_of(perplexity: float, cutoffs: list[float]) -> str:
 
 
 class PerplexityBucketFilter(BaseFilter):
+    """Buckets by `cutoffs` (two numbers) or, for corpus percentiles, by the ones in `cutoffs_file`."""
+
     name = "🪣 perplexity buckets"
 
-    def __init__(self, cutoffs_file: str, keep_buckets: list[str]):
+    def __init__(self, keep_buckets: list[str], cutoffs: tuple[float, float] | None = None,
+                 cutoffs_file: str | None = None):
         super().__init__()
         self.cutoffs_file, self.keep_buckets = cutoffs_file, tuple(keep_buckets)
-        self._cutoffs = None
+        self._cutoffs = list(cutoffs) if cutoffs is not None else None
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if self._cutoffs is None:
