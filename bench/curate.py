@@ -20,6 +20,7 @@ from pathlib import Path
 from llama_jax.curate.config import COMMONCRAWL_STAGES, load_config
 from llama_jax.curate.funnel import FUNNEL_FILE
 from llama_jax.curate.run import execute
+from quiet import monitor  # noqa: E402
 
 
 def versions() -> str:
@@ -86,4 +87,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with monitor():
+        raise SystemExit(main())

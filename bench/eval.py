@@ -47,6 +47,7 @@ from llama_jax.evaluation.loading import load_eval_model  # noqa: E402
 from llama_jax.model.config import load_model_config  # noqa: E402
 from llama_jax.model.params import hf_config_dict  # noqa: E402
 from llama_jax.utils.host_memory import tune_host_allocator  # noqa: E402
+from quiet import monitor  # noqa: E402
 
 NEW_TOKENS = 64
 NEVER = "<never written>"
@@ -134,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tasks", default="mc,gen", help="which of mc, gen to run")
     args = parser.parse_args(argv)
-    tune_host_allocator()  # as eval.py does; it applies to both backends here
     from lm_eval.models.huggingface import HFLM
 
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}; jax "
@@ -171,4 +171,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tune_host_allocator()  # as eval.py does; it applies to both backends here
+    with monitor():
+        sys.exit(main())
