@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from quiet import monitor  # noqa: E402
+
+from quiet import monitor
 
 ROOT = Path(__file__).resolve().parent.parent
 

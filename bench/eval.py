@@ -52,6 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from llama_jax.utils.host_memory import tune_host_allocator  # noqa: E402
+from convert import peak_rss  # noqa: E402  (VmHWM)
 from quiet import monitor  # noqa: E402
 
 NEW_TOKENS = 64
@@ -151,12 +152,6 @@ def job_requests(root: Path, job: str) -> tuple[str, list]:
                                                   idx=0)]
     return ("loglikelihood", task_requests(root, "bench_mc")) if job == "mc" else \
         ("generate_until", task_requests(root, "bench_gen"))
-
-
-def peak_rss() -> int:
-    """This process's peak resident set in bytes (VmHWM: unlike ru_maxrss, not inherited through fork+exec)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def child(args) -> None:
