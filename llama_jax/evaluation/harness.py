@@ -10,7 +10,7 @@ Requests of one type arrive together and are batched here:
   tokens cut on the left, as its HF backend cuts it).
 - loglikelihood_rolling: `perplexity.rolling_windows` (lm-eval's windows) over prefix + tokens.
 - generate_until: the jitted decode loop, prompts sorted by length in batches of `batch_size` rows and
-  power-of-two widths; text cut at the `until` strings and at EOS; `max_gen_toks` (default 256);
+  length-bucket widths; text cut at the `until` strings and at EOS; `max_gen_toks` (default 256);
   greedy unless `do_sample`, else temperature/top_k/top_p. Identical sampled requests (lm-eval's
   `repeats: k`) get seeds seed, seed + 1, ..., so `majority_vote` sees k different samples (maj@k).
 
