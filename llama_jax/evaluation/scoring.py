@@ -220,7 +220,10 @@ class TokenScorer:
         prefix_rows = row_count(len(contexts), self.rows, self.model.row_multiple)
         cont_rows = row_count(n_cont, self.rows, self.model.row_multiple)
         prefix_width = length_bucket(max(len(c) - 1 for c in contexts), self.max_len)
-        width = length_bucket(max(len(pairs[i][1]) for m in members for i in m), self.max_len)
+        # Continuations are short: power-of-two widths (16, 32, ...) cost little padding and keep the
+        # number of compiled programs (one per prefix bucket and width) small.
+        longest = max(len(pairs[i][1]) for m in members for i in m)
+        width = min(max(MIN_BUCKET, 1 << (longest - 1).bit_length()), self.max_len)
         prefix = np.zeros((prefix_rows, prefix_width), np.int32)
         prefix_segments = np.zeros_like(prefix)
         owner = np.zeros(cont_rows, np.int32)
