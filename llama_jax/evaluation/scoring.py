@@ -7,7 +7,8 @@ has sequences, rounded up to a power of two and capped at the batch size: memory
 submitted (one 3,000-token document is one row of 3,072 positions, not `batch_size` rows of the model's
 `max_seq_len`), and a whole evaluation still compiles a handful of programs. Padding has segment id 0:
 the model's attention ignores it and its scores are dropped. The result for a sequence of n tokens is
-log p(token t | tokens < t) and whether token t is the argmax, for t = 1 .. n-1.
+log p(token t | tokens < t) and whether token t is the argmax, for t = 1 .. n-1, from logits computed
+`loss_chunk_size` positions at a time (`api.target_log_probs`): [tokens, vocab] never exists whole.
 
 The model reads only tokens 0 .. n-2 (the last token is a target, never an input), so a sequence may
 hold `max_len + 1` tokens for a `max_len`-token model input: lm-evaluation-harness's convention, under
@@ -30,25 +31,19 @@ import numpy as np
 
 from llama_jax.evaluation.loading import EvalModel
 from llama_jax.model import api
-from llama_jax.model.loss import token_nll
 from llama_jax.model.transformer import KVCache
 
 MIN_BUCKET = 16
 STEPS_PER_OCTAVE = 4  # length buckets between two powers of two: at most 1/4 of a row is padding
 
 
-def token_scores(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(log p(target), target is the argmax) per position, [rows, n] each, from logits [rows, n, vocab]:
-    the one place evaluation turns logits into scores (a chunked log-softmax would replace it whole)."""
-    return -token_nll(logits, targets), jnp.argmax(logits, axis=-1) == targets
-
-
 def _sequence_scores(cfg, params, tokens, segment_ids, read=None):
     """tokens [rows, width + 1]: the model reads the first `width`, each predicting the next; `read`
-    [rows, n]: the input positions whose predictions are wanted (default all)."""
-    logits, _ = api.apply(cfg, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1], logits_at=read)
+    [rows, n]: the input positions whose predictions are wanted (default all). (log p(target), target is
+    the argmax), the logits `cfg.loss_chunk_size` positions at a time, never whole (`model.loss`)."""
     targets = tokens[:, 1:] if read is None else jnp.take_along_axis(tokens, read + 1, axis=1)
-    return token_scores(logits, targets)
+    return api.target_log_probs(cfg, params, tokens[:, :-1], targets, segment_ids=segment_ids[:, :-1],
+                                logits_at=read)
 
 
 def _continuation_scores(cfg, params, prefix, prefix_segments, owner, tokens, segment_ids):
@@ -66,9 +61,8 @@ def _continuation_scores(cfg, params, prefix, prefix_segments, owner, tokens, se
     cache = KVCache(cache.k[:, owner], cache.v[:, owner], cache.segment_ids[owner], cache.index)
     start = jnp.sum(prefix_segments, axis=1)[owner]
     positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)
-    logits, _ = api.apply(cfg, params, tokens[:, :-1], positions=positions, segment_ids=segment_ids[:, :-1],
-                          cache=cache)
-    return token_scores(logits, tokens[:, 1:])
+    return api.target_log_probs(cfg, params, tokens[:, :-1], tokens[:, 1:], positions=positions,
+                                segment_ids=segment_ids[:, :-1], cache=cache)
 
 
 def length_bucket(length: int, max_len: int) -> int:
