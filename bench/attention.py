@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 from llama_jax.model.attention import attention, cudnn_attention, xla_attention  # noqa: E402
 from llama_jax.utils.config_io import ConfigError  # noqa: E402
 from llama_jax.kernels import flash_attention_gpu, flash_attention_tpu  # noqa: E402
+from quiet import monitor  # noqa: E402
 
 IMPLS = {"pallas_gpu": flash_attention_gpu, "xla": xla_attention, "cudnn": cudnn_attention}
 # Least throughput ratios of pallas_gpu over each implementation: (fwd, fwd+bwd) at T = 4096, fwd+bwd elsewhere.
@@ -273,4 +274,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with monitor():
+        sys.exit(main())

@@ -35,6 +35,7 @@ from llama_jax.model.config import load_model_config
 from llama_jax.training.metrics import flops_per_token
 from llama_jax.utils.host_memory import tune_host_allocator
 from timer import best_seconds, check, jax_runner, machine_line
+from quiet import monitor  # noqa: E402
 
 PRESETS = {"S": "tiny", "M": "small"}  # bench/generate.py's configs
 
@@ -86,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.mb, args.config, args.reps, args.new = 4, "S", 1, 8
-    tune_host_allocator()
     print(machine_line(), flush=True)
     rates = streams(args.mb, args.reps)
     for name, r in rates.items():
@@ -104,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tune_host_allocator()
+    with monitor():
+        sys.exit(main())

@@ -14,6 +14,7 @@ byte, which the benchmark checks. Everything is written under --workdir and dele
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import json
 import platform
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from quiet import monitor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,4 +146,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with contextlib.nullcontext() if "--child" in sys.argv else monitor():  # a child reports to its parent
+        sys.exit(main())

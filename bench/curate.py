@@ -33,6 +33,7 @@ from pathlib import Path
 from llama_jax.curate.config import load_config
 from llama_jax.curate.funnel import FUNNEL_FILE
 from llama_jax.curate.run import execute
+from quiet import monitor  # noqa: E402
 
 SETTINGS = {
     "new": [],
@@ -173,4 +174,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with monitor():
+        raise SystemExit(main())

@@ -25,6 +25,7 @@ import time
 
 from llama_jax.data import DataConfig, make_train_iterator  # noqa: E402
 from llama_jax.data.tokenizer import builtin_tokenizer  # noqa: E402
+from quiet import monitor  # noqa: E402
 
 
 def versions() -> str:
@@ -79,4 +80,5 @@ def run(args: argparse.Namespace, cache_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with monitor():
+        sys.exit(main())

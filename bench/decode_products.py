@@ -28,6 +28,7 @@ import torch
 from llama_jax.model.config import load_model_config
 from llama_jax.utils.host_memory import tune_host_allocator
 from timer import best_seconds, check, jax_runner, machine_line
+from quiet import monitor  # noqa: E402
 
 PRESETS = {"S": "tiny", "M": "small"}  # bench/generate.py's configs
 FEEDBACK = 1e-3
@@ -85,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.configs, args.per_loop, args.reps = "S", 2, 1
-    tune_host_allocator()
     print(machine_line(), flush=True)
     rng = np.random.default_rng(0)
     for name in args.configs.split(","):
@@ -109,4 +109,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tune_host_allocator()
+    with monitor():
+        sys.exit(main())

@@ -17,15 +17,29 @@ log-likelihoods (fp32 both) and greedy texts. One line per task:
 
     ratio multiple_choice: llama_jax 52.1 items/s, lm-eval HF 20.3 items/s -> 2.57x (medians ...)
 
+Memory: each backend then runs each job once more in a child process of its own (only its own
+imports: jax for llama_jax, torch for HF), which reports its peak RSS (VmHWM): the multiple-choice and
+generative requests, and `rolling`, one document of the model's full max_length (`--max-length`
+tokens, 8,192 by default as SmolLM2's, the checkpoint's max_position_embeddings) scored as
+`loglikelihood_rolling`. One line per job, the target being ours <= 1.5x:
+
+    rss rolling: llama_jax 1.21 GB, lm-eval HF 1.05 GB -> 1.15x (12.3 s / 9.8 s)
+
+The machine's load before and after and the verdict (quiet, or loaded: ratio not valid) come last
+(`bench/quiet.py`); only quiet runs' ratios count.
+
     python bench/eval.py [--mc-items 256] [--gen-items 64] [--repeats 3] [--batch-size 16]
+                         [--max-length 8192] [--tasks mc,gen,rss]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,18 +49,11 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-import lm_eval  # noqa: E402
 
-from llama_jax.data.tokenizer import builtin_tokenizer  # noqa: E402
-from llama_jax.evaluation.harness import lm_class  # noqa: E402
-from llama_jax.evaluation.loading import load_eval_model  # noqa: E402
-from llama_jax.model.config import load_model_config  # noqa: E402
-from llama_jax.model.params import hf_config_dict  # noqa: E402
 from llama_jax.utils.host_memory import tune_host_allocator  # noqa: E402
+from convert import peak_rss  # noqa: E402  (VmHWM)
+from quiet import monitor  # noqa: E402
 
 NEW_TOKENS = 64
 NEVER = "<never written>"
@@ -91,9 +98,17 @@ def task_requests(root: Path, name: str) -> list:
     return list(task.instances)
 
 
-def hf_checkpoint(root: Path) -> Path:
-    """A Hugging Face directory: random fp32 LlamaForCausalLM of config S and the built-in tokenizer."""
-    cfg = load_model_config("tiny", ["dtype=float32", "attention_impl=xla"])
+def hf_checkpoint(root: Path, max_length: int) -> Path:
+    """A Hugging Face directory: random fp32 LlamaForCausalLM of config S with a `max_length` context
+    and the built-in tokenizer."""
+    import torch
+    import transformers
+
+    from llama_jax.data.tokenizer import builtin_tokenizer
+    from llama_jax.model.config import load_model_config
+    from llama_jax.model.params import hf_config_dict
+
+    cfg = load_model_config("tiny", ["dtype=float32", "attention_impl=xla", f"max_seq_len={max_length}"])
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_dict(cfg))).float().eval()
     out = root / "hf"
@@ -101,6 +116,76 @@ def hf_checkpoint(root: Path) -> Path:
     tok = builtin_tokenizer(cfg.vocab_size, str(root / "tokenizer"))
     (out / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
     return out
+
+
+def rolling_document(root: Path, tok, max_length: int, seed: int = 1) -> str:
+    """A text of about max_length - 1 tokens (with the prefix token in front: one whole rolling window
+    of the model's context), saved for the children."""
+    rng = np.random.default_rng(seed)
+    pieces = [words(rng, 50) + "." for _ in range(max_length // 40 + 1)]
+    text = tok.decode(tok.encode(" ".join(pieces), bos=False)[:max_length - 1])
+    (root / "rolling.txt").write_text(text)
+    return text
+
+
+def backend(name: str, checkpoint: Path, batch_size: int):
+    """llama_jax's lm-eval model or lm-eval's HFLM on `checkpoint`, fp32, `batch_size` rows."""
+    if name == "llama_jax":
+        from llama_jax.evaluation.harness import lm_class
+        from llama_jax.evaluation.loading import load_eval_model
+
+        return lm_class()(model=load_eval_model(str(checkpoint), dtype="fp32"), batch_size=batch_size,
+                          max_gen_toks=NEW_TOKENS)
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(checkpoint), backend="causal", dtype="float32", batch_size=batch_size, device="cpu",
+                add_bos_token=True)
+
+
+def job_requests(root: Path, job: str) -> tuple[str, list]:
+    """(the lm-eval method, its requests) of job mc, gen or rolling."""
+    if job == "rolling":
+        from lm_eval.api.instance import Instance
+
+        text = (root / "rolling.txt").read_text()
+        return "loglikelihood_rolling", [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,),
+                                                  idx=0)]
+    return ("loglikelihood", task_requests(root, "bench_mc")) if job == "mc" else \
+        ("generate_until", task_requests(root, "bench_gen"))
+
+
+def child(args) -> None:
+    """One backend, one job, once: prints its answers' summary and peak RSS as JSON."""
+    root = Path(args.root)
+    lm = backend(args.child, root / "hf", args.batch_size)
+    method, requests = job_requests(root, args.job)
+    start = time.perf_counter()
+    out = getattr(lm, method)(requests, disable_tqdm=True)
+    seconds = time.perf_counter() - start
+    answers = [o[0] if isinstance(o, tuple) else o for o in out]
+    print(json.dumps({"peak_rss": peak_rss(), "seconds": seconds, "answers": answers}))
+
+
+def run_child(name: str, job: str, root: Path, batch_size: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--job", job, "--root", str(root), "--batch-size",
+           str(batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{name} {job} child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory(root: Path, batch_size: int, jobs: list[str]) -> None:
+    """Peak RSS of each backend on each job, each in its own process; checks the rolling answers agree."""
+    for job in jobs:
+        ours, theirs = (run_child(name, job, root, batch_size) for name in ("llama_jax", "hf"))
+        print(f"rss {job}: llama_jax {ours['peak_rss'] / 1e9:.2f} GB, lm-eval HF {theirs['peak_rss'] / 1e9:.2f} GB "
+              f"-> {ours['peak_rss'] / theirs['peak_rss']:.2f}x ({ours['seconds']:.1f} s / {theirs['seconds']:.1f} s, "
+              f"llama_jax's with compilation)", flush=True)
+        if job == "rolling":
+            diff = abs(ours["answers"][0] - theirs["answers"][0])
+            print(f"check rolling: log-likelihood {ours['answers'][0]:.4f} vs {theirs['answers'][0]:.4f}, "
+                  f"difference {diff:.2e}", flush=True)
 
 
 def timed(fn, requests) -> tuple[float, list]:
@@ -126,49 +211,69 @@ def compare(name: str, n_items: int, ours, theirs, repeats: int) -> tuple[list, 
     return ours_out, theirs_out
 
 
+def speed(args, root: Path) -> None:
+    """Both backends in this process, alternating: the ratio and check lines of each task."""
+    ours, theirs = (backend(name, root / "hf", args.batch_size) for name in ("llama_jax", "hf"))
+    if "mc" in args.tasks:
+        _, requests = job_requests(root, "mc")
+        lengths = [len(ours.tok_encode(r.args[0] + r.args[1])) for r in requests]
+        print(f"multiple choice: {args.mc_items} items, {len(requests)} requests of {min(lengths)}-"
+              f"{max(lengths)} tokens", flush=True)
+        got, want = compare("multiple_choice", args.mc_items, (ours.loglikelihood, requests),
+                            (theirs.loglikelihood, requests), args.repeats)
+        diff = max(abs(g[0] - w[0]) for g, w in zip(got, want))
+        print(f"check multiple_choice: largest log-likelihood difference {diff:.2e}", flush=True)
+    if "gen" in args.tasks:
+        _, requests = job_requests(root, "gen")
+        lengths = [len(ours.tok_encode(r.args[0])) for r in requests]
+        print(f"generative: {args.gen_items} prompts of {min(lengths)}-{max(lengths)} tokens, {NEW_TOKENS} new "
+              f"tokens", flush=True)
+        got, want = compare("generative", args.gen_items, (ours.generate_until, requests),
+                            (theirs.generate_until, requests), args.repeats)
+        same = sum(g == w for g, w in zip(got, want))
+        print(f"check generative: {same} of {len(got)} greedy completions identical", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mc-items", type=int, default=256)
     parser.add_argument("--gen-items", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--tasks", default="mc,gen", help="which of mc, gen to run")
+    parser.add_argument("--max-length", type=int, default=8192, help="the checkpoint's max_position_embeddings")
+    parser.add_argument("--tasks", default="mc,gen,rss", help="which of mc, gen (speed) and rss (memory) to run")
+    parser.add_argument("--child", choices=("llama_jax", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--job", choices=("mc", "gen", "rolling"), help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    tune_host_allocator()  # as eval.py does; it applies to both backends here
-    from lm_eval.models.huggingface import HFLM
+    if args.child:
+        child(args)
+        return 0
+    import jax
+    import lm_eval
+    import torch
+    import transformers
 
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}; jax "
           f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}, lm-eval {lm_eval.__version__}; fp32 both, batch {args.batch_size}; "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
+          f"{transformers.__version__}, lm-eval {lm_eval.__version__}; fp32 both, batch {args.batch_size}, "
+          f"max_length {args.max_length}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         task_files(root, args.mc_items, args.gen_items)
-        checkpoint = hf_checkpoint(root)
-        ours = lm_class()(model=load_eval_model(str(checkpoint), dtype="fp32"), batch_size=args.batch_size,
-                          max_gen_toks=NEW_TOKENS)
-        theirs = HFLM(pretrained=str(checkpoint), backend="causal", dtype="float32", batch_size=args.batch_size,
-                      device="cpu", add_bos_token=True)
-        if "mc" in args.tasks:
-            requests = task_requests(root, "bench_mc")
-            lengths = [len(ours.tok_encode(r.args[0] + r.args[1])) for r in requests]
-            print(f"multiple choice: {args.mc_items} items, {len(requests)} requests of {min(lengths)}-"
-                  f"{max(lengths)} tokens", flush=True)
-            got, want = compare("multiple_choice", args.mc_items, (ours.loglikelihood, requests),
-                                (theirs.loglikelihood, requests), args.repeats)
-            diff = max(abs(g[0] - w[0]) for g, w in zip(got, want))
-            print(f"check multiple_choice: largest log-likelihood difference {diff:.2e}", flush=True)
-        if "gen" in args.tasks:
-            requests = task_requests(root, "bench_gen")
-            print(f"generative: {args.gen_items} prompts of {min(len(ours.tok_encode(r.args[0])) for r in requests)}"
-                  f"-{max(len(ours.tok_encode(r.args[0])) for r in requests)} tokens, {NEW_TOKENS} new tokens",
-                  flush=True)
-            got, want = compare("generative", args.gen_items, (ours.generate_until, requests),
-                                (theirs.generate_until, requests), args.repeats)
-            same = sum(g == w for g, w in zip(got, want))
-            print(f"check generative: {same} of {len(got)} greedy completions identical", flush=True)
+        hf_checkpoint(root, args.max_length)
+        if "mc" in args.tasks or "gen" in args.tasks:
+            speed(args, root)
+        if "rss" in args.tasks:
+            from llama_jax.data.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(str(root / "hf" / "tokenizer.model"))
+            rolling_document(root, tok, args.max_length)
+            memory(root, args.batch_size, [job for job in ("mc", "gen") if job in args.tasks] + ["rolling"])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tune_host_allocator()  # as eval.py does; it applies to both backends here (and to the children)
+    with contextlib.nullcontext() if "--child" in sys.argv else monitor():  # a child reports to its parent
+        sys.exit(main())

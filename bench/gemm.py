@@ -27,6 +27,7 @@ import torch
 
 from llama_jax.utils.host_memory import tune_host_allocator
 from timer import best_seconds, check, jax_runner, machine_line
+from quiet import monitor  # noqa: E402
 
 # (m, k, n, which operand is stored transposed): config M's products (tokens 2048, dim 512, FFN 1536,
 # vocab 32000), the 2048² product the MFU peak uses, and the two gradient forms read transposed.
@@ -65,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if unknown := set(args.dtypes.split(",")) - set(DTYPES):
         parser.error(f"unknown dtypes {sorted(unknown)}; choose from {sorted(DTYPES)}")
-    tune_host_allocator()  # without the heap tunables large outputs fault in fresh pages on every call
     shapes, reps = (SMOKE_SHAPES, 1) if args.smoke else (SHAPES, args.reps)
     print(machine_line(), flush=True)
     for name in args.dtypes.split(","):
@@ -84,4 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tune_host_allocator()  # without the heap tunables large outputs fault in fresh pages on every call
+    with monitor():
+        sys.exit(main())

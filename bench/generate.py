@@ -34,6 +34,7 @@ from llama_jax.evaluation.generate import Generator, SamplingConfig  # noqa: E40
 from llama_jax.evaluation.loading import place_model  # noqa: E402
 from llama_jax.utils.host_memory import tune_host_allocator  # noqa: E402
 from llama_jax.model.params import hf_config_dict, params_from_torch  # noqa: E402
+from quiet import monitor  # noqa: E402
 
 PRESETS = {"S": "tiny", "M": "small"}  # anything else is a model preset's own name
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=128, help="new tokens per row")
     args = parser.parse_args(argv)
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-    tune_host_allocator()  # as eval.py does (llama_jax/host_memory.py); it applies to both frameworks here
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}; jax "
           f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__} on {device}; llama_jax {args.dtype}, transformers {args.hf_dtype}; prompt "
@@ -100,4 +100,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tune_host_allocator()  # as eval.py does (llama_jax/host_memory.py); it applies to both frameworks here
+    with monitor():
+        sys.exit(main())

@@ -19,6 +19,7 @@ The three processes compute the same losses (checked: the last round's, bitwise)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.utils.host_memory import HEAP_KEEPING, HUGE_PAGES, wanted_tunables
+from quiet import monitor  # noqa: E402
 
 # bench/train.py by its path: the repository's own train.py shadows it as `train` when the root is on sys.path.
 _spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("train.py"))
@@ -136,4 +138,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with contextlib.nullcontext() if "--worker" in sys.argv else monitor():  # a child reports to its parent
+        sys.exit(main())

@@ -24,11 +24,15 @@ quoted when this benchmark was specified were measured; printed as `ratio ... ou
 Precision pairs compared: our fp32 against torch fp32; our bf16 compute (fp32 master weights, fp32
 loss) against torch fp32 weights under `torch.autocast(bfloat16)`.
 
-MFU is against the matmul peak measured here first (`llama_jax.training.peak.measured_matmul_peak`, as
-`train.py` does on a CPU), FLOPs per token from `llama_jax.training.metrics.flops_per_token` (6·N + 12·L·d·T).
+MFU is `train.py`'s own (`llama_jax.training.peak.job_peak`): on a CPU against the best 2048² matmul
+rate measured in this process, re-measured when an MFU would exceed 1 and never below a rate the step
+itself reached, so it is at most 100% (a peak measured while the machine was busy once gave 104-112%);
+FLOPs per token from `llama_jax.training.metrics.flops_per_token` (6·N + 12·L·d·T). The machine's load
+before and after and the verdict (quiet, or loaded: ratio not valid) are printed by `bench/quiet.py`.
 
     python bench/train.py                      # configs S and M, fp32 and bf16
     python bench/train.py --configs S --precisions bf16 --rounds 5 --steps 4
+    python bench/train.py --smoke              # config S at seq 64, fp32, one round of one step: that it runs
 """
 from __future__ import annotations
 
@@ -48,8 +52,9 @@ from llama_jax.training.step import create_train_state, jit_train_step  # noqa: 
 from llama_jax.model.config import ModelConfig  # noqa: E402
 from llama_jax.utils.host_memory import tune_host_allocator, wanted_tunables  # noqa: E402
 from llama_jax.training.metrics import flops_per_token  # noqa: E402
-from llama_jax.training.peak import measured_matmul_peak  # noqa: E402
+from llama_jax.training.peak import Peak, job_peak  # noqa: E402
 from llama_jax.training.optimizer import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
+from quiet import monitor  # noqa: E402
 
 CONFIGS = {  # vocab, dim, layers, heads, ffn, seq, batch
     "S": dict(vocab_size=8000, dim=256, n_layers=4, n_heads=4, ffn_hidden_dim=768, seq=256, batch=8),
@@ -116,9 +121,8 @@ class Torch:
         return loss.item()
 
 
-def _worker(conn, framework: str, name: str, precision: str, scan_layers: bool, steps: int) -> None:
+def _worker(conn, framework: str, shape: dict, precision: str, scan_layers: bool, steps: int) -> None:
     """One framework in its own process: warm up, then time `steps` steps whenever the parent asks."""
-    shape = CONFIGS[name]
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, shape["vocab_size"], (shape["batch"], shape["seq"] + 1), dtype=np.int32)
                for _ in range(steps)]
@@ -146,7 +150,7 @@ def _start_worker(context, framework: str, name: str, precision: str, args, env:
     """A worker process; `env` replaces this process's environment while it starts (a spawned child
     reads GLIBC_TUNABLES once, at its start)."""
     conn, child = context.Pipe()
-    process = context.Process(target=_worker, args=(child, framework, name, precision, args.scan_layers,
+    process = context.Process(target=_worker, args=(child, framework, args.shapes[name], precision, args.scan_layers,
                                                      args.steps), daemon=True)
     saved = dict(os.environ)
     if env is not None:
@@ -160,8 +164,8 @@ def _start_worker(context, framework: str, name: str, precision: str, args, env:
     return conn, process, conn.recv()
 
 
-def compare(name: str, precision: str, args, peak: float) -> None:
-    shape = CONFIGS[name]
+def compare(name: str, precision: str, args, peak: Peak) -> None:
+    shape = args.shapes[name]
     tokens_per_round = args.steps * shape["batch"] * shape["seq"]
     context = multiprocessing.get_context("spawn")
     runners = {"ours": ("ours", None), "torch": ("torch", None)}
@@ -179,8 +183,9 @@ def compare(name: str, precision: str, args, peak: float) -> None:
         conn.send("stop")
         process.join()
     median = {label: statistics.median(r) for label, r in rates.items()}
-    mfu = flops_per_token(model_config(shape, precision, args.scan_layers), shape["seq"]) * median["ours"] / peak
-    print(f"{name} {precision}: ours {median['ours']:,.0f} tokens/s (MFU {mfu:.1%} of {peak / 1e9:.0f} GFLOP/s, "
+    mfu = peak.mfu(flops_per_token(model_config(shape, precision, args.scan_layers), shape["seq"]) * median["ours"])
+    print(f"{name} {precision}: ours {median['ours']:,.0f} tokens/s ({peak.key} {mfu:.1%} of "
+          f"{peak.per_device / 1e9:.0f} GFLOP/s, "
           f"first step {workers['ours'][2]:.1f} s) | "
           + " | ".join(f"{label} {median[label]:,.0f} tokens/s" for label in workers if label != "ours")
           + " (rounds " + ", ".join(f"{label} {[round(r) for r in rates[label]]}" for label in workers) + ")")
@@ -189,7 +194,7 @@ def compare(name: str, precision: str, args, peak: float) -> None:
             print(f"ratio {name} {precision} ours/{label} = {median['ours'] / median[label]:.2f}", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="S,M", help="comma-separated: S, M")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
@@ -199,15 +204,20 @@ def main() -> None:
                         help="scan over layers (constant compile time) instead of unrolling them")
     parser.add_argument("--torch_stock", action=argparse.BooleanOptionalAction, default=True,
                         help="also time torch with glibc's stock allocator (a third worker)")
-    args = parser.parse_args()
-    tune_host_allocator()  # as train.py does (llama_jax/host_memory.py); the stock-malloc torch worker drops it
+    parser.add_argument("--smoke", action="store_true", help="config S at seq 64, fp32, one round of one step")
+    args = parser.parse_args(argv)
+    args.shapes = CONFIGS
+    if args.smoke:
+        args.shapes = {"S": dict(CONFIGS["S"], seq=64, batch=2)}
+        args.configs, args.precisions, args.rounds, args.steps, args.torch_stock = "S", "fp32", 1, 1, False
     configs, precisions = args.configs.split(","), args.precisions.split(",")
     for value, valid in ((configs, CONFIGS), (precisions, DTYPES)):
         unknown = [v for v in value if v not in valid]
         if unknown:
             parser.error(f"unknown {unknown}; choose from {sorted(valid)}")
-    peaks = {p: measured_matmul_peak(DTYPES[p], reps=10) for p in precisions}
-    print("matmul peak (2048², jitted, median): " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
+    peaks = {p: job_peak(jax.devices()[0], 1, DTYPES[p]) for p in precisions}
+    print("matmul peak (2048², jitted, best of 7): " + ", ".join(f"{p} {v.per_device / 1e9:.0f} GFLOP/s"
+                                                               for p, v in peaks.items()))
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     for name in configs:
@@ -216,4 +226,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tune_host_allocator()  # as train.py does (llama_jax/host_memory.py); the stock-malloc torch worker drops it
+    with monitor():
+        main()

@@ -33,6 +33,7 @@ from llama_jax.training.metrics import flops_per_token
 from llama_jax.training.optimizer import make_optimizer
 from llama_jax.training.peak import job_peak
 from llama_jax.training.plan import activation_bytes, state_bytes_per_device
+from quiet import monitor  # noqa: E402
 
 # bench/train.py by its path: the repository's own train.py shadows it as `train` when the root is on sys.path.
 _spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("train.py"))
@@ -149,4 +150,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with monitor():
+        sys.exit(main())

@@ -45,3 +45,46 @@ def test_probe_smoke_run(probe):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for pattern in PROBES[probe]:
         assert re.search(pattern, proc.stdout, re.MULTILINE), f"{pattern!r} not in:\n{proc.stdout}"
+
+
+def _bench(script: str, *args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_a_bench_run_on_a_busy_machine_is_labelled_loaded():
+    """One process spinning on each core during the whole run: the bench says its ratio is not valid."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        out = _bench("gemm.py", "--smoke")
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert re.search(r"^load before: 1-min load average [0-9.]+ on [0-9]+ CPUs; other processes busy on [0-9.]+ CPUs$",
+                     out, re.MULTILINE), out
+    assert re.search(r"^load after: 1-min load average [0-9.]+;", out, re.MULTILINE), out
+    assert re.search(r"^load: loaded: ratio not valid \(", out, re.MULTILINE), out
+
+
+def test_the_verdict_counts_only_other_processes_against_half_the_cores(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from quiet import LOADED, verdict
+    assert verdict(2, load_before=0.4, others_before=0.1, others_during=0.9) == "quiet"
+    assert verdict(2, load_before=1.1, others_before=0.1, others_during=0.1) == LOADED
+    assert verdict(2, load_before=0.4, others_before=1.2, others_during=0.1) == LOADED
+    assert verdict(2, load_before=0.4, others_before=0.1, others_during=1.01) == LOADED
+    assert verdict(16, load_before=7.9, others_before=7.9, others_during=7.9) == "quiet"
+
+
+@pytest.mark.slow
+def test_train_bench_mfu_is_at_most_one():
+    """bench/train.py's MFU uses training's peak logic: re-measured and never below the step's own rate."""
+    out = _bench("train.py", "--smoke", timeout=600)
+    mfus = [float(m) for m in re.findall(r"mfu_cpu_measured ([0-9.]+)% of", out)]
+    assert mfus and all(0 < m <= 100.0 for m in mfus), out
+    assert re.search(r"^load: (quiet|loaded: ratio not valid) \(", out, re.MULTILINE), out

@@ -71,8 +71,10 @@ def requests(kind, args):
 def test_loglikelihood_per_request_equals_lm_eval_hf_backend(ours, theirs):
     rng = np.random.default_rng(1)
     long_context = " ".join(sentence(rng, 12) for _ in range(8))  # beyond the 64-token context: cut left
-    pairs = [("The cat sat", " on a mat."), ("Question: " + sentence(rng, 4) + "\nAnswer:", " yes"),
-             ("", "Birds sang."), ("Dogs ran ", "far away"), (long_context, " " + sentence(rng, 3))]
+    question = "Question: " + sentence(rng, 4) + "\nAnswer:"
+    pairs = [("The cat sat", " on a mat."), (question, " yes"), ("", "Birds sang."), ("Dogs ran ", "far away"),
+             (long_context, " " + sentence(rng, 3)), (question, " no, " + sentence(rng, 3)), (question, " maybe"),
+             ("The cat sat", " in the green trees every morning.")]  # contexts shared by several continuations
     got = ours.loglikelihood(requests("loglikelihood", pairs))
     want = theirs.loglikelihood(requests("loglikelihood", pairs))
     for (g, g_greedy), (w, w_greedy) in zip(got, want):
@@ -272,3 +274,40 @@ def test_eval_py_harness_runs_unsafe_tasks_only_with_consent(hf_dir, tmp_path, c
                     "code in-process, without a sandbox; pass --unsafe-run-generated-code to allow it")
     assert cli.main(["harness", *common, "--unsafe-run-generated-code"]) == 0
     assert "gsm_unsafe" in json.loads(capsys.readouterr().out)["results"]
+
+
+def _compiled_bytes(fn, *args) -> int:
+    """Arguments + outputs + temporaries of jitted `fn`'s program for these arguments' shapes."""
+    stats = fn.lower(*args).compile().memory_analysis()
+    return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+
+
+def test_rolling_document_memory_follows_its_length_not_max_length(hf_dir, tmp_path):
+    """A model with a long max_length (1,024) scoring one ~400-token document as lm-eval's
+    loglikelihood_rolling, batch size 16: each program the scorer runs needs at most 1.6x the memory of
+    the same computation on exactly one row of the document's length (buckets pad a row by at most a
+    quarter; attention's scores grow with its square), not batch_size rows of the max_length bucket."""
+    import jax
+    import shutil
+
+    from llama_jax.evaluation.harness import lm_class
+    from llama_jax.evaluation.loading import load_eval_model
+
+    long_dir = tmp_path / "hf_long"
+    hf_model(CFG.replace(max_seq_len=1024), seed=4).save_pretrained(long_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_dir / name).exists():
+            shutil.copy(hf_dir / name, long_dir / name)
+    lm = lm_class()(model=load_eval_model(str(long_dir), dtype="fp32"), batch_size=16)
+    assert lm.max_length == 1024
+    runs = []
+    traced = lm.scorer._sequences
+    lm.scorer._sequences = lambda *args: runs.append(args) or traced(*args)
+    text = " ".join(sentence(np.random.default_rng(7), 12) for _ in range(6))
+    lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    n = len(lm.tok_encode(text)) + 1  # the prefix token and the document: one window
+    assert len(runs) == 1 and 150 < n < 1000
+    params, tokens, segments, read = runs[0]
+    exact = np.ones((1, n), np.int32)
+    used, needed = (_compiled_bytes(traced, params, t, s, read) for t, s in ((tokens, segments), (exact, exact)))
+    assert used <= 1.6 * needed, (tokens.shape, used, needed)

@@ -1,8 +1,9 @@
 """Text generation with a KV cache: batched prompts of different lengths, the decode loop in one jit.
 
-Prompts are left-padded to a common length, a power of two (at least 16) so that few programs compile
-(padding has segment id 0, positions count real tokens only), prefilled in one forward pass that fills the cache, then decoded one token per step inside a
-`lax.while_loop`. The whole loop is one compiled program: no per-token dispatch, and bf16 weights are
+Prompts are left-padded to a common length, a length bucket (`scoring.length_bucket`: at least 16,
+four sizes per power of two) so that few programs compile (padding has segment id 0, positions count
+real tokens only), prefilled in one forward pass that fills the cache, then decoded one token per step
+inside a `lax.while_loop`. The whole loop is one compiled program: no per-token dispatch, and bf16 weights are
 not re-converted on every token. A row stops at EOS (later slots hold the pad id); the loop stops when
 every row has stopped or `max_new_tokens` are out. Stop strings (lm-eval's `until`) are text, not
 tokens: with a stop condition the same loop runs `CHECK_EVERY` tokens at a time (prefill and advance as
@@ -25,10 +26,10 @@ import numpy as np
 
 from llama_jax.utils.config_io import ConfigError
 from llama_jax.evaluation.loading import EvalModel
+from llama_jax.evaluation.scoring import length_bucket
 from llama_jax.model import api
 from llama_jax.model.transformer import KVCache, unstack_layers
 
-MIN_PROMPT_BUCKET = 16
 CHECK_EVERY = 16  # tokens decoded between two checks of the callers' stop conditions
 
 
@@ -163,7 +164,8 @@ class Generator:
         self._fn = jax.jit(functools.partial(_decode, model.cfg, **static), out_shardings=model.out_sharding())
         # The same generation in pieces, for stop conditions checked on the host between them.
         self._prefill = jax.jit(functools.partial(_prefill, model.cfg, **static))
-        self._advance = jax.jit(functools.partial(_advance, model.cfg, **static))
+        # The state (KV cache included) is donated: each piece updates it in place instead of copying it.
+        self._advance = jax.jit(functools.partial(_advance, model.cfg, **static), donate_argnums=(1,))
 
     @property
     def max_prompt_len(self) -> int:
@@ -179,10 +181,7 @@ class Generator:
                              f"{self.sampling.max_new_tokens} exceeds the model's max_seq_len "
                              f"{self.model.cfg.max_seq_len}")
         rows = -(-max(rows, len(prompts)) // self.model.row_multiple) * self.model.row_multiple
-        width = MIN_PROMPT_BUCKET
-        while width < longest:
-            width *= 2
-        width = min(width, self.max_prompt_len)
+        width = length_bucket(longest, self.max_prompt_len)
         tokens = np.full((rows, width), self.pad_id, np.int32)
         segments = np.zeros((rows, width), np.int32)
         for i, p in enumerate(prompts):

@@ -6,10 +6,11 @@ model_args="pretrained=CHECKPOINT")` works too (the `lm_eval` command line does 
 Requests of one type arrive together and are batched here:
 
 - loglikelihood: lm-eval's own encoding of (context, continuation) pairs (TemplateLM), then
-  `TokenScorer` on (context + continuation) cut on the left to max_length + 1 tokens, as its HF backend.
+  `TokenScorer.score_continuations` (each distinct context once; a pair longer than max_length + 1
+  tokens cut on the left, as its HF backend cuts it).
 - loglikelihood_rolling: `perplexity.rolling_windows` (lm-eval's windows) over prefix + tokens.
 - generate_until: the jitted decode loop, prompts sorted by length in batches of `batch_size` rows and
-  power-of-two widths; text cut at the `until` strings and at EOS; `max_gen_toks` (default 256);
+  length-bucket widths; text cut at the `until` strings and at EOS; `max_gen_toks` (default 256);
   greedy unless `do_sample`, else temperature/top_k/top_p. Identical sampled requests (lm-eval's
   `repeats: k`) get seeds seed, seed + 1, ..., so `majority_vote` sees k different samples (maj@k).
 
@@ -127,14 +128,8 @@ def lm_class():
             return self.tok.decode(tokens)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-            keep = self.max_length + 1
-            sequences = [(ctx + cont)[-keep:] for _, ctx, cont in requests]
-            tails = [min(len(cont), len(seq) - 1) for (_, _, cont), seq in zip(requests, sequences)]
-            scored = self.scorer.score(sequences, tails=tails)  # only the continuations' predictions
-            out = []
-            for (_, _, cont), (logp, greedy) in zip(requests, scored):
-                out.append((float(logp[-len(cont):].sum()), bool(greedy[-len(cont):].all())))
-            return out
+            scored = self.scorer.score_continuations([(ctx, cont) for _, ctx, cont in requests])
+            return [(float(logp.sum()), bool(greedy.all())) for logp, greedy in scored]
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             docs = [[self.prefix_token_id] + self.tok_encode(r.args[0]) for r in requests]

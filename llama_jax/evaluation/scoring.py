@@ -1,18 +1,28 @@
 """Per-token log-likelihoods of many token sequences: the forward pass perplexity and tasks share.
 
 Sequences are grouped into batches of similar length (sorted, longest first, so an out-of-memory batch
-shows up at once), right-padded to a length bucket (powers of two, capped at the longest allowed) and
-to a fixed row count, so a whole evaluation compiles a handful of programs. Padding has segment id 0:
+shows up at once) and right-padded to a length bucket (`length_bucket`: four steps per power of two, so
+at most a quarter of a row is padding, capped at the longest allowed). A batch has as many rows as it
+has sequences, rounded up to a power of two and capped at the batch size: memory follows the work
+submitted (one 3,000-token document is one row of 3,072 positions, not `batch_size` rows of the model's
+`max_seq_len`), and a whole evaluation still compiles a handful of programs. Padding has segment id 0:
 the model's attention ignores it and its scores are dropped. The result for a sequence of n tokens is
-log p(token t | tokens < t) and whether token t is the argmax, for t = 1 .. n-1.
+log p(token t | tokens < t) and whether token t is the argmax, for t = 1 .. n-1, from logits computed
+`loss_chunk_size` positions at a time (`api.target_log_probs`): [tokens, vocab] never exists whole.
 
 The model reads only tokens 0 .. n-2 (the last token is a target, never an input), so a sequence may
 hold `max_len + 1` tokens for a `max_len`-token model input: lm-evaluation-harness's convention, under
 which a window of a model with a 2048-token context predicts 2048 tokens.
+
+Continuations of a shared context (a multiple-choice item's choices) are scored by
+`TokenScorer.score_continuations`: each distinct context runs through the model once, filling a KV
+cache, and its continuations read that cache, so a 4-choice item costs one context and four short
+continuations instead of four (context + continuation) rows.
 """
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from typing import Sequence
 
 import jax
@@ -21,28 +31,61 @@ import numpy as np
 
 from llama_jax.evaluation.loading import EvalModel
 from llama_jax.model import api
-from llama_jax.model.loss import token_nll
+from llama_jax.model.transformer import KVCache
 
 MIN_BUCKET = 16
+STEPS_PER_OCTAVE = 4  # length buckets between two powers of two: at most 1/4 of a row is padding
 
 
-def _token_scores(cfg, params, tokens, segment_ids, read=None):
+def _sequence_scores(cfg, params, tokens, segment_ids, read=None):
     """tokens [rows, width + 1]: the model reads the first `width`, each predicting the next; `read`
-    [rows, n]: the input positions whose predictions are wanted (default all)."""
-    logits, _ = api.apply(cfg, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1], logits_at=read)
+    [rows, n]: the input positions whose predictions are wanted (default all). (log p(target), target is
+    the argmax), the logits `cfg.loss_chunk_size` positions at a time, never whole (`model.loss`)."""
     targets = tokens[:, 1:] if read is None else jnp.take_along_axis(tokens, read + 1, axis=1)
-    return -token_nll(logits, targets), jnp.argmax(logits, axis=-1) == targets
+    return api.target_log_probs(cfg, params, tokens[:, :-1], targets, segment_ids=segment_ids[:, :-1],
+                                logits_at=read)
+
+
+def _continuation_scores(cfg, params, prefix, prefix_segments, owner, tokens, segment_ids):
+    """prefix [P, Wp]: each context but its last token, left-padded (segment id 0); tokens [C, Wc + 1]:
+    a context's last token then one of its continuations, right-padded; owner [C]: the prefix row each
+    continuation extends. The prefixes fill a KV cache once; each continuation row attends to its own
+    prefix's cached keys and values, then to itself."""
+    n_prefix, prefix_width = prefix.shape
+    width = tokens.shape[1] - 1
+    cache = KVCache.create(cfg, n_prefix, prefix_width + width)
+    positions = jnp.maximum(jnp.cumsum(prefix_segments, axis=1) - 1, 0)
+    no_logits = jnp.zeros((n_prefix, 1), jnp.int32)  # the prefix pass needs only its cache
+    _, cache = api.apply(cfg, params, prefix, positions=positions, segment_ids=prefix_segments, cache=cache,
+                         logits_at=no_logits)
+    cache = KVCache(cache.k[:, owner], cache.v[:, owner], cache.segment_ids[owner], cache.index)
+    start = jnp.sum(prefix_segments, axis=1)[owner]
+    positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)
+    return api.target_log_probs(cfg, params, tokens[:, :-1], tokens[:, 1:], positions=positions,
+                                segment_ids=segment_ids[:, :-1], cache=cache)
 
 
 def length_bucket(length: int, max_len: int) -> int:
-    """Smallest power of two (at least MIN_BUCKET) holding `length`, capped at `max_len`."""
+    """Smallest bucket holding `length`, capped at `max_len`: MIN_BUCKET, then STEPS_PER_OCTAVE evenly
+    spaced sizes per power of two (16, 20, 24, 28, 32, 40, 48, ...)."""
     if length > max_len:
         raise ValueError(f"a sequence of {length + 1} tokens ({length} model inputs) exceeds the maximum "
                          f"length {max_len}")
-    bucket = MIN_BUCKET
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_len)
+    octave = MIN_BUCKET
+    while octave * 2 < length:
+        octave *= 2
+    step = max(octave // STEPS_PER_OCTAVE, 1)
+    return min(max(MIN_BUCKET, -(-length // step) * step), max_len)
+
+
+def row_count(n: int, batch_rows: int, multiple: int = 1) -> int:
+    """Rows of a batch of `n` sequences: n rounded up to a power of two, at most `batch_rows`, a
+    multiple of `multiple` (the devices rows are split over)."""
+    rows = 1
+    while rows < n:
+        rows *= 2
+    rows = min(rows, batch_rows)
+    return -(-rows // multiple) * multiple
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, groups: Sequence[Sequence[int]] | None = None
@@ -70,8 +113,8 @@ def plan_batches(lengths: Sequence[int], batch_size: int, groups: Sequence[Seque
 
 
 class TokenScorer:
-    """Scores token sequences with `model` in batches of `batch_size` rows (rounded up to the mesh's
-    row multiple); a sequence holds at most `max_len + 1` tokens (`max_len` model inputs)."""
+    """Scores token sequences with `model` in batches of at most `batch_size` rows (rounded up to the
+    mesh's row multiple); a sequence holds at most `max_len + 1` tokens (`max_len` model inputs)."""
 
     def __init__(self, model: EvalModel, *, batch_size: int, max_len: int | None = None):
         self.model = model
@@ -80,37 +123,121 @@ class TokenScorer:
         if not 2 <= self.max_len <= model.cfg.max_seq_len:
             raise ValueError(f"maximum sequence length {self.max_len} must be in [2, the model's max_seq_len "
                              f"{model.cfg.max_seq_len}]")
-        self._fn = jax.jit(functools.partial(_token_scores, model.cfg), out_shardings=model.out_sharding())
+        out = model.out_sharding()
+        self._sequences = jax.jit(functools.partial(_sequence_scores, model.cfg), out_shardings=out)
+        self._continuations = jax.jit(functools.partial(_continuation_scores, model.cfg), out_shardings=out)
+
+    def _run(self, fn, *arrays):
+        """`fn` on the rows of host `arrays` (None stays None), results as numpy."""
+        with self.model.activate():
+            logp, greedy = fn(self.model.params, *(None if a is None else self.model.place_rows(a) for a in arrays))
+        return np.asarray(logp, np.float64), np.asarray(greedy)
 
     def score(self, sequences: Sequence[Sequence[int]], groups: Sequence[Sequence[int]] | None = None,
               tails: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """(log-probabilities float64 [n-1], is-argmax bool [n-1]) for each sequence of n >= 2 tokens;
         with `tails`, only the last tails[i] of each (a continuation's): the model's output layer then
-        runs on those positions alone (a power-of-two count per batch, at least MIN_BUCKET)."""
+        runs on those positions alone (a bucket's count per batch, at least MIN_BUCKET)."""
         seqs = [np.asarray(s, np.int32) for s in sequences]
         for i, s in enumerate(seqs):
             if len(s) < 2:
                 raise ValueError(f"sequence {i} has {len(s)} token(s); scoring needs at least 2")
         results: list = [None] * len(seqs)
         for batch in plan_batches([len(s) for s in seqs], self.rows, groups):
+            rows = row_count(len(batch), self.rows, self.model.row_multiple)
             width = length_bucket(max(len(seqs[i]) for i in batch) - 1, self.max_len) + 1
-            tokens = np.zeros((self.rows, width), np.int32)
-            segments = np.zeros((self.rows, width), np.int32)
+            tokens = np.zeros((rows, width), np.int32)
+            segments = np.zeros((rows, width), np.int32)
             for row, i in enumerate(batch):
                 tokens[row, :len(seqs[i])] = seqs[i]
                 segments[row, :len(seqs[i])] = 1
             read = None
             if tails is not None:
                 n = min(length_bucket(max(tails[i] for i in batch), self.max_len), width - 1)
-                ends = np.zeros(self.rows, np.int32)
+                ends = np.zeros(rows, np.int32)
                 ends[:len(batch)] = [len(seqs[i]) - 1 for i in batch]
                 read = np.maximum(ends[:, None] - n + np.arange(n, dtype=np.int32), 0)  # the last n inputs
-            with self.model.activate():
-                logp, greedy = self._fn(self.model.params, self.model.place_rows(tokens),
-                                        self.model.place_rows(segments),
-                                        None if read is None else self.model.place_rows(read))
-            logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
+            logp, greedy = self._run(self._sequences, tokens, segments, read)
             for row, i in enumerate(batch):
                 keep = slice(None, len(seqs[i]) - 1) if tails is None else slice(-tails[i], None)
                 results[i] = (logp[row, keep], greedy[row, keep])
         return results
+
+    def score_continuations(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+                            ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(log p, is-argmax) of each continuation's tokens given its context, for (context >= 1 token,
+        continuation >= 1 token) pairs. Pairs with the same context share one pass over it (module
+        docstring); a pair longer than `max_len + 1` tokens is cut on the left, as lm-eval cuts it, and
+        scored as one sequence."""
+        results: list = [None] * len(pairs)
+        by_context: dict[tuple, list[int]] = defaultdict(list)
+        too_long = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not len(ctx) or not len(cont):
+                raise ValueError(f"pair {i}: context and continuation need a token each, got {len(ctx)} and "
+                                 f"{len(cont)}")
+            if len(ctx) + len(cont) > self.max_len + 1:
+                too_long.append(i)
+            else:
+                by_context[tuple(int(t) for t in ctx)].append(i)
+        if too_long:
+            cut = [(list(pairs[i][0]) + list(pairs[i][1]))[-(self.max_len + 1):] for i in too_long]
+            tails = [min(len(pairs[i][1]), len(s) - 1) for i, s in zip(too_long, cut)]
+            for i, scored in zip(too_long, self.score(cut, tails=tails)):
+                results[i] = scored
+        for contexts, members in self._plan_shared(by_context, pairs):
+            self._score_shared(contexts, members, pairs, results)
+        return results
+
+    def _plan_shared(self, by_context: dict, pairs) -> list[tuple[list[tuple], list[list[int]]]]:
+        """Batches of (contexts, each one's pair indices): longest context first, at most `rows`
+        continuations per batch (a context with more is split over batches)."""
+        order = sorted(by_context, key=lambda c: (-len(c), c))
+        batches, contexts, members, used = [], [], [], 0
+        for ctx in order:
+            pending = by_context[ctx]
+            while pending:
+                if used == self.rows:
+                    batches.append((contexts, members))
+                    contexts, members, used = [], [], 0
+                take = pending[:self.rows - used]
+                pending = pending[len(take):]
+                contexts.append(ctx)
+                members.append(take)
+                used += len(take)
+        if contexts:
+            batches.append((contexts, members))
+        return batches
+
+    def _score_shared(self, contexts: list[tuple], members: list[list[int]], pairs, results: list) -> None:
+        n_cont = sum(len(m) for m in members)
+        prefix_rows = row_count(len(contexts), self.rows, self.model.row_multiple)
+        cont_rows = row_count(n_cont, self.rows, self.model.row_multiple)
+        prefix_width = length_bucket(max(len(c) - 1 for c in contexts), self.max_len)
+        # Continuations are short: power-of-two widths (16, 32, ...) cost little padding and keep the
+        # number of compiled programs (one per prefix bucket and width) small.
+        longest = max(len(pairs[i][1]) for m in members for i in m)
+        width = min(max(MIN_BUCKET, 1 << (longest - 1).bit_length()), self.max_len)
+        prefix = np.zeros((prefix_rows, prefix_width), np.int32)
+        prefix_segments = np.zeros_like(prefix)
+        owner = np.zeros(cont_rows, np.int32)
+        tokens = np.zeros((cont_rows, width + 1), np.int32)
+        segments = np.zeros_like(tokens)
+        row = 0
+        for p, (ctx, member) in enumerate(zip(contexts, members)):
+            if len(ctx) > 1:
+                prefix[p, prefix_width - len(ctx) + 1:] = ctx[:-1]
+                prefix_segments[p, prefix_width - len(ctx) + 1:] = 1
+            for i in member:
+                cont = pairs[i][1]
+                owner[row] = p
+                tokens[row, 0], tokens[row, 1:len(cont) + 1] = ctx[-1], cont
+                segments[row, :len(cont) + 1] = 1
+                row += 1
+        logp, greedy = self._run(self._continuations, prefix, prefix_segments, owner, tokens, segments)
+        row = 0
+        for member in members:
+            for i in member:
+                n = len(pairs[i][1])
+                results[i] = (logp[row, :n], greedy[row, :n])
+                row += 1

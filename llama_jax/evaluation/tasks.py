@@ -161,7 +161,7 @@ def encode_pair(tokenizer, context: str, continuation: str, *, bos: bool | None 
 def choice_scores(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos: bool | None = None
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per item: (log-likelihood of each choice, whether each continuation is the greedy one)."""
-    sequences, spans, groups = [], [], []
+    pairs, groups = [], []
     for item in items:
         group = []
         for context, continuation in zip(item.contexts, item.continuations):
@@ -171,17 +171,12 @@ def choice_scores(scorer: TokenScorer, tokenizer, items: Sequence[Item], *, bos:
             if len(cont) >= scorer.max_len:
                 raise ValueError(f"item {item.id}: continuation of {len(cont)} tokens does not fit the "
                                  f"maximum length {scorer.max_len}")
-            group.append(len(sequences))
-            sequences.append((ctx + cont)[-scorer.max_len:])
-            spans.append(len(cont))
+            group.append(len(pairs))
+            pairs.append((ctx, cont))
         groups.append(group)
-    scored = scorer.score(sequences, groups, tails=spans)
-    out = []
-    for group in groups:
-        lls = np.array([scored[s][0][-spans[s]:].sum() for s in group])
-        greedy = np.array([bool(scored[s][1][-spans[s]:].all()) for s in group])
-        out.append((lls, greedy))
-    return out
+    scored = scorer.score_continuations(pairs)
+    return [(np.array([scored[s][0].sum() for s in group]), np.array([bool(scored[s][1].all()) for s in group]))
+            for group in groups]
 
 
 def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:

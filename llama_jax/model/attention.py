@@ -123,17 +123,44 @@ def resolve_impl(name: str, platform: str | None = None) -> str:
     return name
 
 
+QUERY_BLOCK = 512  # queries per block of the reference on long sequences (`xla_in_query_blocks`)
+
+
+def xla_in_query_blocks(q, k, v, segment_ids=None, *, q_offset=0):
+    """The reference, QUERY_BLOCK queries at a time in a loop: only one block's [heads, QUERY_BLOCK,
+    kv_len] scores exist at once instead of [heads, q_len, kv_len] (4 heads at 8,192 tokens: 64 MB
+    instead of 1 GB per array). Each query's softmax is over the same keys as in one piece."""
+    batch, q_len, n_heads, head_dim = q.shape
+    blocks = q.reshape(batch, q_len // QUERY_BLOCK, QUERY_BLOCK, n_heads, head_dim).swapaxes(0, 1)
+    starts = q_offset + QUERY_BLOCK * jnp.arange(blocks.shape[0], dtype=jnp.int32)
+    out = jax.lax.map(lambda b: xla_attention(b[1], k, v, segment_ids, q_offset=b[0]), (starts, blocks))
+    return out.swapaxes(0, 1).reshape(q.shape)
+
+
 def attention(q, k, v, segment_ids=None, *, impl: str = "xla", q_offset: int = 0):
     """Causal (grouped-query) attention by the named implementation; see the module docstring. Under
     context parallelism (the sequence split over devices in the balanced layout) the reference runs on
     all-gathered keys and the others on whole sequences of a share of the heads
-    (`llama_jax.model.context_attention`)."""
-    if q.shape[1] != k.shape[1]:
+    (`llama_jax.model.context_attention`). Otherwise the reference runs in query blocks on sequences
+    longer than 2 blocks that divide into them (evaluation of long documents on a CPU: lm-eval's
+    rolling windows span the whole context)."""
+    q_len = q.shape[1]
+    if q_len != k.shape[1]:
         # Decoding with a KV cache: only the reference handles q_len != kv_len.
-        return xla_attention(q, k, v, segment_ids, q_offset=q_offset)
+        return _reference(q, k, v, segment_ids, q_offset)
     impl = resolve_impl(impl)
     axes = context_axes()
     if axes:
         kernel = None if impl == "xla" else IMPLEMENTATIONS[impl].load()
         return context_parallel_attention(q, k, v, segment_ids, axes, masked=masked_attention, kernel=kernel)
+    if impl == "xla":
+        return _reference(q, k, v, segment_ids, q_offset)
     return IMPLEMENTATIONS[impl].load()(q, k, v, segment_ids)
+
+
+def _reference(q, k, v, segment_ids, q_offset):
+    """xla_attention, in query blocks when the queries divide into more than two of them."""
+    q_len = q.shape[1]
+    if q_len > 2 * QUERY_BLOCK and q_len % QUERY_BLOCK == 0:
+        return xla_in_query_blocks(q, k, v, segment_ids, q_offset=q_offset)
+    return xla_attention(q, k, v, segment_ids, q_offset=q_offset)
