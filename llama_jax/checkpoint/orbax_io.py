@@ -1,16 +1,12 @@
 """Every use of orbax and TensorStore in the package: the one place that knows their APIs and internals.
 
-Written against orbax-checkpoint's range pinned in pyproject.toml (the tests run on its lower bound). Two
-parts of orbax are used beyond its stable v0 surface, both here alone:
-
-- `_RecordingManager` overrides `CheckpointManager._finalize_checkpoint`, which orbax calls once a step
-  is committed (renamed into place), in its finalize thread, before `wait_until_finished` returns: the
-  hook where a step's integrity record is written as soon as the step is durable;
-- `stored_arrays` opens a stored array with orbax's own TensorStore spec (`type_handlers`), so a host
-  reads only the chunks of its shards.
-
-Params directories are written one parameter at a time with orbax's partial saving (`ParamsItemWriter`),
-so that a conversion never holds more than one stacked parameter group.
+Written against orbax-checkpoint's range pinned in pyproject.toml (the tests run on its lower bound).
+Everything is written through one API, orbax v1 (`orbax.checkpoint.v1`): a run's steps with its
+`training.Checkpointer` (`RunManager`), params directories one parameter at a time with its partial
+saving (`ParamsItemWriter`), so that a conversion never holds more than one stacked parameter group.
+Reading uses orbax's v0 surface (metadata, restore as numpy, a read-only step listing) and, beyond it,
+`stored_arrays` opens a stored array with orbax's own TensorStore spec (`type_handlers`), so a host
+reads only the chunks of its shards.
 """
 from __future__ import annotations
 
