@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from llama_jax.checkpoint.meta import meta_path
 from llama_jax.training.loop import CheckpointsDamaged
 from test_train import compilation_cache, corpus, losses_from_jsonl, run_in_process  # noqa: F401  (fixtures)
 
@@ -20,7 +21,7 @@ DAMAGE = {
         largest_file(step / "params")),
     "zeroed params file": lambda step: (lambda f: f.write_bytes(bytes(f.stat().st_size)))(largest_file(step / "params")),
     "deleted _METADATA": lambda step: (step / "params" / "_METADATA").unlink(),
-    "corrupt meta JSON": lambda step: (step / "meta" / "metadata").write_text('{"step": 4, "data": '),
+    "corrupt meta JSON": lambda step: meta_path(step).write_text('{"step": 4, "data": '),
 }
 
 

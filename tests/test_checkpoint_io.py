@@ -80,6 +80,33 @@ def test_run_dir_loads_the_latest_complete_step(tmp_path, monkeypatch, caplog):
     assert_bit_equal(load_params("run", cfg), latest)
 
 
+def test_a_save_is_reported_done_only_once_recorded_and_a_failed_record_fails_it(tmp_path, monkeypatch):
+    """Orbax records a step from its completion callback, in another thread: `wait` returns only after the
+    record is on disk (a slow record is waited for), and a record that cannot be written is the save's
+    failure (CheckpointSaveError naming the cause), not a warning lost in orbax's thread."""
+    import time
+
+    from llama_jax.checkpoint import integrity
+    from llama_jax.checkpoint.run import CheckpointSaveError
+
+    write_record = integrity.write_record
+
+    def slow(record, *args):
+        time.sleep(1.0)
+        if record.stem == "2":
+            raise OSError(28, "No space left on device", str(record))
+        write_record(record, *args)
+
+    monkeypatch.setattr(integrity, "write_record", slow)
+    ckpts = RunCheckpoints(tmp_path, keep=10)
+    ckpts.save(1, {"w": np.ones(3)}, {"mu": np.zeros(3)}, {"step": 1})
+    ckpts.wait()
+    assert ckpts.damage(1) is None
+    ckpts.save(2, {"w": np.ones(3)}, {"mu": np.zeros(3)}, {"step": 2})
+    with pytest.raises(CheckpointSaveError, match=r"saving checkpoint step 2 in .*No space left on device"):
+        ckpts.close()
+
+
 def test_load_with_shardings_returns_placed_arrays_in_the_config_dtype(tmp_path):
     cfg = CONFIGS["mha"]
     params = random_params(cfg)

@@ -1,4 +1,4 @@
-"""The checkpoint meta reader (`checkpoints/<step>/meta/metadata`): what the training loop writes reads back
+"""The checkpoint meta reader (`checkpoints/<step>/meta/data.json`): what the training loop writes reads back
 unchanged; anything else is one CheckpointMetaError line naming the file and the field, whatever the bytes
 (hypothesis fuzz: byte mutations and structurally wrong values). A meta it accepts can be used: every
 field has the type and range the data iterator and the spike detector rely on."""
@@ -58,6 +58,17 @@ def test_a_valid_meta_reads_back_unchanged(tmp_path):
     assert read_meta(write(tmp_path, json.dumps(VALID).encode()), STEP) == VALID
     without_spikes = {k: v for k, v in VALID.items() if k != "spikes"}  # checkpoints of earlier releases
     assert read_meta(write(tmp_path, json.dumps(without_spikes).encode()), STEP) == without_spikes
+
+
+def test_a_step_saved_before_orbax_v1_reads_its_meta_from_the_v0_file_name(tmp_path):
+    """Orbax v0 named the meta file `meta/metadata`, v1 `meta/data.json`: steps of runs saved before still
+    resume; where both exist (never written so), v1's file is the one read."""
+    step_dir = tmp_path / str(STEP)
+    (step_dir / "meta").mkdir(parents=True)
+    (step_dir / "meta" / "metadata").write_text(json.dumps(VALID))
+    assert meta_path(step_dir) == step_dir / "meta" / "metadata" and read_meta(step_dir, STEP) == VALID
+    (step_dir / "meta" / "data.json").write_text(json.dumps(dict(VALID, seed=1)))
+    assert meta_path(step_dir) == step_dir / "meta" / "data.json" and read_meta(step_dir, STEP)["seed"] == 1
     lora = {**VALID, "lora_base": "runs/base"}  # a LoRA run's adapters name their base
     assert read_meta(write(tmp_path, json.dumps(lora).encode()), STEP) == lora
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from llama_jax.checkpoint.meta import meta_path
 from llama_jax.utils.config_io import ConfigError
 
 from test_train import (ROOT, child_env, losses_from_jsonl, overrides, persistent_compilation_cache, prepare,
@@ -217,7 +218,7 @@ def test_sigterm_saves_a_final_checkpoint_and_exits(corpus, cache_env, tmp_path)
     assert saved >= 3 and sorted(losses_from_jsonl(run_dir))[-1] == saved
     steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps == [saved]
-    meta = json.loads((run_dir / "checkpoints" / str(saved) / "meta" / "metadata").read_text())
+    meta = json.loads(meta_path(run_dir / "checkpoints" / str(saved)).read_text())
     assert meta["step"] == saved and meta["data"]["batch"] == saved
 
 

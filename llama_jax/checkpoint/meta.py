@@ -1,4 +1,4 @@
-"""A checkpoint's `meta` item (`checkpoints/<step>/meta/metadata`): read strictly, or not at all.
+"""A checkpoint's `meta` item (`checkpoints/<step>/meta/data.json`): read strictly, or not at all.
 
 The meta says where training stands beyond the arrays: the step, the data iterator's position and the
 spike detector's recent history and, for LoRA runs, the base checkpoint the adapters modify. A value of the wrong type here would not fail loudly: a float batch
@@ -19,7 +19,10 @@ class CheckpointMetaError(ValueError):
 
 
 def meta_path(step_dir: Path) -> Path:
-    return step_dir / "meta" / "metadata"
+    """`meta/data.json` (orbax v1's JSON file name), or `meta/metadata` in a step saved before llama_jax
+    used orbax v1 (its v0 name)."""
+    legacy = step_dir / "meta" / "metadata"
+    return legacy if legacy.is_file() and not (step_dir / "meta" / "data.json").exists() else step_dir / "meta" / "data.json"
 
 
 def _int(value: Any, field: str, minimum: int) -> int:

@@ -1,16 +1,12 @@
 """Every use of orbax and TensorStore in the package: the one place that knows their APIs and internals.
 
-Written against orbax-checkpoint's range pinned in pyproject.toml (the tests run on its lower bound). Two
-parts of orbax are used beyond its stable v0 surface, both here alone:
-
-- `_RecordingManager` overrides `CheckpointManager._finalize_checkpoint`, which orbax calls once a step
-  is committed (renamed into place), in its finalize thread, before `wait_until_finished` returns: the
-  hook where a step's integrity record is written as soon as the step is durable;
-- `stored_arrays` opens a stored array with orbax's own TensorStore spec (`type_handlers`), so a host
-  reads only the chunks of its shards.
-
-Params directories are written one parameter at a time with orbax's partial saving (`ParamsItemWriter`),
-so that a conversion never holds more than one stacked parameter group.
+Written against orbax-checkpoint's range pinned in pyproject.toml (the tests run on its lower bound).
+Everything is written through one API, orbax v1 (`orbax.checkpoint.v1`): a run's steps with its
+`training.Checkpointer` (`RunManager`), params directories one parameter at a time with its partial
+saving (`ParamsItemWriter`), so that a conversion never holds more than one stacked parameter group.
+Reading uses orbax's v0 surface (metadata, restore as numpy, a read-only step listing) and, beyond it,
+`stored_arrays` opens a stored array with orbax's own TensorStore spec (`type_handlers`), so a host
+reads only the chunks of its shards.
 """
 from __future__ import annotations
 
@@ -42,63 +38,88 @@ def without_orbax_warnings():
         logger.setLevel(level)
 
 
-class _RecordingManager(ocp.CheckpointManager):
-    """orbax's CheckpointManager that calls `on_committed(step)` as soon as a save of `step` is committed."""
-
-    def __init__(self, *args, on_committed: Callable[[int], None] | None = None, **kwargs):
-        self._on_committed = on_committed
-        super().__init__(*args, **kwargs)
-
-    def _finalize_checkpoint(self, step: int):
-        # orbax reaches here only after every write and the rename into place succeeded (a failure raises
-        # before); it then only logs errors it finds, so the step directory's presence is checked too.
-        super()._finalize_checkpoint(step)
-        if self._on_committed is not None and (Path(self.directory) / str(step)).is_dir():
-            self._on_committed(step)
-
-
 class RunManager:
-    """The (params, opt_state, meta) steps of a run's `checkpoints/` directory through orbax."""
+    """The (params, opt_state, meta) steps of a run's `checkpoints/` directory through orbax's v1
+    `training.Checkpointer` (the API that also writes params directories, `ParamsItemWriter`).
 
-    def __init__(self, directory: Path, *, keep: int | None = None, keep_period: int = 0, async_save: bool = True,
-                 read_only: bool = False, on_committed: Callable[[int], None] | None = None):
-        self._quiet = without_orbax_warnings if read_only else contextlib.nullcontext
-        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler()}
-        with self._quiet():
-            if read_only:
-                options = ocp.CheckpointManagerOptions(read_only=True)
-            else:
-                options = ocp.CheckpointManagerOptions(
-                    max_to_keep=keep, keep_period=keep_period or None, enable_async_checkpointing=async_save,
-                    cleanup_tmp_directories=True, create=True)
-            self._manager = _RecordingManager(directory, options=options, item_handlers=handlers,
-                                              on_committed=on_committed)
+    `on_committed(step)` runs as soon as the save of `step` is committed (in the background thread
+    that waits for it: `AsyncResponse.on_complete`); `wait` returns only after it has run, and raises
+    what it raised, so a step is never reported saved before it is recorded.
+    """
+
+    def __init__(self, directory: Path, *, keep: int, keep_period: int = 0, async_save: bool = True,
+                 on_committed: Callable[[int], None] | None = None):
+        from orbax.checkpoint import v1
+
+        policies = v1.training.preservation_policies
+        keeps = [policies.LatestN(keep)] + ([policies.EveryNSteps(keep_period)] if keep_period else [])
+        registry = v1.handlers.local_registry()
+        registry.add(v1.handlers.JsonHandler, checkpointable_name="meta")  # else a dict is saved as a pytree
+        self._context = v1.Context()
+        self._context.checkpointables.registry = registry
+        self._checkpointer = v1.training.Checkpointer(
+            directory, context=self._context, preservation_policy=policies.AnyPreservationPolicy(keeps),
+            cleanup_tmp_directories=True)
+        self._async = async_save
+        self._on_committed = on_committed
+        self._pending = None  # (orbax's response, event set once on_committed ran, [its exception])
 
     def steps(self) -> list[int]:
         """Every complete step, oldest first."""
-        with self._quiet():
-            return sorted(self._manager.all_steps())
+        return [c.step for c in self._checkpointer.checkpoints]
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        import threading
+
+        response = self._checkpointer.save_checkpointables_async(
+            step, {"params": params, "opt_state": opt_state, "meta": meta}, force=True)
+        recorded, failure = threading.Event(), []
+
+        def committed(_saved: bool) -> None:
+            try:
+                if self._on_committed is not None:
+                    self._on_committed(step)
+            except BaseException as e:  # noqa: BLE001  (raised again by `wait`, in the caller's thread)
+                failure.append(e)
+            finally:
+                recorded.set()
+
+        response.on_complete(committed)  # called only when the save succeeded
+        self._pending = (response, recorded, failure)
+        if not self._async:
+            self.wait()
 
     def restore(self, step: int, target_params: Any, target_opt_state: Any) -> tuple[Any, Any]:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target_params), opt_state=ocp.args.StandardRestore(target_opt_state)))
+        restored = self._checkpointer.load_checkpointables(
+            step, {"params": target_params, "opt_state": target_opt_state})
         return restored["params"], restored["opt_state"]
 
     def param_metadata(self, step: int) -> dict:
-        return self._manager.item_metadata(step)["params"]
+        return self._checkpointer.checkpointables_metadata(step).metadata["params"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            response, recorded, failure = pending
+            response.result()  # raises the save's failure
+            recorded.wait()
+            if failure:
+                raise failure[0]
+        self._checkpointer.wait()
 
     def close(self) -> None:
-        with self._quiet():
-            self._manager.close()
+        self._checkpointer.close()
+
+
+def committed_steps(directory: Path) -> list[int]:
+    """Every complete step of a run's `checkpoints/` directory, oldest first, looked at read-only
+    (nothing created or cleaned up, no barrier between processes)."""
+    with without_orbax_warnings():
+        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        try:
+            return sorted(manager.all_steps())
+        finally:
+            manager.close()
 
 
 def stored_param_metadata(item: Path) -> dict[tuple[str, ...], object]:
@@ -163,9 +184,10 @@ class ParamsItemWriter:
         from orbax.checkpoint.experimental.v1 import partial
 
         array = jax.device_put(value, jax.devices("cpu")[0], may_alias=True)
-        saving = v1.options.ArrayOptions.Saving
-        storage = saving.StorageOptions(shard_axes=self._shard_axes[path])
-        with v1.Context(array_options=v1.options.ArrayOptions(saving=saving(storage_options=storage))):
+        context = v1.Context()
+        context.array.saving.storage_options = v1.options.ArrayOptions.Saving.StorageOptions(
+            shard_axes=self._shard_axes[path])
+        with context:
             partial.save(self._partial, unflatten({path: array}))
 
     def finish(self) -> None:

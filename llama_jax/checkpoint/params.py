@@ -56,9 +56,7 @@ def verified_params_item(path: str | os.PathLike) -> Path:
             raise CheckpointDamaged(f"{path}: damaged: {problem}")
         return path / PARAMS_DIR
     if is_run_dir(path):
-        manager = orbax_io.RunManager(path / RUN_CHECKPOINT_DIR, read_only=True)
-        steps = manager.steps()
-        manager.close()
+        steps = orbax_io.committed_steps(path / RUN_CHECKPOINT_DIR)
         if not steps:
             raise FileNotFoundError(f"{path / RUN_CHECKPOINT_DIR}: no complete checkpoint step")
         passed = []

@@ -1,4 +1,4 @@
-"""A training run's checkpoints: orbax CheckpointManager under `RUN/checkpoints/`, one step per directory.
+"""A training run's checkpoints: orbax v1's training Checkpointer under `RUN/checkpoints/`, one step per directory.
 
 Each step directory holds three items: `params` (the model's pure dict), `opt_state` (optax state, same
 tree as the parameters it mirrors) and `meta` (JSON: step, data-iterator state, seed, spike detector;
@@ -16,7 +16,8 @@ shapes from the metadata alone, so the caller can compare them with the config b
 read or compiled.
 
 Damage after the fact (a truncated, zeroed or deleted file) is what orbax cannot see: as soon as orbax has
-committed a step (in its finalize thread, before `wait` returns and before the next save starts),
+committed a step (in the background thread that waits for the save, before `wait` returns and before
+the next save starts),
 process 0 records every file's size and CRC-32 in `RUN/checkpoint_integrity/<step>.json`
 (`llama_jax.checkpoint.integrity`). `damage(step)` compares the files with that record (one line naming
 the first file that differs, or saying the step has no record: a job killed between orbax's commit and
@@ -112,7 +113,7 @@ class RunCheckpoints:
             raise self._failed from e
 
     def _committed(self, step: int) -> None:
-        """Record `step`'s files, which orbax has just committed (called in orbax's finalize thread)."""
+        """Record `step`'s files, which orbax has just committed (called in the thread waiting for the save)."""
         if jax.process_index() != 0:
             return
         integrity.write_record(self.record(step), self.directory / str(step))
