@@ -21,9 +21,6 @@ import orbax.checkpoint as ocp
 
 from llama_jax.utils.trees import flatten, unflatten
 
-RUN_ITEMS = ("params", "opt_state", "meta")
-
-
 @contextlib.contextmanager
 def without_orbax_warnings():
     """Silence absl's WARNING lines while reading: orbax logs four for every read-only look at a run
