@@ -66,7 +66,7 @@ def test_perplexity_tasks_and_harness_follow_the_tokenizer(tmp_path, stdlib_toke
     import transformers
     from flax import nnx
 
-    from llama_jax.convert.orbax_dirs import save_params
+    from llama_jax.checkpoint.params import save_params
     from llama_jax.evaluation.harness import lm_class
     from llama_jax.evaluation.loading import place_model
     from llama_jax.evaluation.perplexity import evaluate_perplexity

@@ -69,7 +69,7 @@ def encode_source(src: SourceConfig, template: ChatTemplate, seq_len: int) -> Ch
             if src.skip_bad_lines:
                 log.warning("skipped %s: %s", where, e)
                 continue
-            raise RecordError(f"{where}: chat_template {template.name}: {e}") from None
+            raise RecordError(f"{where}: {e}") from None  # e names the template
         example, mask = example[:seq_len + 1], mask[:seq_len + 1]
         if not mask[1:].any():
             too_long += 1
