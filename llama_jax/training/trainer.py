@@ -38,10 +38,9 @@ from llama_jax.parallel.rules import rules_for
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.initial_state import initial_state, lora_base, restore_newest_intact
 from llama_jax.training.metrics import MetricsLog, Progress, Window, format_values
-from llama_jax.training.optimizer import lr_schedule, make_optimizer
+from llama_jax.training.step import lr_schedule, make_optimizer, jit_eval_step, jit_train_step, train_state_shardings
 from llama_jax.training.profiling import StepProfiler
 from llama_jax.training.spikes import Spike, SpikeDetector, describe_spike
-from llama_jax.training.step import jit_eval_step, jit_train_step, train_state_shardings
 from llama_jax.training.task_eval import TaskEval
 from llama_jax.training.validation import Evaluator, final_validation
 from llama_jax.utils.config_io import to_dict
