@@ -218,7 +218,7 @@ class Trainer:
         cfg, step = self.cfg, self.step_number + 1
         self.profiler.step_starting(step)
         batch, self.data_position = self.upcoming
-        self.state, metrics = self.step_fn(self.state, batch)  # dispatched: the devices work while the host fetches
+        self.state, metrics = self.step_fn(self.state, batch)  # dispatched: the devices work, the host fetches
         self.upcoming = self._next_batch() if step < cfg.last_step else None
         metrics = jax.device_get(metrics)
         self.profiler.step_finished(step)
@@ -240,10 +240,10 @@ class Trainer:
             return
         self.ckpts.wait()
         good = self.ckpts.latest_step()
+        last_good = f"step {good} in {self.ckpts.directory}" if good is not None else "none"
         raise TrainingDiverged(
             f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; stopping. The last good "
-            f"checkpoint is {'step ' + str(good) + ' in ' + str(self.ckpts.directory) if good is not None else 'none'} "
-            f"(lower optimizer.peak_lr or check the data, then restart to resume from it)")
+            f"checkpoint is {last_good} (lower optimizer.peak_lr or check the data, then restart to resume from it)")
 
     def _report(self, step: int, metrics: dict, loss: float, grad_norm: float) -> None:
         """Record the step's loss; every `log_every` steps and at the last, a metrics record and a line."""
@@ -290,8 +290,9 @@ class Trainer:
         if cfg.data.is_chat:
             self.progress.message(f"validation ({v['tokens']:,} answer tokens): loss {v['loss']:.4f}")
         else:
-            self.progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f} | "
-                                  f"{v['bits_per_byte']:.4f} bits/byte | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
+            self.progress.message(f"validation ({v['bytes']:,} bytes, {v['tokens']:,} tokens): loss {v['loss']:.4f}"
+                                  f" | {v['bits_per_byte']:.4f} bits/byte"
+                                  f" | gzip -9: {v['gzip9_bits_per_byte']:.4f} bits/byte")
 
     def save(self, step: int) -> None:
         """Checkpoint `step` (asynchronously) with the data position after its batch, unless already saved."""
@@ -309,10 +310,11 @@ class Trainer:
         self.ckpts.wait()
         self._check_can_roll_back(spike)
         for bad in [s for s in self.ckpts.steps() if s >= spike.first_step]:
-            self.say(f"checkpoint step {bad} was saved during the spike; moved to {self.ckpts.set_aside(bad, 'spike')}")
+            aside = self.ckpts.set_aside(bad, "spike")
+            self.say(f"checkpoint step {bad} was saved during the spike; moved to {aside}")
         self.state, meta = restore_newest_intact(self.cfg, self.ckpts, self.shardings, self.optimizer, self.say)
         good = int(meta["step"])
-        skipped = [meta["data"]["batch"], self.data_position["batch"] - 1]  # data_position: after the spike's last batch
+        skipped = [meta["data"]["batch"], self.data_position["batch"] - 1]  # position: after the spike's last batch
         self.data.set_state(self.data_position)
         self.spikes.set_state(meta.get("spikes", {"recent": [], "streak": []}))
         self.rollbacks.append(spike)
@@ -335,11 +337,10 @@ class Trainer:
         limit = self.cfg.spikes.max_rollbacks
         if len(self.rollbacks) < limit and any(s < spike.first_step for s in self.ckpts.steps()):
             return
-        raise TrainingDiverged(
-            f"step {spike.step}: {describe_spike(spike, self.cfg.spikes)}, and "
-            + (f"spikes.max_rollbacks={limit} rollbacks were already made" if self.rollbacks
-               else f"no checkpoint from before step {spike.first_step} is left in {self.ckpts.directory} to roll back to")
-            + "; stopping (lower optimizer.peak_lr or check the data)")
+        why = (f"spikes.max_rollbacks={limit} rollbacks were already made" if self.rollbacks else
+               f"no checkpoint from before step {spike.first_step} is left in {self.ckpts.directory} to roll back to")
+        raise TrainingDiverged(f"step {spike.step}: {describe_spike(spike, self.cfg.spikes)}, and {why}; stopping "
+                               f"(lower optimizer.peak_lr or check the data)")
 
     def close(self) -> None:
         """Stop the profiler, give SIGTERM back, close the progress bar, metrics log and checkpoint manager."""
