@@ -14,8 +14,9 @@ Face directory (converted in memory, nothing written); its own tokenizer is used
 field --text-field), `tfds:NAME` (split --split, prepared in --data-dir) or `builtin:validation`.
 The model runs on a mesh over all devices of all processes (--fsdp/--tensor/--strategy: the training
 config's mesh section) in --dtype bfloat16 (default) or float32 (or bf16, fp32); results are printed as
-JSON by process 0. Every option is also a `key=value` setting, as in training (`batch_size=4 mesh.fsdp=2`). Generated code runs only in a bubblewrap container (docs/evaluation.md);
-where bwrap cannot run, code tasks are refused unless --unsafe-run-generated-code.
+JSON by process 0. Every option is also a `key=value` setting, as in training (`batch_size=4 mesh.fsdp=2`).
+Generated code runs only in a bubblewrap container (docs/evaluation.md); where bwrap cannot run, code
+tasks are refused unless --unsafe-run-generated-code.
 Exit status: 0 done, 2 bad input or configuration.
 """
 from __future__ import annotations

@@ -27,7 +27,8 @@ from llama_jax.cli.flags import add_flag
 from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict
 
 # Flags of nested sections whose name is not the field's own (`--distributed off` sets distributed.mode).
-SECTION_FLAGS = {"mesh.data": "--data-parallel", "mesh.context": "--context-parallel", "distributed.mode": "--distributed"}
+SECTION_FLAGS = {"mesh.data": "--data-parallel", "mesh.context": "--context-parallel",
+                 "distributed.mode": "--distributed"}
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 OVERRIDES_HELP = ("Every option is also a key=value setting, applied after the flags (values are YAML): the flag's "
                   "name with underscores (--batch-size 4: batch_size=4) or the key its help names (mesh.fsdp=2).")

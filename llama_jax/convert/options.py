@@ -52,9 +52,9 @@ class ConvertOptions:
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
 
     def __post_init__(self):
-        check_choices(self)
         if self.dtype is not None:
-            object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
+            object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))  # stored canonical
+        check_choices(self)
         if isinstance(self.max_shard_size, str):
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
 

@@ -43,8 +43,8 @@ class LoadOptions:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        check_choices(self)
         object.__setattr__(self, "dtype", compute_dtype(self.dtype))  # stored canonical
+        check_choices(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,16 +61,6 @@ class CodeOptions:
         return Limits(timeout_s=self.code_timeout, cpu_s=max(1, int(self.code_timeout)))
 
 
-def check_window_flags(context_len: int | None, stride: int | None, batch_size: int) -> None:
-    """--context-len, --stride and --batch-size as the window schemes need them (0 is not "the
-    default": it is refused like any other impossible value)."""
-    for flag, value, least in (("--context-len", context_len, 2), ("--stride", stride, 1), ("--batch-size", batch_size, 1)):
-        if value is not None and value < least:
-            raise ConfigError(f"{flag} must be >= {least}, got {value}")
-    if stride is not None and context_len is not None and stride >= context_len:
-        raise ConfigError(f"--stride must be below --context-len ({context_len}), got {stride}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class PerplexityOptions(LoadOptions):
     data: list[str] = field(metadata={"help": "documents: a text file, directory or glob, a .jsonl file, "
@@ -85,8 +75,15 @@ class PerplexityOptions(LoadOptions):
     output: str | None = _opt(None, "also write the results to this JSON file")
 
     def __post_init__(self):
+        """The window settings as the window schemes need them (0 is not "the default": it is refused
+        like any other impossible value)."""
         super().__post_init__()
-        check_window_flags(self.context_len, self.stride, self.batch_size)
+        for flag, value, least in (("--context-len", self.context_len, 2), ("--stride", self.stride, 1),
+                                   ("--batch-size", self.batch_size, 1)):
+            if value is not None and value < least:
+                raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        if self.stride is not None and self.context_len is not None and self.stride >= self.context_len:
+            raise ConfigError(f"--stride must be below --context-len ({self.context_len}), got {self.stride}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -196,7 +196,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
         return key.split("."), _parse_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date that does not exist (`2021-02-30`)
         raise ConfigError(f"override {text!r}: invalid YAML value: {yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"override {text[:80]!r}...: invalid YAML value: nested too deeply") from None
