@@ -70,7 +70,7 @@ def _value_type(tp: Any):
 def _help(key: str, f: dataclasses.Field, flag: str, shown_default: bool = True) -> str:
     """The field's help, its default where that says something, and its key where the flag's name is not it."""
     text = f.metadata.get("help", "")
-    if shown_default and not _required(f) and f.default not in (None, dataclasses.MISSING) and "default" not in text:
+    if shown_default and not _required(f) and f.default not in (None, "", dataclasses.MISSING) and "default" not in text:
         text += f" (default: {f.default})"
     if flag.removeprefix("--no-").removeprefix("--").replace("-", "_") != key:
         text += f" (key: {key})"
@@ -94,10 +94,12 @@ def add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             add_flag(parser, switch, action="store_false" if f.default else "store_true", **common,
                      help=_help(key, f, switch, False))
         elif typing.get_origin(tp) is list:
-            add_flag(parser, flag, action="append", **common, help=_help(key, f, flag, False) + " (repeatable)")
+            add_flag(parser, flag, action="append", metavar=f.name.upper(), **common,
+                     help=_help(key, f, flag, False) + " (repeatable)")
         else:
-            add_flag(parser, flag, type=_value_type(tp), choices=f.metadata.get("choices"), **common,
-                     help=_help(key, f, flag))
+            choices = f.metadata.get("choices")
+            add_flag(parser, flag, type=_value_type(tp), choices=choices, metavar=None if choices else f.name.upper(),
+                     **common, help=_help(key, f, flag))
 
 
 def options_from(cls: type, given: dict[str, Any], overrides: list[str]):

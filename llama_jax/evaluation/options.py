@@ -151,8 +151,8 @@ class GenerateOptions(LoadOptions):
     ignore_eos: bool = _opt(False, "always generate max_new_tokens")
     chat: str | None = _opt(None, "each prompt is a user turn in this chat template (as in fine-tuning); stops at "
                                   "its end-of-turn token", choices=TEMPLATE_CHOICES)
-    system: str = _opt("", "with chat: a system prompt before each prompt")
-    chat_date: str | None = _opt(None, "with chat: the date the template writes (LLaMA 3.1's 'Today Date'; "
+    system: str = _opt("", "with --chat: a system prompt before each prompt")
+    chat_date: str | None = _opt(None, "with --chat: the date the template writes (LLaMA 3.1's 'Today Date'; "
                                        "default: the template's)")
 
     def __post_init__(self):
