@@ -24,6 +24,7 @@ from pathlib import Path
 
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.api import param_count
+from llama_jax.training.tensorboard_events import ScalarEventWriter
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -61,7 +62,7 @@ class MetricsLog:
             kept = [line for line, record in read_records(path, self._say) if record["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._file = path.open("a")
-        self._writer = _summary_writer_class()(str(self._run_dir / "tensorboard"), purge_step=resume_step + 1)
+        self._writer = ScalarEventWriter(self._run_dir / "tensorboard", purge_step=resume_step + 1)
 
     def rewind(self, step: int) -> None:
         """Forget the records after `step` (training was rolled back to it), as a resume from it would."""
@@ -121,23 +122,6 @@ def read_records(path: Path, say) -> list[tuple[str, dict]]:
         raise MetricsFileError(f"{path}:{number}: not a metrics record ({problem}; expected a JSON object with "
                                f"an integer step): fix or delete that line")
     return records
-
-
-def _summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without importing torch. tensorboardX imports torch whenever
-    it is installed, only to accept torch tensors (we pass floats): 2-3 s at every training start. A None
-    entry in sys.modules makes its `import torch` fail as if torch were absent, which it handles; the entry
-    is removed at once, so a later `import torch` works. Once torch is loaded (a Meta checkpoint was read),
-    nothing is saved and the plain import is used."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
 
 
 def format_values(values: dict) -> str:
