@@ -5,6 +5,7 @@ LlamaForCausalLM."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -87,6 +88,12 @@ def log_probs(cfg: ModelConfig, params) -> np.ndarray:
     return np.asarray(api.target_log_probs(cfg, params, TOKENS[:, :-1], TOKENS[:, 1:])[0])
 
 
+@functools.cache
+def base_weights_and_log_probs():
+    params = api.init_params(BASE, seed=1)
+    return params, log_probs(BASE, params)
+
+
 @pytest.mark.parametrize("name", [n for n in FIELDS if n not in SHAPE_FIELDS])
 def test_execution_fields_are_exactly_those_that_keep_the_weights_and_the_function(name):
     """An execution field leaves the initial weights bit for bit and the log-probabilities up to the
@@ -95,10 +102,10 @@ def test_execution_fields_are_exactly_those_that_keep_the_weights_and_the_functi
     rope_theta's, measured 0.31)."""
     cfg = BASE.replace(**{name: OTHER[name]})
     atol = 1e-5 if cfg.dtype == "float32" else 0.1
-    base_params, params = api.init_params(BASE, seed=1), api.init_params(cfg, seed=1)
+    base_params, expected = base_weights_and_log_probs()
+    params = api.init_params(cfg, seed=1)
     same_weights = all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in
                        zip(jax.tree.leaves(base_params), jax.tree.leaves(params)))
-    expected = log_probs(BASE, base_params)
     same_function = np.allclose(log_probs(cfg, base_params), expected, rtol=0, atol=atol)
     assert (same_weights and same_function) == (name in EXECUTION_FIELDS), (
         f"{name}: same weights {same_weights}, same function {same_function}")
