@@ -2,7 +2,7 @@
 
 Each run is `train.py`'s own jitted step (`bench/train.py`'s `Ours`: `jit_train_step`, AdamW, clipping) on
 random tokens, timed over `--steps` steps after one compiling step and two warm-up steps; MFU is
-`flops_per_token` (6·N + attention, PaLM's accounting, as `train.py` logs it) against `job_peak` (the
+`ModelConfig.flops_per_token` (6·N + attention, PaLM's accounting, as `train.py` logs it) against `job_peak` (the
 datasheet's bf16 peak for the device). Both attention paths: `auto` (our Pallas kernel) and `cudnn`.
 
 Why a grid and a budget: the best remat policy and batch at these sizes were never measured, and one
@@ -29,7 +29,6 @@ import numpy as np
 
 from llama_jax.model.config import load_model_config
 from llama_jax.parallel.rules import rules_for
-from llama_jax.training.metrics import flops_per_token
 from llama_jax.training.optimizer import make_optimizer
 from llama_jax.training.peak import job_peak
 from llama_jax.training.plan import activation_bytes, state_bytes_per_device
@@ -76,7 +75,7 @@ def run(cfg, seq: int, batch: int, steps: int) -> dict:
     tokens_per_s = batch * seq / step_s
     peak = job_peak(jax.devices()[0], 1, cfg.dtype)
     return {"step_s": step_s, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
-            "mfu": peak.mfu(flops_per_token(cfg, seq) * tokens_per_s)}
+            "mfu": peak.mfu(cfg.flops_per_token(seq) * tokens_per_s)}
 
 
 def format_row(case: tuple[str, int], impl: str, policy: str, batch: int, result: dict) -> str:
