@@ -16,6 +16,7 @@ most likely tokens whose probability reaches top_p); temperature 0 is greedy dec
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -30,6 +31,7 @@ from llama_jax.evaluation.scoring import length_bucket
 from llama_jax.model import api
 from llama_jax.model.transformer import KVCache, unstack_layers
 
+log = logging.getLogger(__name__)
 CHECK_EVERY = 16  # tokens decoded between two checks of the callers' stop conditions
 
 
@@ -83,8 +85,10 @@ def _next_token(logits, key, temperature, *, greedy: bool, top_k: int, top_p: fl
 
 def _model(cfg, params):
     """The model on layers unrolled over weights sliced once, before any loop: inside a loop XLA:CPU
-    would otherwise copy every weight (and, without one cache array per layer, the cache) every token."""
-    cfg = cfg.replace(scan_layers=False)
+    would otherwise copy every weight (and, without one cache array per layer, the cache) every token.
+    Its attention is the `xla` reference: queries attend over the KV cache (q_len != kv_len), which only
+    the reference supports (`Generator` says so when the config names another)."""
+    cfg = cfg.replace(scan_layers=False, attention_impl="xla")
     return cfg, functools.partial(api.apply, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
 
 
@@ -158,6 +162,9 @@ class Generator:
         self.pad_id = pad_id if pad_id is not None else (tok.pad_id if tok is not None else 0)
         if not sampling.stop_at_eos:
             self.eos_id = -1
+        if model.cfg.attention_impl != "xla":
+            log.warning("generate: decoding attends over the KV cache with the xla reference attention, not "
+                        "the configured %s (it needs queries and keys of equal length)", model.cfg.attention_impl)
         self.compiled: dict[tuple[int, int], object] = {}
         static = dict(max_new=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
                       top_p=sampling.top_p, eos_id=self.eos_id, pad_id=self.pad_id)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_jax.model.attention import ATTENTION_IMPL_NAMES
+from llama_jax.model.attention import check_impl_name
 from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, load_yaml
 from llama_jax.utils.dtypes import CONFIG_NAMES, numpy_dtype
 
@@ -111,8 +111,7 @@ class ModelConfig:
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in CONFIG_NAMES:
                 raise ConfigError(f"{key}={getattr(self, key)!r}; expected one of {sorted(CONFIG_NAMES)}")
-        if self.attention_impl not in ATTENTION_IMPL_NAMES:
-            raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPL_NAMES}")
+        check_impl_name(self.attention_impl)
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
 

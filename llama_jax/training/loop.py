@@ -34,7 +34,7 @@ import yaml
 
 from llama_jax.convert.sharded_read import read_sharded
 from llama_jax.model import api
-from llama_jax.model.attention import resolve_impl
+from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import EXECUTION_FIELDS
 from llama_jax.model.lora import adapter_shapes, init_adapters
 from llama_jax.utils.trees import flatten
@@ -45,6 +45,7 @@ from llama_jax.parallel.distributed import initialize
 from llama_jax.training.metrics import MetricsLog, Progress, format_values
 from llama_jax.training.peak import job_peak
 from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
+from llama_jax.parallel.platform import platform_of
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.profiling import StepProfiler
 from llama_jax.training.run_lock import RunLock
@@ -323,7 +324,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResult:
     check_same_model(run_dir, cfg)
-    resolve_impl(cfg.model.attention_impl)  # `cudnn` on a CPU fails here, before any data or compiling
+    # `cudnn` on a CPU fails here, before any data or compiling (the step builders resolve for their mesh)
+    resolve_attention(cfg.model, platform_of(None), seq_len=cfg.seq_len)
     task_eval = TaskEval.prepare(cfg)  # bad tasks fail here, before anything compiles
     clock = time.perf_counter()
     tokenizer = load_run_tokenizer(cfg)
