@@ -97,7 +97,8 @@ def _prefill(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int
     cfg, model = _model(cfg, params)
     cache = KVCache.create(cfg, batch, prompt_len + max_new, per_layer=True)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)  # only the last position's logits are read
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, logits_at=last)
     first = pick(logits[:, -1], jax.random.fold_in(key, 0))
     out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first)
     done = (first == eos_id) if eos_id >= 0 else jnp.zeros((batch,), bool)
