@@ -1,14 +1,15 @@
 """Text generation with a KV cache: batched prompts of different lengths, the decode loop in one jit.
 
-Prompts are left-padded to a common length, a length bucket (`scoring.length_bucket`: at least 16,
-four sizes per power of two) so that few programs compile (padding has segment id 0, positions count
-real tokens only), prefilled in one forward pass that fills the cache, then decoded one token per step
-inside a `lax.while_loop`. The whole loop is one compiled program: no per-token dispatch, and bf16 weights are
-not re-converted on every token. A row stops at EOS (later slots hold the pad id); the loop stops when
-every row has stopped or `max_new_tokens` are out. Stop strings (lm-eval's `until`) are text, not
-tokens: with a stop condition the same loop runs `CHECK_EVERY` tokens at a time (prefill and advance as
-two programs, the state passed between them), the host marks the rows whose text holds a stop string
-as done, and generation ends as soon as all are; the tokens are those of one uninterrupted run.
+Prompts are left-padded to a common length, a length bucket (`scoring.length_bucket`: at least 16, four
+sizes per power of two) so that few programs compile (padding has segment id 0, positions count real
+tokens only), prefilled in one forward pass that fills the cache (the output layer on the last position
+alone), then decoded one token per step inside a `lax.while_loop`. The whole loop is one compiled
+program: no per-token dispatch, and bf16 weights are not re-converted on every token. A row stops at EOS
+(later slots hold the pad id); the loop stops when every row has stopped or `max_new_tokens` are out.
+Stop strings (lm-eval's `until`) are text, not tokens: with a stop condition the same loop runs
+`CHECK_EVERY` tokens at a time (prefill and advance as two programs, the state passed between them), the
+host marks the rows whose text holds a stop string as done, and generation ends as soon as all are; the
+tokens are those of one uninterrupted run.
 
 Sampling follows Hugging Face's order: temperature, then top-k, then top-p (nucleus: keep the fewest
 most likely tokens whose probability reaches top_p); temperature 0 is greedy decoding (argmax).
@@ -101,7 +102,8 @@ def _prefill(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int
     cfg, model = _model(cfg, params)
     cache = KVCache.create(cfg, batch, prompt_len + max_new, per_layer=True)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)  # only the last position's logits are read
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, logits_at=last)
     first = pick(logits[:, -1], jax.random.fold_in(key, 0))
     out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first)
     done = (first == eos_id) if eos_id >= 0 else jnp.zeros((batch,), bool)
