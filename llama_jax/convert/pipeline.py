@@ -27,8 +27,6 @@ from llama_jax.utils.extras import require
 from llama_jax.utils.files import atomic_directory
 
 READERS = {"meta": MetaReader, "hf": HFReader, "orbax": OrbaxReader}
-# What a --preset must agree on with the source: the shapes the weights fix.
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "head_dim")
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -58,11 +56,11 @@ def open_reader(path: str | os.PathLike, fmt: str | None = None, preset: str | N
         require("torch", "reading a Meta checkpoint (.pth)")
     base = load_model_config(preset) if preset else ModelConfig()
     reader = READERS[fmt](path, base)
-    if preset:
-        for field in SHAPE_FIELDS:
-            if getattr(base, field) != getattr(reader.cfg, field):
-                raise ConvertError(f"--preset {preset} has {field}={getattr(base, field)}, but {path} has "
-                                   f"{getattr(reader.cfg, field)}")
+    if preset:  # the sizes the weights fix must agree; a tied head is the source's to say (Meta's files hold one)
+        found = reader.cfg.weight_sizes()
+        for size, value in base.weight_sizes().items():
+            if value != found[size]:
+                raise ConvertError(f"--preset {preset} has {size}={value}, but {path} has {found[size]}")
     return reader
 
 

@@ -18,9 +18,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.model import api
+from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import ModelConfig
 from llama_jax.parallel.logical import Rules
 from llama_jax.parallel.mesh import MeshConfig, activate, batch_sharding, make_mesh, replicated
+from llama_jax.parallel.platform import platform_of
 from llama_jax.parallel.rules import axis_product, rules_for
 from llama_jax.utils import dtypes
 from llama_jax.utils.trees import flatten
@@ -30,13 +32,18 @@ EVAL_DTYPES = ("bfloat16", "float32")  # evaluation computes in these (any spell
 
 @dataclass(frozen=True)
 class EvalModel:
-    """Config, weights (pure dict of arrays), tokenizer and, when sharded, the mesh and rules."""
+    """Config, weights (pure dict of arrays), tokenizer and, when sharded, the mesh and rules. Every
+    evaluation program is built from it, so its config's attention implementation is resolved here, once,
+    for the mesh's platform and sequences up to max_seq_len (`model.attention.resolve_attention`)."""
 
     cfg: ModelConfig
     params: Any
     tokenizer: Any = None
     mesh: Mesh | None = None
     rules: Rules = field(default=())
+
+    def __post_init__(self):
+        object.__setattr__(self, "cfg", resolve_attention(self.cfg, platform_of(self.mesh), training=False))
 
     @property
     def row_multiple(self) -> int:

@@ -175,13 +175,9 @@ def activate(mesh: Mesh | AbstractMesh, rules: Rules):
     An `AbstractMesh` (devices that need not exist, `parallel.platform.abstract_mesh`) is for lowering
     only: programs traced under it can be exported for its platform, not run here.
     """
-    previous = logical.active_rules()
-    logical.set_rules(rules)
-    try:
-        with (jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else jax.set_mesh(mesh)):
-            yield
-    finally:
-        logical.set_rules(previous)
+    with logical.use_rules(rules), (jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh)
+                                    else jax.set_mesh(mesh)):
+        yield
 
 
 def under(mesh: Mesh, rules: Rules, fn: Callable) -> Callable:

@@ -34,16 +34,18 @@ import yaml
 
 from llama_jax.convert.sharded_read import read_sharded
 from llama_jax.model import api
-from llama_jax.model.attention import resolve_impl
+from llama_jax.model.attention import resolve_attention
+from llama_jax.model.config import EXECUTION_FIELDS
 from llama_jax.model.lora import adapter_shapes, init_adapters
 from llama_jax.utils.trees import flatten
 from llama_jax.checkpoint.integrity import CheckpointDamaged
 from llama_jax.checkpoint.run import RunCheckpoints, abstract_with_shardings
 from llama_jax.utils.config_io import ConfigError, to_dict
 from llama_jax.parallel.distributed import initialize
-from llama_jax.training.metrics import MetricsLog, Progress, flops_per_token, format_values
+from llama_jax.training.metrics import MetricsLog, Progress, format_values
 from llama_jax.training.peak import job_peak
 from llama_jax.parallel.mesh import activate, make_global_batch, make_mesh
+from llama_jax.parallel.platform import platform_of
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.profiling import StepProfiler
 from llama_jax.training.run_lock import RunLock
@@ -83,10 +85,6 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     except OSError as e:
         raise ConfigError(f"run_dir {run_dir} is not writable: {e.strerror or e}") from None
     return run_dir
-
-
-# Model fields that only change how the same model is computed; a run may resume with other values.
-EXECUTION_FIELDS = ("dtype", "attention_impl", "scan_layers", "remat", "max_seq_len")
 
 
 def check_same_model(run_dir: Path, cfg: TrainConfig) -> None:
@@ -171,7 +169,7 @@ class _Window:
     def __init__(self, cfg: TrainConfig):
         self._tokens_per_step = cfg.global_batch_size * cfg.seq_len
         self._peak = job_peak(jax.devices()[0], jax.device_count(), cfg.model.dtype, cfg.peak_flops_per_device)
-        self._flops_per_token = flops_per_token(cfg.model, cfg.seq_len)
+        self._flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
         self._losses, self._start, self._steps = [], None, 0
 
     def add(self, loss: float) -> bool:
@@ -326,7 +324,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, main: bool, say) -> TrainResult:
     check_same_model(run_dir, cfg)
-    resolve_impl(cfg.model.attention_impl)  # `cudnn` on a CPU fails here, before any data or compiling
+    # `cudnn` on a CPU fails here, before any data or compiling (the step builders resolve for their mesh)
+    resolve_attention(cfg.model, platform_of(None), seq_len=cfg.seq_len)
     task_eval = TaskEval.prepare(cfg)  # bad tasks fail here, before anything compiles
     clock = time.perf_counter()
     tokenizer = load_run_tokenizer(cfg)
