@@ -17,8 +17,6 @@ from llama_jax.model.params import TensorMap, tensor_maps
 from llama_jax.utils import dtypes
 
 FORMATS = ("meta", "hf", "orbax")
-# Command-line spellings -> numpy dtype. Only these are accepted anywhere.
-DTYPES = {flag: dtypes.numpy_dtype(flag) for flag in dtypes.FLAG_NAMES}
 
 
 class ConvertError(ValueError):

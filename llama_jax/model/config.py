@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llama_jax.model.attention import check_impl_name
 from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, load_yaml
-from llama_jax.utils.dtypes import CONFIG_NAMES, numpy_dtype
+from llama_jax.utils.dtypes import canonical, numpy_dtype
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
@@ -108,9 +108,8 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{key} must be a finite number > 0, got {value}")
-        for key in ("param_dtype", "dtype"):
-            if getattr(self, key) not in CONFIG_NAMES:
-                raise ConfigError(f"{key}={getattr(self, key)!r}; expected one of {sorted(CONFIG_NAMES)}")
+        for key in ("param_dtype", "dtype"):  # any spelling of utils.dtypes, stored canonical
+            object.__setattr__(self, key, canonical(getattr(self, key), key))
         check_impl_name(self.attention_impl)
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
