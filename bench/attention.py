@@ -16,7 +16,7 @@ linearly in T per sequence stays flat down the table; the reference's T x T scor
 First, on a GPU, `attention_impl: cudnn` (through the registry) is checked against the `xla` reference
 (forward and backward, bf16, GQA, causal; `check` lines, exit 1 on a failure, the table still follows).
 On a CPU (no GPU): correctness only, small shapes in interpret mode, both Pallas kernels vs `xla`, and
-`cudnn` refused by the dispatch.
+`cudnn` refused by the choice of an implementation (`resolve_attention`, as every program builder asks it).
 
     python bench/attention.py [--seq-lens 1024,2048,4096,8192,16384] [--markdown bench/RESULTS.md]
                               [--sweep 4096]
@@ -40,7 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llama_jax.model.attention import attention, cudnn_attention, xla_attention  # noqa: E402
+from llama_jax.model.attention import (AttentionCase, attention, choose_impl, cudnn_attention,  # noqa: E402
+                                       xla_attention)
 from llama_jax.utils.config_io import ConfigError  # noqa: E402
 from llama_jax.kernels import flash_attention_gpu, flash_attention_tpu  # noqa: E402
 from quiet import monitor  # noqa: E402
@@ -204,11 +205,11 @@ def cpu_check() -> int:
             print(f"check {name} segments={segments is not None}: max abs error (out, dq, dk, dv) {err:.2e} "
                   f"{'ok' if ok else 'FAILED (> 2e-5)'}")
     try:
-        attention(q, k, v, impl="cudnn")
-        print("check cudnn dispatch on cpu: FAILED (ran instead of refusing)")
+        choose_impl("cudnn", AttentionCase("cpu", "bfloat16", q.shape[-1], q.shape[1]))
+        print("check cudnn choice on cpu: FAILED (chosen instead of refused)")
         failures += 1
     except ConfigError as e:
-        print(f"check cudnn dispatch on cpu: refused, ok ({e})")
+        print(f"check cudnn choice on cpu: refused, ok ({e})")
     print("no GPU here: timings, TFLOP/s and memory are open until this runs on one")
     return 1 if failures else 0
 

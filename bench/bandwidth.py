@@ -32,7 +32,6 @@ from llama_jax.evaluation.generate import Generator, SamplingConfig
 from llama_jax.evaluation.loading import place_model
 from llama_jax.model import api
 from llama_jax.model.config import load_model_config
-from llama_jax.training.metrics import flops_per_token
 from llama_jax.utils.host_memory import tune_host_allocator
 from timer import best_seconds, check, jax_runner, machine_line
 from quiet import monitor  # noqa: E402
@@ -62,8 +61,8 @@ def streams(mb: float, reps: int) -> dict[str, dict[str, float]]:
 
 
 def matrix_bytes(cfg) -> float:
-    """fp32 bytes of the weight matrices one decoded token reads: 6·N_matmul FLOPs at sequence length 0."""
-    return 4 * flops_per_token(cfg, 0) / 6
+    """fp32 bytes of the weight matrices one decoded token reads."""
+    return 4 * cfg.matmul_params
 
 
 def decode_rate(cfg, new: int, reps: int) -> float:

@@ -49,8 +49,9 @@ def generate_hf(directory: Path, cfg) -> int:
     import ml_dtypes
     import numpy as np
 
-    from llama_jax.convert.common import our_shape, tensor_items
+    from llama_jax.convert.common import tensor_items
     from llama_jax.convert.hf import HFWriter
+    from llama_jax.model.params import our_shape
 
     directory.mkdir(parents=True)
     writer = HFWriter(directory, cfg, np.dtype(ml_dtypes.bfloat16))

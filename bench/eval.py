@@ -106,7 +106,7 @@ def hf_checkpoint(root: Path, max_length: int) -> Path:
 
     from llama_jax.data.tokenizer import builtin_tokenizer
     from llama_jax.model.config import load_model_config
-    from llama_jax.model.params import hf_config_dict
+    from llama_jax.model.external_config import hf_config_dict
 
     cfg = load_model_config("tiny", ["dtype=float32", "attention_impl=xla", f"max_seq_len={max_length}"])
     torch.manual_seed(0)

@@ -33,7 +33,8 @@ from llama_jax.model.config import load_model_config  # noqa: E402
 from llama_jax.evaluation.generate import Generator, SamplingConfig  # noqa: E402
 from llama_jax.evaluation.loading import place_model  # noqa: E402
 from llama_jax.utils.host_memory import tune_host_allocator  # noqa: E402
-from llama_jax.model.params import hf_config_dict, params_from_torch  # noqa: E402
+from llama_jax.model.external_config import hf_config_dict  # noqa: E402
+from llama_jax.model.params import params_from_torch  # noqa: E402
 from quiet import monitor  # noqa: E402
 
 PRESETS = {"S": "tiny", "M": "small"}  # anything else is a model preset's own name

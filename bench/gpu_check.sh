@@ -12,7 +12,7 @@
 #              GQA 32/8, causal, T 1024 and 333; `check` lines), then ours vs cuDNN vs xla, T = 1k..16k,
 #              32/8 heads, head_dim 128, bf16, fwd and fwd+bwd, with the ratio to cuDNN and xla per T
 #   train      bench/train_gpu.py: training MFU, LLaMA 3.2-1B (full vocab) at seq 2048 and 8192, 3B at
-#              2048, attention auto vs cudnn, remat policies and batches as its budget allows
+#              2048, attention pallas_gpu vs cudnn, remat policies and batches as its budget allows
 #   decode     bench/generate.py: greedy decoding of LLaMA 3.2-1B (random weights), batch 1 and 32,
 #              prompt 128, 256 new tokens, llama_jax bf16 vs transformers' generate bf16 on the same GPU
 #

@@ -27,7 +27,7 @@ loss) against torch fp32 weights under `torch.autocast(bfloat16)`.
 MFU is `train.py`'s own (`llama_jax.training.peak.job_peak`): on a CPU against the best 2048² matmul
 rate measured in this process, re-measured when an MFU would exceed 1 and never below a rate the step
 itself reached, so it is at most 100% (a peak measured while the machine was busy once gave 104-112%);
-FLOPs per token from `llama_jax.training.metrics.flops_per_token` (6·N + 12·L·d·T). The machine's load
+FLOPs per token from `ModelConfig.flops_per_token` (6·N + 12·L·d·T). The machine's load
 before and after and the verdict (quiet, or loaded: ratio not valid) are printed by `bench/quiet.py`.
 
     python bench/train.py                      # configs S and M, fp32 and bf16
@@ -52,7 +52,6 @@ from llama_jax.training.step import (OptimizerConfig, create_train_state, jit_tr
                                      lr_schedule, make_optimizer)
 from llama_jax.model.config import ModelConfig  # noqa: E402
 from llama_jax.utils.host_memory import tune_host_allocator, wanted_tunables  # noqa: E402
-from llama_jax.training.metrics import flops_per_token  # noqa: E402
 from llama_jax.training.peak import Peak, job_peak  # noqa: E402
 from quiet import monitor  # noqa: E402
 
@@ -183,7 +182,7 @@ def compare(name: str, precision: str, args, peak: Peak) -> None:
         conn.send("stop")
         process.join()
     median = {label: statistics.median(r) for label, r in rates.items()}
-    mfu = peak.mfu(flops_per_token(model_config(shape, precision, args.scan_layers), shape["seq"]) * median["ours"])
+    mfu = peak.mfu(model_config(shape, precision, args.scan_layers).flops_per_token(shape["seq"]) * median["ours"])
     print(f"{name} {precision}: ours {median['ours']:,.0f} tokens/s ({peak.key} {mfu:.1%} of "
           f"{peak.per_device / 1e9:.0f} GFLOP/s, "
           f"first step {workers['ours'][2]:.1f} s) | "

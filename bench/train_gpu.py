@@ -2,8 +2,9 @@
 
 Each run is `train.py`'s own jitted step (`bench/train.py`'s `Ours`: `jit_train_step`, AdamW, clipping) on
 random tokens, timed over `--steps` steps after one compiling step and two warm-up steps; MFU is
-`flops_per_token` (6·N + attention, PaLM's accounting, as `train.py` logs it) against `job_peak` (the
-datasheet's bf16 peak for the device). Both attention paths: `auto` (our Pallas kernel) and `cudnn`.
+`ModelConfig.flops_per_token` (6·N + attention, PaLM's accounting, as `train.py` logs it) against `job_peak` (the
+datasheet's bf16 peak for the device). Both attention paths: our Pallas kernel (`pallas_gpu`) and `cudnn`;
+the MFU goal is for the one `attention_impl: auto` runs at that case (`llama_jax.model.attention.AUTO`).
 
 Why a grid and a budget: the best remat policy and batch at these sizes were never measured, and one
 compile of a full-size model costs tens of seconds of a 15-minute device lease. So for each remat policy
@@ -27,9 +28,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import load_model_config
 from llama_jax.parallel.rules import rules_for
-from llama_jax.training.metrics import flops_per_token
 from llama_jax.training.step import make_optimizer
 from llama_jax.training.peak import job_peak
 from llama_jax.training.plan import activation_bytes, state_bytes_per_device
@@ -44,10 +45,16 @@ OPT, TOTAL_STEPS, Ours = bench_train.OPT, bench_train.TOTAL_STEPS, bench_train.O
 CASES = (("llama3.2-1b", 2048), ("llama3.2-1b", 8192), ("llama3.2-3b", 2048))
 SMOKE_CASES = (("tiny", 64),)
 POLICIES = ("save_matmuls", "none", "full")  # the presets' own policy first
-IMPLS = ("auto", "cudnn")
-MFU_GOAL = 0.5  # issue 22, for `auto` at every case
+IMPLS = ("pallas_gpu", "cudnn")
+MFU_GOAL = 0.5  # issue 22, for what `auto` runs at every case
 HEADER = ("| model | seq | attention | remat | batch | step s | tokens/s | MFU | compile s |\n"
           "|---|---|---|---|---|---|---|---|---|")
+
+
+def auto_runs(model: str, seq: int) -> str:
+    """The implementation `attention_impl: auto` runs on a GPU for this case (bf16, random packed tokens)."""
+    return resolve_attention(load_model_config(model, ["attention_impl=auto", "dtype=bfloat16"]), "gpu",
+                             seq_len=seq).attention_impl
 
 
 def fitting_batch(cfg, seq: int, memory: float, max_tokens: int) -> int:
@@ -76,7 +83,7 @@ def run(cfg, seq: int, batch: int, steps: int) -> dict:
     tokens_per_s = batch * seq / step_s
     peak = job_peak(jax.devices()[0], 1, cfg.dtype)
     return {"step_s": step_s, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
-            "mfu": peak.mfu(flops_per_token(cfg, seq) * tokens_per_s)}
+            "mfu": peak.mfu(cfg.flops_per_token(seq) * tokens_per_s)}
 
 
 def format_row(case: tuple[str, int], impl: str, policy: str, batch: int, result: dict) -> str:
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
     emit("\nBest per case and attention path:\n")
     for (case, impl), (result, policy, batch) in best.items():
         met = "met" if result["mfu"] >= MFU_GOAL else "NOT met"
-        goal = f"; goal >= {MFU_GOAL:.0%}: {met}" if impl == "auto" else ""
+        goal = f"; goal >= {MFU_GOAL:.0%} (auto): {met}" if impl == auto_runs(*case) else ""
         emit(f"    best {case[0]} seq {case[1]} {impl}: MFU {result['mfu']:.1%} ({result['tokens_per_s']:,.0f} "
              f"tokens/s) with remat={policy}, batch {batch}{goal}")
     return 0 if best else 1

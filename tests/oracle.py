@@ -9,7 +9,8 @@ import transformers
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.api import build
 from llama_jax.model.api import load_into
-from llama_jax.model.params import hf_config_dict, params_from_torch
+from llama_jax.model.external_config import hf_config_dict
+from llama_jax.model.params import params_from_torch
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0) -> transformers.LlamaForCausalLM:

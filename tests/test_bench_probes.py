@@ -81,10 +81,29 @@ def test_the_verdict_counts_only_other_processes_against_half_the_cores(monkeypa
     assert verdict(16, load_before=7.9, others_before=7.9, others_during=7.9) == "quiet"
 
 
+# Runs a bench as its own program, with the CPU peak measurement made to report what a busy machine
+# gives: far less than the train step itself reaches (1 MFLOP/s).
+BUSY_PEAK = """import runpy, sys
+import llama_jax.training.peak as peak
+peak.measured_matmul_peak = lambda dtype, n=2048, reps=7: 1e6
+sys.path.insert(0, {bench!r})
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_train_bench_mfu_is_at_most_one():
-    """bench/train.py's MFU uses training's peak logic: re-measured and never below the step's own rate."""
-    out = _bench("train.py", "--smoke", timeout=600)
-    mfus = [float(m) for m in re.findall(r"mfu_cpu_measured ([0-9.]+)% of", out)]
+def test_train_bench_mfu_is_at_most_one_when_the_peak_was_measured_on_a_busy_machine(tmp_path):
+    """bench/train.py's MFU uses training's peak logic: a peak measured while the machine was busy (below
+    the step's own rate) is re-measured and never left below that rate, so the printed MFU is at most 100%
+    (a bench that divides by its one measurement prints far above)."""
+    script = tmp_path / "busy_peak.py"
+    script.write_text(BUSY_PEAK.format(bench=str(ROOT / "bench"), script=str(ROOT / "bench" / "train.py")))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    mfus = [float(m.replace(",", "")) for m in re.findall(r"(?:mfu_cpu_measured|MFU) ([0-9.,]+)% of", out)]
     assert mfus and all(0 < m <= 100.0 for m in mfus), out
     assert re.search(r"^load: (quiet|loaded: ratio not valid) \(", out, re.MULTILINE), out

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import strategies as st
 
 from fuzzing import JSON_VALUES, fast_and_slow
-from llama_jax.checkpoint.meta import CheckpointMetaError, meta_path, read_meta
+from llama_jax.checkpoint.run import CheckpointMetaError, meta_path, read_meta
 from llama_jax.training.spikes import SpikeConfig, SpikeDetector
 
 STEP = 40

@@ -16,9 +16,8 @@ from llama_jax.checkpoint.params import load_params, save_params
 from llama_jax.model.config import ModelConfig
 from llama_jax.convert import convert, read_checkpoint
 from llama_jax.cli.convert import main
-from llama_jax.convert.common import our_shape
 from llama_jax.utils.trees import flatten
-from llama_jax.model.params import params_from_torch, tensor_maps
+from llama_jax.model.params import our_shape, params_from_torch, tensor_maps
 from llama_jax.model.api import apply
 from oracle import hf_logits, hf_model
 
@@ -306,30 +305,29 @@ PUBLISHED_PARAMS = {
 @pytest.mark.parametrize("preset", PUBLISHED_PARAMS)
 def test_published_params_json_matches_our_presets_both_ways(preset):
     from llama_jax.model.config import load_model_config
-    from llama_jax.convert.meta import config_fields_from_params, params_from_config
+    from llama_jax.model.external_config import meta_params_dict, meta_params_fields
 
     published = PUBLISHED_PARAMS[preset]
     ours = load_model_config(preset)
-    fields = config_fields_from_params(published, "params.json")
+    fields = meta_params_fields(published, "params.json")
     if fields["vocab_size"] == -1:
         fields["vocab_size"] = ours.vocab_size  # taken from the weights when reading a checkpoint
     imported = ours.replace(**fields)
     for name in ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps", "rope_theta", "rope_scaling"):
         assert getattr(imported, name) == getattr(ours, name), name
-    exported = params_from_config(ours)
+    exported = meta_params_dict(ours)
     assert {k: v for k, v in exported.items() if k != "vocab_size"} == {
         **{k: v for k, v in published.items() if k != "vocab_size"}, "rope_theta": ours.rope_theta}
 
 
 def test_params_json_refuses_rope_scaling_meta_cannot_express():
     from llama_jax.model.config import RopeScaling
-    from llama_jax.convert.common import ConvertError
-    from llama_jax.convert.meta import params_from_config
+    from llama_jax.model.external_config import meta_params_dict
 
     cfg = CONFIGS["gqa"].replace(rope_scaling=RopeScaling(factor=32.0))
-    assert params_from_config(cfg)["rope_scaling_factor"] == 32.0  # LLaMA 3.2's factor: expressible
-    with pytest.raises(ConvertError, match="low_freq_factor=1, high_freq_factor=4"):
-        params_from_config(cfg.replace(rope_scaling=RopeScaling(low_freq_factor=2.0)))
+    assert meta_params_dict(cfg)["rope_scaling_factor"] == 32.0  # LLaMA 3.2's factor: expressible
+    with pytest.raises(ValueError, match="low_freq_factor=1, high_freq_factor=4"):
+        meta_params_dict(cfg.replace(rope_scaling=RopeScaling(low_freq_factor=2.0)))
 
 
 @pytest.mark.parametrize("src,dst", [("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32")])

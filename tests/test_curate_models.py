@@ -27,6 +27,19 @@ def test_lid176_keeps_english_and_drops_other_languages(english_pages):
     assert _kept(french, [NON_ENGLISH_PAGES["fr"], NON_ENGLISH_PAGES["de"]]) == [True, False]
 
 
+def test_loading_a_fasttext_model_prints_nothing_and_leaves_fasttext_as_it_was(capfd):
+    """No note on the terminal, and no attribute of the fasttext library replaced or added to silence one."""
+    import fasttext
+
+    from llama_jax.curate.models import lid176_path, load_fasttext
+
+    before = dict(vars(fasttext.FastText)), dict(vars(fasttext))
+    labels, _ = load_fasttext(lid176_path()).predict("The cat sat on the mat and looked out of the window.")
+    assert labels == ("__label__en",)
+    assert (dict(vars(fasttext.FastText)), dict(vars(fasttext))) == before
+    assert capfd.readouterr() == ("", "")
+
+
 def test_fasttext_filter_names_a_missing_label(curate_models):
     from llama_jax.curate.blocks.classify import LocalFastTextFilter
 

@@ -17,7 +17,7 @@ from llama_jax.evaluation import tasks as tasks_mod
 from llama_jax.evaluation.generate import Generator, SamplingConfig, _next_token, warp_logits
 from llama_jax.evaluation.loading import place_model
 from llama_jax.evaluation.perplexity import evaluate_perplexity, rolling_windows, strided_windows, token_logprobs
-from llama_jax.evaluation.scoring import TokenScorer, plan_batches
+from llama_jax.evaluation.scoring import TokenScorer, pack_pieces, plan_batches
 from llama_jax.evaluation.catalog import load_tasks
 from llama_jax.evaluation.suite import load_task_file
 from llama_jax.evaluation.tasks import Item, encode_pair, evaluate_task, multiple_choice_metrics
@@ -77,6 +77,27 @@ def test_token_logprobs_and_greedy_flags_match_transformers(hf, scorer):
         assert logp.shape == (len(seq) - 1,)
         np.testing.assert_allclose(logp, ref, atol=TOL, rtol=0)
         np.testing.assert_array_equal(greedy, argmax == seq[1:])
+
+
+def test_continuations_of_shared_contexts_match_transformers(hf, model):
+    """Each continuation's log-probabilities given its context, against transformers on the whole
+    (context + continuation): contexts shared by several continuations, continuations of 1 to 30 tokens
+    packed two to a row (each next to another context's), a one-token context, several batches."""
+    rng = np.random.default_rng(5)
+    contexts = [rng.integers(0, VOCAB, n) for n in (1, 9, 30, 17)]
+    pairs = [(contexts[k], rng.integers(0, VOCAB, n))
+             for k, n in ((1, 1), (2, 3), (2, 30), (0, 7), (3, 12), (1, 1), (3, 20), (0, 5), (1, 9), (2, 2), (3, 16))]
+    scorer = TokenScorer(model, batch_size=2)  # at most 2 contexts and 2 continuation rows per batch
+    for (ctx, cont), (logp, greedy) in zip(pairs, scorer.score_continuations(pairs)):
+        ref, argmax = hf_token_logprobs(hf, np.concatenate([ctx, cont]))
+        assert logp.shape == (len(cont),)
+        np.testing.assert_allclose(logp, ref[-len(cont):], atol=TOL, rtol=0)
+        np.testing.assert_array_equal(greedy, argmax[-len(cont):] == cont)
+
+
+def test_pieces_pack_first_fit_longest_first():
+    assert pack_pieces([5, 12, 3, 9, 16, 1], width=16, slots=2) == [[4], [1, 2], [3, 0], [5]]
+    assert pack_pieces([4, 4, 4], width=16, slots=1) == [[0], [1], [2]]
 
 
 def test_batches_keep_groups_together_and_sort_by_length():

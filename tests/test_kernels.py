@@ -12,7 +12,6 @@ its own accelerator. bench/gpu_check.sh runs the GPU cases of this file on a rea
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from llama_jax.model.attention import IMPLEMENTATIONS, attention, resolve_impl, xla_attention
+from llama_jax.model.attention import IMPLEMENTATIONS, attention, xla_attention
 from llama_jax.kernels import common, flash_attention_gpu, flash_attention_tpu, gpu_flash, tpu_flash
 
 FLASH = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
@@ -243,42 +242,6 @@ def test_visited_pairs_formula():
 
 
 # ------------------------------------------------------------------------------------ integration
-
-
-def test_auto_picks_the_backends_implementation():
-    best = {"cpu": "xla", "gpu": "pallas_gpu", "tpu": "pallas_tpu"}
-    assert resolve_impl("auto") == best[jax.default_backend()]
-    for platform, impl in best.items():  # what a program lowered for another platform gets
-        assert resolve_impl("auto", platform) == impl
-    assert IMPLEMENTATIONS["xla"].stores_scores and not IMPLEMENTATIONS["pallas_gpu"].stores_scores
-
-
-def test_cudnn_runs_only_where_the_program_targets_a_gpu():
-    """`cudnn` stays `cudnn` for a GPU (named, or the devices of an abstract H100 mesh), and anywhere else
-    (this CPU host, an abstract TPU mesh, plan's platform=cpu) it is one ConfigError naming the platform,
-    not jax's "cuDNN is not detected" from inside the first compile. `auto` never picks it."""
-    from llama_jax.parallel.platform import abstract_mesh
-    from llama_jax.utils.config_io import ConfigError
-
-    assert resolve_impl("cudnn", "gpu") == resolve_impl("cudnn", "cuda") == "cudnn"
-    assert "cudnn" not in {resolve_impl("auto", p) for p in ("cpu", "gpu", "cuda", "tpu")}
-    refusal = "attention_impl='cudnn' runs only on an NVIDIA GPU, but this program targets {}: use auto or xla"
-    for platform in ("cpu", "tpu"):
-        with pytest.raises(ConfigError, match=f"^{re.escape(refusal.format(platform))}$"):
-            resolve_impl("cudnn", platform)
-    with pytest.raises(ConfigError, match=re.escape(refusal.format(jax.default_backend()))):
-        resolve_impl("cudnn")  # no mesh: the host's backend
-    for kind, platform in (("NVIDIA H100 80GB HBM3", "gpu"), ("TPU v5 lite", "tpu")):
-        with jax.sharding.use_abstract_mesh(abstract_mesh({"fsdp": 2}, kind)):
-            assert resolve_impl("auto") == {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}[platform]
-            if platform == "gpu":
-                assert resolve_impl("cudnn") == "cudnn"
-            else:
-                with pytest.raises(ConfigError, match=re.escape(refusal.format("tpu"))):
-                    resolve_impl("cudnn")
-    q = jnp.zeros((1, 8, 4, 16), jnp.float32)
-    with pytest.raises(ConfigError, match=re.escape(refusal.format("cpu"))):
-        attention(q, q[:, :, :2], q[:, :, :2], impl="cudnn")  # the model's call site, on this CPU
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])

@@ -46,10 +46,10 @@ from jax import export
 
 from llama_jax.kernels import flash_attention_gpu, flash_attention_tpu
 from llama_jax.model import api, cpu_fast_paths
-from llama_jax.model.attention import resolve_impl
+from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import ModelConfig
 from llama_jax.parallel.mesh import activate
-from llama_jax.parallel.platform import abstract_mesh
+from llama_jax.parallel.platform import abstract_mesh, platform_of
 from llama_jax.parallel.rules import rules_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,8 @@ KERNEL = {"tpu": flash_attention_tpu, "cuda": flash_attention_gpu}
 CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 SUFFIX = {"tpu": "tpu", "cuda": "gpu"}
 CUSTOM_CALL = re.compile(r"custom_call @([\w$.]+)")
+# cuDNN's fused attention with a mask (the segment ids), forward and backward: what `auto` runs on an H100.
+CUDNN_FORWARD, CUDNN_BACKWARD = "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"
 
 MESHES = {  # name: (axis sizes, rules preset)
     "fsdp=8": (dict(fsdp=8), "fsdp"),
@@ -71,6 +73,8 @@ MESHES = {  # name: (axis sizes, rules preset)
 CONTEXT_MESHES = {"context=2xfsdp=2xtensor=2": (dict(fsdp=2, context=2, tensor=2), "fsdp+tp")}
 MODEL = ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=512,
                     max_seq_len=256, dtype="bfloat16", attention_impl="auto")
+# Our kernels by name: on a GPU `auto` is cuDNN (test_auto_for_an_h100_lowers_to_cudnns_attention).
+KERNEL_MODEL = {"tpu": MODEL, "cuda": MODEL.replace(attention_impl="pallas_gpu")}
 ROWS, LENGTH = 8, 256
 
 
@@ -142,10 +146,9 @@ def test_control_an_interpreted_kernel_holds_no_kernel_call():
 
 
 def test_auto_follows_the_mesh_devices_not_the_host():
-    assert resolve_impl("auto") == "xla"  # this CPU host, no mesh
-    for kind, impl in (("TPU v6 lite", "pallas_tpu"), (H100, "pallas_gpu")):
-        with jax.sharding.use_abstract_mesh(abstract_mesh({}, kind)):
-            assert resolve_impl("auto") == impl
+    assert resolve_attention(MODEL, platform_of(None)).attention_impl == "xla"  # this CPU host, no mesh
+    for kind, impl in (("TPU v6 lite", "pallas_tpu"), (H100, "cudnn")):
+        assert resolve_attention(MODEL, platform_of(abstract_mesh({}, kind))).attention_impl == impl
 
 
 # ---------------------------------------------------------------------------- the model's jitted programs
@@ -233,10 +236,11 @@ def model_cases() -> list:
             if kind in FULL_KINDS or mesh == "data=2xfsdp=2xtensor=2"]
 
 
-def lowered_train_step(kind: str, mesh_name: str, model: ModelConfig = MODEL) -> str:
+def lowered_train_step(kind: str, mesh_name: str, model: ModelConfig | None = None) -> str:
     from llama_jax.training.step import OptimizerConfig, make_optimizer, init_train_state, jit_train_step
 
     shape, strategy = {**MESHES, **CONTEXT_MESHES}[mesh_name]
+    model = model or KERNEL_MODEL[PLATFORM[kind]]
     optimizer = make_optimizer(OptimizerConfig(), total_steps=10)
     state = jax.eval_shape(lambda: init_train_state(api.init_params(model), optimizer))
     mesh, rules = abstract_mesh(shape, kind), rules_for(strategy)
@@ -292,7 +296,7 @@ def test_eval_forward_lowers_with_the_forward_kernel_only(kind):
 
     shape, strategy = MESHES["data=2xfsdp=2xtensor=2"]
     mesh, rules = abstract_mesh(shape, kind), rules_for(strategy)
-    step = jit_eval_step(MODEL, mesh, rules)
+    step = jit_eval_step(KERNEL_MODEL[PLATFORM[kind]], mesh, rules)
     with activate(mesh, rules):
         text = export.export(step.__wrapped__, platforms=[PLATFORM[kind]], disabled_checks=[
             export.DisabledSafetyCheck.custom_call(CALL[PLATFORM[kind]])])(api.param_shapes(MODEL), batch_args()
@@ -317,6 +321,31 @@ def test_decode_loop_lowers_as_one_while_loop_on_the_reference_attention(kind):
     text = lower(decode, (api.param_shapes(MODEL), tokens, tokens), kind, shape, rules)
     assert not CUSTOM_CALL.findall(text)
     assert text.count("stablehlo.while") >= 1 and "sdy.sharding_constraint" in text
+
+
+def test_auto_for_an_h100_lowers_to_cudnns_attention(monkeypatch):
+    """`attention_impl: auto` resolved for an H100 mesh (bf16, head_dim 64, segment ids): the training
+    loss's gradient exported for CUDA holds cuDNN's fused attention, forward and backward, and none of
+    our Triton kernels; control: `auto` resolved for this CPU host holds no call. Exported without a mesh: jax
+    0.11.2 cannot lower cuDNN's custom-partitioned call under an abstract mesh at all ("AbstractMesh cannot
+    be used when jaxpr contains primitives that require devices"). jax asks the host's cuDNN library for
+    its version while tracing, only to write it into the call's config; this CPU host has none, so the
+    test answers what the GPU image's cuDNN 9.19 would (bench/RESULTS.md, "Attention")."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from llama_jax.training.step import batch_nll
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91900)
+
+    def calls(platform: str) -> set[str]:
+        cfg = resolve_attention(MODEL, platform, seq_len=LENGTH)
+        grad = jax.jit(jax.grad(lambda params, batch: batch_nll(cfg, params, batch)[0]))
+        checks = [export.DisabledSafetyCheck.custom_call(c) for c in (CUDNN_FORWARD, CUDNN_BACKWARD, CALL["cuda"])]
+        text = export.export(grad, platforms=["cuda"], disabled_checks=checks)(api.param_shapes(MODEL), batch_args())
+        return set(CUSTOM_CALL.findall(text.mlir_module()))
+
+    assert calls(platform_of(abstract_mesh({"fsdp": 8}, H100))) == {CUDNN_FORWARD, CUDNN_BACKWARD}
+    assert calls(platform_of(None)) == set()
 
 
 # --------------------------------------------------------- collectives, after XLA's SPMD partitioner (CPU)

@@ -1,5 +1,5 @@
-"""FLOPs per token against a hand count; the MFU's peak: datasheet figures by device kind, a CPU's measured
-robustly, and an MFU that never exceeds 1."""
+"""The MFU's peak: datasheet figures by device kind, a CPU's measured robustly, and an MFU that never
+exceeds 1 (FLOPs per token are the model's: `test_model_facts`)."""
 from __future__ import annotations
 
 import json
@@ -12,19 +12,8 @@ import pytest
 from hypothesis import strategies as st
 
 from fuzzing import fast_and_slow
-from llama_jax.model.config import ModelConfig
-from llama_jax.training.metrics import MetricsFileError, MetricsLog, flops_per_token, read_records
+from llama_jax.training.metrics import MetricsFileError, MetricsLog, read_records
 from llama_jax.training.peak import Peak, datasheet_peak, job_peak
-
-
-def test_flops_per_token_counts_every_matmul_parameter_and_attention():
-    cfg = ModelConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=96,
-                      max_seq_len=32, tie_embeddings=False)
-    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96  # wq, wo; wk, wv (2 kv heads × 16); w1, w2, w3
-    matmul_params = 2 * per_layer + 64 * 100  # + output projection; the embedding lookup is not a matmul
-    assert flops_per_token(cfg, 32) == 6 * matmul_params + 12 * 2 * 64 * 32
-    tied = cfg.replace(tie_embeddings=True)  # the shared table is counted once, as the projection
-    assert flops_per_token(tied, 32) == 6 * matmul_params + 12 * 2 * 64 * 32
 
 
 # `jax.Device.device_kind` as each part reports it -> the vendor's dense bf16 TFLOP/s (datasheets).
@@ -85,30 +74,35 @@ def test_cpu_peak_is_the_best_of_several_runs_and_agrees_with_numpy():
     assert numpy_rate / 4 < peak.per_device < numpy_rate * 4, (peak.per_device, numpy_rate)
 
 
-def test_the_metrics_log_opens_tensorboard_without_importing_torch(tmp_path):
+def test_the_metrics_log_opens_tensorboard_without_importing_torch_or_changing_the_process(tmp_path):
     """tensorboardX imports torch whenever it is installed (2-3 s at every training start); the metrics log
-    keeps it out, its events still hold the values, and torch imports normally afterwards (fresh process:
-    this one has torch loaded already)."""
+    writes its events without it, and leaves the process as it found it: torch imports normally afterwards,
+    and so does tensorboardX, seeing torch (fresh process: this one has torch loaded already). The events
+    (read with tensorboardX's protos and checksum, `read_events`) hold the values, after the file version
+    and a SessionLog START at the step the run goes on from (TensorBoard's purge of later steps)."""
     import subprocess
     import sys
+
+    from test_train import read_events
 
     program = ("import sys\n"
                "from pathlib import Path\n"
                "from llama_jax.training.metrics import MetricsLog\n"
-               f"log = MetricsLog(Path({str(tmp_path)!r}), enabled=True, resume_step=0)\n"
-               "log.write(1, 'train', {'loss': 2.5}); log.close()\n"
-               "assert 'torch' not in sys.modules\n"
+               f"log = MetricsLog(Path({str(tmp_path)!r}), enabled=True, resume_step=6)\n"
+               "log.write(7, 'train', {'loss': 2.5, 'tokens': 4096, 'note': 'x', 'nan': float('nan')}); log.close()\n"
+               "assert 'torch' not in sys.modules and 'tensorboardX' not in sys.modules\n"
                "import torch; torch.zeros(1)\n"
-               "from tensorboardX.proto.event_pb2 import Event\n"
-               "import struct\n"
-               "(events,) = Path(sys.argv[1], 'tensorboard').iterdir()\n"
-               "data, values = events.read_bytes(), []\n"
-               "while data:\n"
-               "    (n,) = struct.unpack('<Q', data[:8]); event = Event.FromString(data[12:12 + n]); data = data[16 + n:]\n"
-               "    values += [(v.tag, v.simple_value) for v in event.summary.value]\n"
-               "assert values == [('train/loss', 2.5)], values\n")
-    child = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True, timeout=120)
+               "import tensorboardX.writer\n"
+               "assert tensorboardX.writer.numpy_compatible is torch.Tensor, tensorboardX.writer.numpy_compatible\n")
+    child = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr[-3000:]
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    version, start, *scalars = read_events(events)
+    assert (version.file_version, version.step) == ("brain.Event:2", 7)
+    assert (start.session_log.status, start.step) == (start.session_log.START, 7)
+    assert [(e.step, [(v.tag, v.simple_value) for v in e.summary.value]) for e in scalars] == [
+        (7, [("train/loss", 2.5)]), (7, [("train/tokens", 4096.0)])]
+    assert all(abs(e.wall_time - events.stat().st_mtime) < 60 for e in [version, start, *scalars])
 
 
 def test_a_cpu_peak_is_measured_once_per_process_and_keeps_the_best(monkeypatch):

@@ -49,7 +49,6 @@ def worker(spec: dict) -> dict:
     `kill` = {before_batch, once_saved, record}, the process SIGKILLs itself when asked for that global
     batch, once the file `once_saved` exists (a step's integrity record: its save is complete), after
     writing what it yielded to `record`.<process_id>."""
-    sys.modules["torch"] = None  # tensorboardX imports torch when it can (seconds a process); training never needs it
     import jax
     jax.config.update("jax_num_cpu_devices", spec["devices"])
     from llama_jax.data.pipeline import TrainIterator

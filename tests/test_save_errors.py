@@ -8,6 +8,10 @@ disk does to them), and a real write failure of tensorstore's array files from a
 """
 from __future__ import annotations
 
+import logging
+import sys
+import warnings
+
 import pytest
 
 from test_train import (compilation_cache, corpus, losses_from_jsonl, overrides, run_in_process,  # noqa: F401
@@ -42,7 +46,7 @@ else:
     checkpoints.RunCheckpoints.save = save_with_a_file_size_limit
 sys.argv = ["train.py", *sys.argv[1:]]
 import train
-sys.exit(train.main(sys.argv[1:]))
+sys.exit(train.run())  # what `python train.py` runs
 """
 
 CAUSES = {"enospc": "[Errno 28] No space left on device: ", "fsize": "File too large"}
@@ -53,7 +57,8 @@ SETTINGS = {"steps": 6, "checkpoint_every": 2, "final_eval": "false"}
 
 def fail_at_step_4(corpus, cache_dir, run_dir, inject, *flags):  # noqa: F811
     return run_python(FAIL_SAVE_OF_STEP_4, *overrides(corpus, run_dir, **SETTINGS), *flags, timeout=300,
-                      env_extra={"INJECT": inject, "JAX_COMPILATION_CACHE_DIR": cache_dir})
+                      env_extra={"INJECT": inject, "JAX_COMPILATION_CACHE_DIR": cache_dir,
+                                 "LLAMA_JAX_MALLOC_TUNING": "0"})  # one interpreter start, not two
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +90,24 @@ def test_debug_shows_the_tracebacks_and_the_same_line(corpus, compilation_cache,
     assert child.returncode == 2
     assert "Traceback (most recent call last):" in child.stderr and "OSError: [Errno 28]" in child.stderr
     assert any(line.startswith("error: saving checkpoint step 4 in ") for line in child.stderr.splitlines())
+
+
+def test_main_leaves_stderr_excepthook_logging_and_warnings_as_it_found_them(capsys):
+    """Tests and notebooks call `main`; only the command's entry point (`run`) hides library tracebacks,
+    for the process it owns. Two calls of `main` (each reaching the point where training would start)
+    leave sys.stderr, sys.excepthook, the absl/asyncio log filters and the warning filters untouched."""
+    from llama_jax.cli.train import main
+
+    def process_state():
+        return (sys.stderr, sys.excepthook, list(logging.getLogger("absl").filters),
+                list(logging.getLogger("asyncio").filters), list(warnings.filters))
+
+    before = process_state()
+    assert main(["steps=-1"]) == 2
+    after_first = process_state()
+    assert main(["steps=-1"]) == 2
+    assert process_state() == after_first == before
+    assert capsys.readouterr().err.startswith("error: steps")
 
 
 @pytest.mark.parametrize("hide", [True, False])

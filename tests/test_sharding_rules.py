@@ -3,6 +3,7 @@
 The expected placements are the issue's: FSDP splits `embed`; tensor parallelism splits q/k/v/w1/w3 by
 output, wo/w2 by input and the vocabulary of the embedding and output; norms stay replicated.
 """
+import threading
 from dataclasses import dataclass
 
 import jax
@@ -12,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.model.config import ModelConfig
 from llama_jax.utils.config_io import ConfigError
-from llama_jax.parallel.logical import active_rules, set_rules
+from llama_jax.parallel.logical import active_rules
 from llama_jax.parallel.mesh import MeshConfig, activate, device_grid, make_global_batch, make_mesh, process_rows
 from llama_jax.parallel.rules import check_rules_use_mesh, rules_for
 from llama_jax.training.step import (create_train_state, train_state_specs, opt_state_specs, OptimizerConfig,
@@ -86,7 +87,7 @@ def test_optimizer_state_specs_mirror_params():
 def test_one_device_init_equals_plain_init_and_restores_rules():
     """With one device the sharded initialiser is the plain one; the rules are only active inside calls."""
     mesh, rules = make_mesh(MeshConfig()), rules_for("fsdp+tp")
-    set_rules(())
+    assert active_rules() == ()
     state = create_train_state(CFG, make_optimizer(OptimizerConfig(), 10), mesh, rules, seed=4)
     assert active_rules() == ()
     ref_params = jax.jit(lambda: init_params(CFG, seed=4))()
@@ -97,6 +98,24 @@ def test_one_device_init_equals_plain_init_and_restores_rules():
     assert batch["inputs"].shape == (2, 8) and batch["inputs"].sharding.mesh == mesh
     with activate(mesh, rules):
         assert active_rules() == rules
+    assert active_rules() == ()
+
+
+def test_rules_stay_with_the_program_that_activated_them():
+    """Rules are scoped, not process-wide: another thread tracing meanwhile sees none, a nested
+    activation's rules end with it, and an error inside leaves none behind."""
+    mesh = make_mesh(MeshConfig())
+    seen = {}
+    with activate(mesh, rules_for("fsdp+tp")):
+        worker = threading.Thread(target=lambda: seen.update(other_thread=active_rules()))
+        worker.start()
+        worker.join()
+        with activate(mesh, rules_for("dp")):
+            assert active_rules() == rules_for("dp")
+        assert active_rules() == rules_for("fsdp+tp")
+    assert seen == {"other_thread": ()}
+    with pytest.raises(RuntimeError), activate(mesh, rules_for("dp")):
+        raise RuntimeError("traced program failed")
     assert active_rules() == ()
 
 

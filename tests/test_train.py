@@ -252,23 +252,34 @@ def test_configured_peak_gives_mfu_and_throughput_is_tokens_over_step_time(optio
     assert (logged <= gaps + 0.002).all() and logged.sum() >= 0.6 * gaps.sum(), (gaps, logged)
 
 
-def read_scalar_events(directory: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of TensorBoard event files, read without TensorBoard: TFRecord framing (length,
-    its CRC, the record, its CRC) around `Event` protos (the proto definitions tensorboardX ships)."""
+def read_events(path: Path) -> list:
+    """The `Event` protos of a TensorBoard event file, read without TensorBoard: TFRecord framing (length,
+    its masked CRC-32C, the record, its masked CRC-32C), each checked, around `Event` protos (the proto
+    definitions and the checksum tensorboardX ships)."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
 
+    data, offset, events = path.read_bytes(), 0, []
+    while offset < len(data):
+        header, (length,) = data[offset:offset + 8], struct.unpack_from("<Q", data, offset)
+        record = data[offset + 12:offset + 12 + length]
+        assert struct.unpack_from("<II", data[offset + 8:offset + 12] + data[offset + 12 + length:][:4]) == (
+            masked_crc32c(header), masked_crc32c(record)), f"{path}: bad checksum at byte {offset}"
+        events.append(Event.FromString(record))
+        offset += 12 + length + 4
+    assert offset == len(data), f"{path}: truncated record"
+    return events
+
+
+def read_scalar_events(directory: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the TensorBoard event files in `directory` (`read_events`)."""
     scalars: dict[str, dict[int, float]] = {}
     for path in sorted(directory.glob("events.out.tfevents.*")):
-        data, offset = path.read_bytes(), 0
-        while offset < len(data):
-            (length,) = struct.unpack_from("<Q", data, offset)
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
+        for event in read_events(path):
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-        assert offset == len(data), f"{path}: truncated record"
     return scalars
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_jax.checkpoint.meta import meta_path
+from llama_jax.checkpoint.run import meta_path
 from llama_jax.utils.config_io import ConfigError
 
 from test_train import (ROOT, child_env, losses_from_jsonl, overrides, persistent_compilation_cache, prepare,

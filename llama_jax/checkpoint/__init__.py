@@ -2,6 +2,6 @@
 
 `layout` says where everything is (params directories, run directories); `params` reads the params of
 either, whole or straight into shards, and writes params directories; `run` saves and restores a
-training run's steps; `integrity` records each saved file's size and CRC-32 and checks them; `meta`
-validates a step's JSON meta; `orbax_io` is every call into orbax and TensorStore.
+training run's steps, its strict reader of a step's JSON meta included; `integrity` records each saved
+file's size and CRC-32 and checks them; `orbax_io` is every call into orbax and TensorStore.
 """

@@ -30,8 +30,9 @@ def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def run_program(main) -> int:
-    """What a console script and the top-level scripts run: tune the host allocator (restarts the
-    program once, before any work: see llama_jax/utils/host_memory.py), then `main(sys.argv[1:])`."""
+    """What a console script and the top-level scripts run: tune the host allocator (on JAX's CPU backend
+    it restarts the program once, before any work: see llama_jax/utils/host_memory.py), then
+    `main(sys.argv[1:])`."""
     from llama_jax.utils.host_memory import tune_host_allocator
 
     tune_host_allocator()

@@ -75,7 +75,8 @@ def _not_an_error(record: logging.LogRecord) -> bool:
 
 def hide_library_tracebacks() -> None:
     """For the rest of this process (threads may print until it exits): filter sys.stderr and orbax's
-    error records; the main thread's uncaught exceptions still go to the real stderr in full."""
+    error records; the main thread's uncaught exceptions still go to the real stderr in full. Only a
+    command's entry point calls this, once (`llama_jax.cli.train.run`): it changes the whole process."""
     real = sys.stderr
     sys.stderr = _TracebackFilter(real)
     sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=real)

@@ -95,10 +95,6 @@ def main(argv: list[str]) -> int:
     from llama_jax.training.config import load_train_config
     from llama_jax.training.loop import TrainingDiverged, train
 
-    if not debug:
-        from llama_jax.cli.quiet import hide_library_tracebacks
-
-        hide_library_tracebacks()
     try:
         result = train(load_train_config(config_path, argv))
     except (ConfigError, ValueError, OSError, CheckpointSaveError, TrainingDiverged) as e:
@@ -110,5 +106,11 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> int:
-    """The `llama-jax-train` console script and `python train.py`."""
+    """The `llama-jax-train` console script and `python train.py`. The process is the command's, so here (not
+    in `main`, which tests and notebooks call) and once, library threads' tracebacks are hidden for the rest
+    of it unless `--debug` is given (llama_jax/cli/quiet.py)."""
+    if "--debug" not in sys.argv[1:]:
+        from llama_jax.cli.quiet import hide_library_tracebacks
+
+        hide_library_tracebacks()
     return run_program(main)

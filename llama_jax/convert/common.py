@@ -1,4 +1,4 @@
-"""What every format shares: the error type, dtypes, torch→numpy without loss, expected tensor shapes.
+"""What every format shares: the error type, dtypes, torch→numpy without loss, the order tensors travel in.
 
 Tensors travel between formats as numpy arrays; bfloat16 is `ml_dtypes.bfloat16` (numpy has none), and
 torch's bfloat16 crosses over as a view on 16-bit integers, so no value is ever rounded on the way.
@@ -12,14 +12,11 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.params import TensorMap, tensor_maps
 from llama_jax.utils import dtypes
 
 FORMATS = ("meta", "hf", "orbax")
-# Command-line spellings -> numpy dtype. Only these are accepted anywhere.
-DTYPES = {flag: dtypes.numpy_dtype(flag) for flag in dtypes.FLAG_NAMES}
 
 
 class ConvertError(ValueError):
@@ -82,18 +79,6 @@ def contiguous(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     out = np.empty(value.shape, dtype)
     copy_into(out, value)
     return out
-
-
-def torch_shape(tmap: TensorMap, cfg: ModelConfig) -> tuple[int, ...]:
-    """Shape of one (per-layer) tensor in torch layout ([out, in] for matrices)."""
-    shape = our_shape(tmap, cfg)[1 if tmap.per_layer else 0:]
-    return shape[::-1] if tmap.transposed else shape
-
-
-def our_shape(tmap: TensorMap, cfg: ModelConfig) -> tuple[int, ...]:
-    """Shape of the full parameter in our tree (stacked over layers, [in, out] for matrices). A tied
-    model's export writes an explicit output matrix: its shape is the untied model's."""
-    return api.flat_param_shapes(cfg.replace(tie_embeddings=False))[tmap.ours]
 
 
 def tensor_items(cfg: ModelConfig) -> Iterator[tuple[TensorMap, int | None]]:

@@ -13,11 +13,11 @@ import numpy as np
 
 from llama_jax.model.config import ModelConfig
 from llama_jax.convert import safetensors_io
-from llama_jax.convert.common import ConvertError, contiguous, read_json_object, torch_shape
+from llama_jax.convert.common import ConvertError, contiguous, read_json_object
 from llama_jax.utils.dtypes import config_name
 from llama_jax.utils.files import tokenizer_files
-from llama_jax.model.params import (TensorMap, from_torch_layout, hf_config_dict, model_config_from_hf, tensor_maps,
-                              to_torch_layout, torch_name)
+from llama_jax.model.external_config import hf_config_dict, hf_config_fields
+from llama_jax.model.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name, torch_shape
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -58,12 +58,7 @@ class HFReader:
         config_path = path / CONFIG_FILE
         hf = read_json_object(config_path, "Hugging Face")
         try:
-            fields = {k: getattr(model_config_from_hf(hf), k) for k in (
-                "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_dim", "norm_eps", "rope_theta",
-                "rope_scaling", "max_seq_len", "tie_embeddings")}
-            if fields["n_kv_heads"] == fields["n_heads"]:  # HF always states it; we say None for plain MHA
-                fields["n_kv_heads"] = None
-            self.cfg = base.replace(**fields)
+            self.cfg = base.replace(**hf_config_fields(hf))
         except (ValueError, KeyError, TypeError) as e:
             raise ConvertError(f"{config_path}: {e!r}") from None
         files = _weight_map(path)

@@ -2,7 +2,8 @@
 
 Each shard holds every tensor; the ones Meta splits for model parallelism are cut along the dimension
 `llama_jax.model.params.TensorMap.meta_split_dim` gives (q/k/v, w1/w3 and output by rows, wo and w2 by
-columns, the embedding by columns in LLaMA 1/2 and by rows in LLaMA 3), norms are replicated.
+columns, the embedding by columns in LLaMA 1/2 and by rows in LLaMA 3), norms are replicated; params.json
+maps to a ModelConfig in `llama_jax.model.external_config`.
 Reading memory-maps every shard (`torch.load(mmap=True, weights_only=True)`, which also refuses to
 unpickle anything but tensors) and concatenates one tensor at a time; the maps are reopened after every
 `RELEASE_BYTES` read so the resident set does not grow to the size of the checkpoint.
@@ -16,25 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax.model.config import ModelConfig, RopeScaling
-from llama_jax.convert.common import (ConvertError, contiguous, read_json_object, tensor_items, torch_shape,
-                                      torch_to_numpy)
+from llama_jax.model.config import ModelConfig
+from llama_jax.convert.common import ConvertError, contiguous, read_json_object, tensor_items, torch_to_numpy
 from llama_jax.convert.torch_stream import StreamingTorchSave
-from llama_jax.model.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name
-from llama_jax.utils.config_io import json_type_problem
+from llama_jax.model.external_config import meta_params_dict, meta_params_fields
+from llama_jax.model.params import TensorMap, from_torch_layout, tensor_maps, to_torch_layout, torch_name, torch_shape
 from llama_jax.utils.files import tokenizer_files
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth$")
 NON_PARAMETERS = ("rope.freqs",)  # precomputed rotary table some releases include
-LLAMA3_VOCAB_SIZE = 128256  # LLaMA 3's tokenizer; its releases split the embedding by rows
 RELEASE_BYTES = 64 * 2**20
-# params.json keys that set the model, and runtime-only keys Meta's loaders accept and we ignore.
-PARAMS_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-               "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_seq_len")
-RUNTIME_KEYS = ("max_batch_size",)
-# Meta's `use_scaled_rope` applies LLaMA 3.1's fixed constants; only the factor can be given.
-META_ROPE_SCALING = RopeScaling()
 
 
 def is_meta_dir(path: Path) -> bool:
@@ -54,72 +47,6 @@ def list_shards(path: Path) -> list[Path]:
         if i not in found:
             raise ConvertError(f"{path / shard_name(i)}: shard {i} of {max(found) + 1} is missing")
     return [found[i] for i in range(len(found))]
-
-
-# The type each params.json key must have (null where Meta writes it).
-PARAMS_TYPES = {"dim": (int,), "n_layers": (int,), "n_heads": (int,), "vocab_size": (int,), "multiple_of": (int,),
-                "max_seq_len": (int,), "n_kv_heads": (int, None), "ffn_dim_multiplier": (float, None),
-                "norm_eps": (float,), "rope_theta": (float,), "rope_scaling_factor": (float,), "use_scaled_rope": (bool,)}
-
-
-def config_fields_from_params(params: dict, source: Path) -> dict:
-    """ModelConfig fields from a params.json mapping (vocab_size may be -1: filled in by the caller)."""
-    unknown = sorted(set(params) - set(PARAMS_KEYS) - set(RUNTIME_KEYS))
-    if unknown:
-        raise ConvertError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(PARAMS_KEYS)})")
-    for key in ("dim", "n_layers", "n_heads", "vocab_size"):
-        if key not in params:
-            raise ConvertError(f"{source}: missing key {key!r}")
-    if problem := json_type_problem(params, PARAMS_TYPES, str(source)):
-        raise ConvertError(problem)
-    fields = {key: params[key] for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of",
-                                           "ffn_dim_multiplier", "norm_eps", "max_seq_len") if key in params}
-    fields["ffn_hidden_dim"] = None  # Meta's size is always the multiple_of / ffn_dim_multiplier rule
-    fields["n_kv_heads"] = params.get("n_kv_heads")
-    fields["rope_theta"] = float(params.get("rope_theta", 10000.0))
-    for key in ("norm_eps", "ffn_dim_multiplier"):
-        if fields.get(key) is not None:
-            fields[key] = float(fields[key])
-    if params.get("use_scaled_rope"):
-        fields["rope_scaling"] = RopeScaling(factor=float(params.get("rope_scaling_factor", META_ROPE_SCALING.factor)))
-    fields["tie_embeddings"] = False
-    return fields
-
-
-def _ffn_rule(cfg: ModelConfig) -> tuple[int, float | None]:
-    """(multiple_of, ffn_dim_multiplier) for which Meta's rule yields cfg.hidden_dim exactly."""
-    hidden = cfg.hidden_dim
-    base = int(2 * 4 * cfg.dim / 3)
-    candidates = [(cfg.multiple_of, cfg.ffn_dim_multiplier), (cfg.multiple_of, hidden / base),
-                  (hidden, None if hidden >= base else hidden / base)]
-    for multiple_of, multiplier in candidates:
-        rule = ModelConfig(dim=cfg.dim, n_heads=cfg.n_heads, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
-        if rule.hidden_dim == hidden:
-            return multiple_of, multiplier
-    raise ConvertError(f"params.json cannot express ffn size {hidden} for dim={cfg.dim} with Meta's "
-                       f"multiple_of/ffn_dim_multiplier rule")
-
-
-def params_from_config(cfg: ModelConfig) -> dict:
-    """params.json contents for `cfg`; raises if Meta's format cannot express the config."""
-    multiple_of, multiplier = _ffn_rule(cfg)
-    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size,
-              "multiple_of": multiple_of, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta}
-    if cfg.kv_heads != cfg.n_heads:
-        params["n_kv_heads"] = cfg.kv_heads
-    if multiplier is not None:
-        params["ffn_dim_multiplier"] = multiplier
-    if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        if (s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings) != (
-                META_ROPE_SCALING.low_freq_factor, META_ROPE_SCALING.high_freq_factor,
-                META_ROPE_SCALING.original_max_position_embeddings):
-            raise ConvertError(f"params.json cannot express rope_scaling={s}: Meta's use_scaled_rope fixes "
-                               f"low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192")
-        params["use_scaled_rope"] = True
-        if s.factor != META_ROPE_SCALING.factor:
-            params["rope_scaling_factor"] = s.factor
-    return params
 
 
 class _Shards:
@@ -190,7 +117,10 @@ class MetaReader:
         params = read_json_object(params_path, "Meta")
         self.shards = _Shards(list_shards(path))
         first = self.shards.state(0)
-        fields = config_fields_from_params(params, params_path)
+        try:
+            fields = meta_params_fields(params, params_path)
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
         n = len(self.shards.paths)
         if "tok_embeddings.weight" not in first:
             raise ConvertError(f"{self.shards.paths[0]}: missing key 'tok_embeddings.weight'")
@@ -260,11 +190,6 @@ class MetaReader:
         self.shards = None
 
 
-def embedding_split_dim_for(cfg: ModelConfig) -> int:
-    """Meta's embedding split: by rows (dim 0) for LLaMA 3's vocabulary, by columns (dim 1) before."""
-    return 0 if cfg.vocab_size == LLAMA3_VOCAB_SIZE else 1
-
-
 class MetaWriter:
     """Writes params.json and `model_parallel` shards, streaming every piece straight into its shard file.
 
@@ -278,10 +203,12 @@ class MetaWriter:
         if model_parallel < 1:
             raise ConvertError(f"--model-parallel must be >= 1, got {model_parallel}")
         self.directory, self.cfg, self.dtype, self.n = directory, cfg, np.dtype(dtype), model_parallel
-        split = embedding_split_dim_for(cfg) if embedding_split_dim is None else embedding_split_dim
         untied = cfg.replace(tie_embeddings=False)
-        self.maps = {m.ours: m for m in tensor_maps(untied, meta_embedding_split_dim=split)}
-        self.params = params_from_config(cfg)
+        self.maps = {m.ours: m for m in tensor_maps(untied, meta_embedding_split_dim=embedding_split_dim)}
+        try:
+            self.params = meta_params_dict(cfg)
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
         self.plan = []
         for tmap, layer in tensor_items(untied):
             tmap = self.maps[tmap.ours]

@@ -12,11 +12,11 @@ import numpy as np
 
 from llama_jax.checkpoint import layout, params as checkpoint_io
 from llama_jax.checkpoint.integrity import CheckpointDamaged
-from llama_jax.convert.common import ConvertError, check_dtype, copy_into, our_shape
+from llama_jax.convert.common import ConvertError, check_dtype, copy_into
 from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import LoraConfig, adapted, adapter_shapes
-from llama_jax.model.params import TensorMap
+from llama_jax.model.params import TensorMap, our_shape
 from llama_jax.utils.dtypes import config_name
 from llama_jax.utils.files import tokenizer_files
 from llama_jax.utils.trees import flatten, set_path

@@ -17,16 +17,16 @@ import numpy as np
 
 from llama_jax.model.config import ModelConfig, load_model_config
 from llama_jax.convert import companions
-from llama_jax.convert.common import DTYPES, FORMATS, ConvertError, tensor_count, tensor_items
+from llama_jax.convert.common import FORMATS, ConvertError, tensor_count, tensor_items
 from llama_jax.convert.hf import DEFAULT_SHARD_BYTES, HFReader, HFWriter, is_hf_dir
 from llama_jax.convert.meta import MetaReader, MetaWriter, is_meta_dir
 from llama_jax.convert.ours import OrbaxReader, OrbaxWriter, ParamTreeBuilder, is_orbax_dir
+from llama_jax.utils import dtypes
+from llama_jax.utils.config_io import ConfigError
 from llama_jax.utils.extras import require
 from llama_jax.utils.files import atomic_directory
 
 READERS = {"meta": MetaReader, "hf": HFReader, "orbax": OrbaxReader}
-# What a --preset must agree on with the source: the shapes the weights fix.
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "head_dim")
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -56,11 +56,11 @@ def open_reader(path: str | os.PathLike, fmt: str | None = None, preset: str | N
         require("torch", "reading a Meta checkpoint (.pth)")
     base = load_model_config(preset) if preset else ModelConfig()
     reader = READERS[fmt](path, base)
-    if preset:
-        for field in SHAPE_FIELDS:
-            if getattr(base, field) != getattr(reader.cfg, field):
-                raise ConvertError(f"--preset {preset} has {field}={getattr(base, field)}, but {path} has "
-                                   f"{getattr(reader.cfg, field)}")
+    if preset:  # the sizes the weights fix must agree; a tied head is the source's to say (Meta's files hold one)
+        found = reader.cfg.weight_sizes()
+        for size, value in base.weight_sizes().items():
+            if value != found[size]:
+                raise ConvertError(f"--preset {preset} has {size}={value}, but {path} has {found[size]}")
     return reader
 
 
@@ -98,18 +98,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, src_form
             progress: bool = True) -> ModelConfig:
     """Convert the checkpoint at `src` into format `to` at `dst` (which must not exist); returns the config.
 
-    `dtype` ("fp32" | "bf16" | "fp16") casts every tensor; by default the source's dtype is kept.
+    `dtype` (any spelling of `llama_jax.utils.dtypes`: "bfloat16" or "bf16", ...) casts every tensor; by
+    default the source's dtype is kept.
     """
     from tqdm import tqdm
 
     if Path(dst).exists():
         raise ConvertError(f"{dst} already exists; refusing to overwrite it")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    try:
+        target_name = None if dtype is None else dtypes.canonical(dtype, "--dtype")
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
     if to == "meta":
         require("torch", "writing a Meta checkpoint (.pth)")
     reader = open_reader(src, src_format, preset)
-    target_dtype = DTYPES[dtype] if dtype else reader.dtype
+    target_dtype = dtypes.numpy_dtype(target_name) if target_name else reader.dtype
     try:
         tokenizer = reader.tokenizer_files[0] if reader.tokenizer_files else None
         token_ids = companions.source_token_ids(reader.source_dirs, tokenizer)

@@ -24,11 +24,11 @@ import jax
 import numpy as np
 
 from llama_jax.checkpoint import layout, params as checkpoint_params
-from llama_jax.convert.common import copy_into, our_shape
+from llama_jax.convert.common import copy_into
 from llama_jax.convert.pipeline import detect_format, open_reader
 from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.params import tensor_maps
+from llama_jax.model.params import our_shape, tensor_maps
 from llama_jax.utils.dtypes import config_name
 from llama_jax.utils.trees import flatten, unflatten
 

@@ -50,7 +50,6 @@ def load_fasttext(path: str | Path):
     """A fastText model from a local file (never a URL)."""
     import fasttext
 
-    fasttext.FastText.eprint = lambda *args, **kwargs: None  # silence its load-time deprecation note
     return fasttext.load_model(str(require_file(path, "fastText model")))
 
 

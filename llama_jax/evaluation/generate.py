@@ -1,14 +1,15 @@
 """Text generation with a KV cache: batched prompts of different lengths, the decode loop in one jit.
 
-Prompts are left-padded to a common length, a length bucket (`scoring.length_bucket`: at least 16,
-four sizes per power of two) so that few programs compile (padding has segment id 0, positions count
-real tokens only), prefilled in one forward pass that fills the cache, then decoded one token per step
-inside a `lax.while_loop`. The whole loop is one compiled program: no per-token dispatch, and bf16 weights are
-not re-converted on every token. A row stops at EOS (later slots hold the pad id); the loop stops when
-every row has stopped or `max_new_tokens` are out. Stop strings (lm-eval's `until`) are text, not
-tokens: with a stop condition the same loop runs `CHECK_EVERY` tokens at a time (prefill and advance as
-two programs, the state passed between them), the host marks the rows whose text holds a stop string
-as done, and generation ends as soon as all are; the tokens are those of one uninterrupted run.
+Prompts are left-padded to a common length, a length bucket (`scoring.length_bucket`: at least 16, four
+sizes per power of two) so that few programs compile (padding has segment id 0, positions count real
+tokens only), prefilled in one forward pass that fills the cache (the output layer on the last position
+alone), then decoded one token per step inside a `lax.while_loop`. The whole loop is one compiled
+program: no per-token dispatch, and bf16 weights are not re-converted on every token. A row stops at EOS
+(later slots hold the pad id); the loop stops when every row has stopped or `max_new_tokens` are out.
+Stop strings (lm-eval's `until`) are text, not tokens: with a stop condition the same loop runs
+`CHECK_EVERY` tokens at a time (prefill and advance as two programs, the state passed between them), the
+host marks the rows whose text holds a stop string as done, and generation ends as soon as all are; the
+tokens are those of one uninterrupted run.
 
 Sampling follows Hugging Face's order: temperature, then top-k, then top-p (nucleus: keep the fewest
 most likely tokens whose probability reaches top_p); temperature 0 is greedy decoding (argmax).
@@ -16,6 +17,7 @@ most likely tokens whose probability reaches top_p); temperature 0 is greedy dec
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -30,6 +32,7 @@ from llama_jax.evaluation.scoring import length_bucket
 from llama_jax.model import api
 from llama_jax.model.transformer import KVCache, unstack_layers
 
+log = logging.getLogger(__name__)
 CHECK_EVERY = 16  # tokens decoded between two checks of the callers' stop conditions
 
 
@@ -83,8 +86,10 @@ def _next_token(logits, key, temperature, *, greedy: bool, top_k: int, top_p: fl
 
 def _model(cfg, params):
     """The model on layers unrolled over weights sliced once, before any loop: inside a loop XLA:CPU
-    would otherwise copy every weight (and, without one cache array per layer, the cache) every token."""
-    cfg = cfg.replace(scan_layers=False)
+    would otherwise copy every weight (and, without one cache array per layer, the cache) every token.
+    Its attention is the `xla` reference: queries attend over the KV cache (q_len != kv_len), which only
+    the reference supports (`Generator` says so when the config names another)."""
+    cfg = cfg.replace(scan_layers=False, attention_impl="xla")
     return cfg, functools.partial(api.apply, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
 
 
@@ -97,7 +102,8 @@ def _prefill(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int
     cfg, model = _model(cfg, params)
     cache = KVCache.create(cfg, batch, prompt_len + max_new, per_layer=True)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)  # only the last position's logits are read
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, logits_at=last)
     first = pick(logits[:, -1], jax.random.fold_in(key, 0))
     out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first)
     done = (first == eos_id) if eos_id >= 0 else jnp.zeros((batch,), bool)
@@ -158,6 +164,9 @@ class Generator:
         self.pad_id = pad_id if pad_id is not None else (tok.pad_id if tok is not None else 0)
         if not sampling.stop_at_eos:
             self.eos_id = -1
+        if model.cfg.attention_impl != "xla":
+            log.warning("generate: decoding attends over the KV cache with the xla reference attention, not "
+                        "the configured %s (it needs queries and keys of equal length)", model.cfg.attention_impl)
         self.compiled: dict[tuple[int, int], object] = {}
         static = dict(max_new=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
                       top_p=sampling.top_p, eos_id=self.eos_id, pad_id=self.pad_id)

@@ -18,25 +18,32 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.model import api
+from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import ModelConfig
 from llama_jax.parallel.logical import Rules
 from llama_jax.parallel.mesh import MeshConfig, activate, batch_sharding, make_mesh, replicated
+from llama_jax.parallel.platform import platform_of
 from llama_jax.parallel.rules import axis_product, rules_for
 from llama_jax.utils import dtypes
 from llama_jax.utils.trees import flatten
 
-EVAL_DTYPES = ("bf16", "fp32")
+EVAL_DTYPES = ("bfloat16", "float32")  # evaluation computes in these (any spelling of utils.dtypes)
 
 
 @dataclass(frozen=True)
 class EvalModel:
-    """Config, weights (pure dict of arrays), tokenizer and, when sharded, the mesh and rules."""
+    """Config, weights (pure dict of arrays), tokenizer and, when sharded, the mesh and rules. Every
+    evaluation program is built from it, so its config's attention implementation is resolved here, once,
+    for the mesh's platform and sequences up to max_seq_len (`model.attention.resolve_attention`)."""
 
     cfg: ModelConfig
     params: Any
     tokenizer: Any = None
     mesh: Mesh | None = None
     rules: Rules = field(default=())
+
+    def __post_init__(self):
+        object.__setattr__(self, "cfg", resolve_attention(self.cfg, platform_of(self.mesh), training=False))
 
     @property
     def row_multiple(self) -> int:
@@ -66,12 +73,12 @@ def _from_host(array: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def compute_dtype(flag: str) -> str:
-    """`--dtype` value (bf16 | fp32, or the config names) as the config's dtype name."""
-    return dtypes.config_name_of_flag(flag, EVAL_DTYPES)
+def compute_dtype(name: str) -> str:
+    """The canonical name of an evaluation dtype (bfloat16 | float32, or their aliases bf16 | fp32)."""
+    return dtypes.canonical(name, "dtype", EVAL_DTYPES)
 
 
-def place_model(cfg: ModelConfig, params: Any, *, dtype: str = "fp32", tokenizer=None,
+def place_model(cfg: ModelConfig, params: Any, *, dtype: str = "float32", tokenizer=None,
                 mesh_cfg=None) -> EvalModel:
     """Put numpy `params` on a mesh over all devices (or the one default device when `mesh_cfg` is None).
 
@@ -90,7 +97,7 @@ def place_model(cfg: ModelConfig, params: Any, *, dtype: str = "fp32", tokenizer
     return EvalModel(cfg, placed, tokenizer, mesh, rules)
 
 
-def load_eval_model(path: str, *, dtype: str = "bf16", mesh_cfg=None, tokenizer_path: str | None = None,
+def load_eval_model(path: str, *, dtype: str = "bfloat16", mesh_cfg=None, tokenizer_path: str | None = None,
                     fmt: str | None = None) -> EvalModel:
     """Any checkpoint (format auto-detected unless `fmt`), its tokenizer, on a mesh of all devices.
 
@@ -102,7 +109,7 @@ def load_eval_model(path: str, *, dtype: str = "bf16", mesh_cfg=None, tokenizer_
     from llama_jax.convert.sharded_read import read_sharded
     from llama_jax.data.tokenizer import check_vocab_size, load_tokenizer
 
-    name = compute_dtype(dtype)  # a bad flag fails before the checkpoint is read
+    name = compute_dtype(dtype)  # a bad name fails before the checkpoint is read
     mesh_cfg = mesh_cfg or MeshConfig()
     mesh, rules = make_mesh(mesh_cfg), rules_for(mesh_cfg.strategy)
     cfg, params, found_tokenizer = read_sharded(path, lambda cfg: api.param_shardings(cfg, mesh, rules), fmt=fmt,

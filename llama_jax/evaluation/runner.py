@@ -28,6 +28,7 @@ from llama_jax.evaluation.sandbox import Limits, choose_isolation
 from llama_jax.evaluation.scoring import TokenScorer
 from llama_jax.evaluation.suite import Task, build_prompts, with_prompts
 from llama_jax.evaluation.tasks import evaluate_task
+from llama_jax.utils.config_io import ConfigError
 
 PASS_KS = (1, 10, 100)
 
@@ -51,11 +52,11 @@ class RunOptions:
 
     def __post_init__(self):
         if self.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+            raise ConfigError(f"--samples must be >= 1, got {self.samples}")
         if self.samples > 1 and self.temperature == 0:
-            raise ValueError(f"--samples {self.samples} needs sampling: give --temperature > 0")
+            raise ConfigError(f"--samples {self.samples} needs sampling: give --temperature > 0")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ which a window of a model with a 2048-token context predicts 2048 tokens.
 Continuations of a shared context (a multiple-choice item's choices) are scored by
 `TokenScorer.score_continuations`: each distinct context runs through the model once, filling a KV
 cache, and its continuations read that cache, so a 4-choice item costs one context and four short
-continuations instead of four (context + continuation) rows.
+continuations instead of four (context + continuation) rows. Continuations are short and of mixed
+lengths, so they are packed, PIECES_PER_ROW to a row (`pack_pieces`), rather than each padded to the
+longest: a row's cache holds each of its pieces' contexts side by side, context and piece sharing a
+segment id, so a piece attends to its own context and itself only.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from llama_jax.model.transformer import KVCache
 
 MIN_BUCKET = 16
 STEPS_PER_OCTAVE = 4  # length buckets between two powers of two: at most 1/4 of a row is padding
+PIECES_PER_ROW = 2  # continuations packed into one row (each adds its context's length to the row's keys)
 
 
 def _sequence_scores(cfg, params, tokens, segment_ids, read=None):
@@ -46,23 +50,49 @@ def _sequence_scores(cfg, params, tokens, segment_ids, read=None):
                                 logits_at=read)
 
 
-def _continuation_scores(cfg, params, prefix, prefix_segments, owner, tokens, segment_ids):
-    """prefix [P, Wp]: each context but its last token, left-padded (segment id 0); tokens [C, Wc + 1]:
-    a context's last token then one of its continuations, right-padded; owner [C]: the prefix row each
-    continuation extends. The prefixes fill a KV cache once; each continuation row attends to its own
-    prefix's cached keys and values, then to itself."""
+def _continuation_scores(cfg, params, prefix, prefix_segments, owner, slot_segments, inputs, targets, positions,
+                         segment_ids):
+    """prefix [P, Wp]: each context but its last token, left-padded (segment id 0). The continuation rows
+    [C, W] (inputs, targets, positions, segment_ids) pack up to S pieces each: piece j of a row reads its
+    context's last token then its continuation but the last token, predicting the continuation, at the
+    positions following its context's, with segment id j + 1 (padding 0). owner [C, S]: the prefix row of
+    each piece; slot_segments [C, S]: j + 1 for a used slot j, else 0. The prefixes fill a KV cache once;
+    a continuation row's cache holds its pieces' prefixes side by side, slot j's with segment id j + 1,
+    so each piece attends to its own context's cached keys and values, then to itself."""
     n_prefix, prefix_width = prefix.shape
-    width = tokens.shape[1] - 1
-    cache = KVCache.create(cfg, n_prefix, prefix_width + width)
-    positions = jnp.maximum(jnp.cumsum(prefix_segments, axis=1) - 1, 0)
+    rows, slots = owner.shape
+    width = inputs.shape[1]
+    cache = KVCache.create(cfg, n_prefix, prefix_width)
+    prefix_positions = jnp.maximum(jnp.cumsum(prefix_segments, axis=1) - 1, 0)
     no_logits = jnp.zeros((n_prefix, 1), jnp.int32)  # the prefix pass needs only its cache
-    _, cache = api.apply(cfg, params, prefix, positions=positions, segment_ids=prefix_segments, cache=cache,
-                         logits_at=no_logits)
-    cache = KVCache(cache.k[:, owner], cache.v[:, owner], cache.segment_ids[owner], cache.index)
-    start = jnp.sum(prefix_segments, axis=1)[owner]
-    positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)
-    return api.target_log_probs(cfg, params, tokens[:, :-1], tokens[:, 1:], positions=positions,
-                                segment_ids=segment_ids[:, :-1], cache=cache)
+    _, cache = api.apply(cfg, params, prefix, positions=prefix_positions, segment_ids=prefix_segments,
+                         cache=cache, logits_at=no_logits)
+
+    def side_by_side(c):  # [layers, P, heads, Wp, d] -> [layers, C, heads, S * Wp + W, d]
+        layers, _, heads, _, head_dim = c.shape
+        c = c[:, owner].transpose(0, 1, 3, 2, 4, 5).reshape(layers, rows, heads, slots * prefix_width, head_dim)
+        return jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, width), (0, 0)))
+
+    cached_segments = (prefix_segments[owner] * slot_segments[:, :, None]).reshape(rows, slots * prefix_width)
+    cache = KVCache(side_by_side(cache.k), side_by_side(cache.v), jnp.pad(cached_segments, ((0, 0), (0, width))),
+                    jnp.int32(slots * prefix_width))
+    return api.target_log_probs(cfg, params, inputs, targets, positions=positions, segment_ids=segment_ids,
+                                cache=cache)
+
+
+def pack_pieces(lengths: Sequence[int], width: int, slots: int) -> list[list[int]]:
+    """Piece indices per row: first fit, longest first, at most `width` tokens and `slots` pieces a row."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r in range(len(rows)) if used[r] + lengths[i] <= width and len(rows[r]) < slots), None)
+        if row is None:
+            rows.append([])
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        used[row] += lengths[i]
+    return rows
 
 
 def length_bucket(length: int, max_len: int) -> int:
@@ -189,55 +219,73 @@ class TokenScorer:
             self._score_shared(contexts, members, pairs, results)
         return results
 
+    def _continuation_width(self, lengths: Sequence[int]) -> int:
+        """Continuation rows' width: a power of two (16, 32, ...) holding the longest piece; few widths
+        keep the number of compiled programs (one per prefix bucket and width) small."""
+        return min(max(MIN_BUCKET, 1 << (max(lengths) - 1).bit_length()), self.max_len)
+
+    def _packed_rows(self, members: list[list[int]], pairs) -> list[list[int]]:
+        """The pair indices of each continuation row of a batch (`pack_pieces`)."""
+        flat = [i for m in members for i in m]
+        lengths = [len(pairs[i][1]) for i in flat]
+        rows = pack_pieces(lengths, self._continuation_width(lengths), PIECES_PER_ROW)
+        return [[flat[j] for j in row] for row in rows]
+
     def _plan_shared(self, by_context: dict, pairs) -> list[tuple[list[tuple], list[list[int]]]]:
         """Batches of (contexts, each one's pair indices): longest context first, at most `rows`
-        continuations per batch (a context with more is split over batches)."""
+        contexts and `rows` packed continuation rows per batch; a context's continuations stay in one
+        batch unless they alone do not fit in one."""
         order = sorted(by_context, key=lambda c: (-len(c), c))
-        batches, contexts, members, used = [], [], [], 0
+        batches, contexts, members = [], [], []
         for ctx in order:
             pending = by_context[ctx]
             while pending:
-                if used == self.rows:
+                take = pending[:self.rows * PIECES_PER_ROW]
+                if not contexts:
+                    while len(self._packed_rows([take], pairs)) > self.rows:
+                        take = take[:-1]
+                elif len(contexts) == self.rows or len(self._packed_rows(members + [take], pairs)) > self.rows:
                     batches.append((contexts, members))
-                    contexts, members, used = [], [], 0
-                take = pending[:self.rows - used]
+                    contexts, members = [], []
+                    continue
                 pending = pending[len(take):]
                 contexts.append(ctx)
                 members.append(take)
-                used += len(take)
         if contexts:
             batches.append((contexts, members))
         return batches
 
     def _score_shared(self, contexts: list[tuple], members: list[list[int]], pairs, results: list) -> None:
-        n_cont = sum(len(m) for m in members)
+        packed = self._packed_rows(members, pairs)
+        owner_of = {i: p for p, member in enumerate(members) for i in member}
         prefix_rows = row_count(len(contexts), self.rows, self.model.row_multiple)
-        cont_rows = row_count(n_cont, self.rows, self.model.row_multiple)
+        cont_rows = row_count(len(packed), self.rows, self.model.row_multiple)
         prefix_width = length_bucket(max(len(c) - 1 for c in contexts), self.max_len)
-        # Continuations are short: power-of-two widths (16, 32, ...) cost little padding and keep the
-        # number of compiled programs (one per prefix bucket and width) small.
-        longest = max(len(pairs[i][1]) for m in members for i in m)
-        width = min(max(MIN_BUCKET, 1 << (longest - 1).bit_length()), self.max_len)
+        width = self._continuation_width([len(pairs[i][1]) for i in owner_of])
         prefix = np.zeros((prefix_rows, prefix_width), np.int32)
         prefix_segments = np.zeros_like(prefix)
-        owner = np.zeros(cont_rows, np.int32)
-        tokens = np.zeros((cont_rows, width + 1), np.int32)
-        segments = np.zeros_like(tokens)
-        row = 0
-        for p, (ctx, member) in enumerate(zip(contexts, members)):
+        for p, ctx in enumerate(contexts):
             if len(ctx) > 1:
                 prefix[p, prefix_width - len(ctx) + 1:] = ctx[:-1]
                 prefix_segments[p, prefix_width - len(ctx) + 1:] = 1
-            for i in member:
-                cont = pairs[i][1]
-                owner[row] = p
-                tokens[row, 0], tokens[row, 1:len(cont) + 1] = ctx[-1], cont
-                segments[row, :len(cont) + 1] = 1
-                row += 1
-        logp, greedy = self._run(self._continuations, prefix, prefix_segments, owner, tokens, segments)
-        row = 0
-        for member in members:
-            for i in member:
-                n = len(pairs[i][1])
-                results[i] = (logp[row, :n], greedy[row, :n])
-                row += 1
+        owner = np.zeros((cont_rows, PIECES_PER_ROW), np.int32)
+        slot_segments = np.zeros_like(owner)
+        inputs, targets, positions, segments = (np.zeros((cont_rows, width), np.int32) for _ in range(4))
+        where = {}  # pair index -> (row, first column, length)
+        for row, pieces in enumerate(packed):
+            col = 0
+            for slot, i in enumerate(pieces):
+                ctx, cont = contexts[owner_of[i]], pairs[i][1]
+                n = len(cont)
+                owner[row, slot], slot_segments[row, slot] = owner_of[i], slot + 1
+                inputs[row, col] = ctx[-1]
+                inputs[row, col + 1:col + n] = cont[:-1]
+                targets[row, col:col + n] = cont
+                positions[row, col:col + n] = len(ctx) - 1 + np.arange(n)
+                segments[row, col:col + n] = slot + 1
+                where[i] = (row, col, n)
+                col += n
+        logp, greedy = self._run(self._continuations, prefix, prefix_segments, owner, slot_segments, inputs,
+                                 targets, positions, segments)
+        for i, (row, col, n) in where.items():
+            results[i] = (logp[row, col:col + n], greedy[row, col:col + n])

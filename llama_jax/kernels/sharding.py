@@ -7,7 +7,7 @@ communication at all; the kernel runs unchanged on each shard. Every free mesh a
 the ones the rules leave out too (the arrays are whole along them): Mosaic refuses a kernel inside a
 shard_map that leaves any mesh axis to the partitioner, even one of size 1 (tests/test_lowering.py
 caught this for `fsdp` rules on a data × fsdp × tensor=1 TPU mesh). The rules are the active ones
-(`llama_jax.parallel.logical.set_rules`), or the `fsdp+tp` preset when none are installed. With no
+(`llama_jax.parallel.logical.use_rules`), or the `fsdp+tp` preset when none are active. With no
 mesh set (or every axis already manual, i.e. inside a caller's own shard_map) the kernel is called
 directly.
 """

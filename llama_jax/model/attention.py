@@ -17,9 +17,11 @@ ids are segment_ids[:, q_offset : q_offset + q_len].
 
 `xla` is the reference and the oracle for the kernels: scores and softmax in fp32, explicit mask, one
 [batch, heads, q_len, kv_len] array. The Pallas kernels (`pallas_gpu`, `pallas_tpu`, from
-`llama_jax.kernels`) never build that array. `IMPLEMENTATIONS` is the one registry: the model config
-validates names against it, `plan` asks it which implementations keep the T×T scores, and `resolve_impl`
-maps `auto` to a platform's best.
+`llama_jax.kernels`) never build that array; `cudnn` is cuDNN's fused attention. `IMPLEMENTATIONS` is the
+one registry: the model config validates names against it (`check_impl_name`), `plan` asks it which
+implementations keep the T×T scores, and `resolve_attention` picks the one a program runs, once, where
+the program is built: `auto` by the `AUTO` table from the program's platform, shape and dtype, a named
+one checked against them (one ConfigError when it cannot run).
 """
 from __future__ import annotations
 
@@ -33,7 +35,6 @@ import jax.numpy as jnp
 from llama_jax.model.context_attention import context_parallel_attention
 from llama_jax.model.cpu_fast_paths import grouped_query_products
 from llama_jax.parallel.context import context_axes
-from llama_jax.parallel.platform import target_platform
 from llama_jax.utils.config_io import ConfigError
 
 
@@ -70,57 +71,129 @@ def masked_attention(q, k, v, mask):
 
 
 def cudnn_attention(q, k, v, segment_ids=None):
-    """cuDNN's fused attention through `jax.nn.dot_product_attention`, for comparison on GPUs."""
+    """cuDNN's fused attention through `jax.nn.dot_product_attention`, causal (cuDNN skips the blocks
+    above the diagonal). Segment ids become a boolean [batch, 1, q_len, kv_len] mask (jax turns it into
+    an additive bias); padding queries, which cuDNN would give the mean of every value, are zeroed as the
+    other implementations do."""
     if q.shape[1] != k.shape[1]:
         raise ValueError("cudnn attention supports only q_len == kv_len (training / prefill)")
-    mask = None
-    if segment_ids is not None:
-        mask = attention_mask(q.shape[1], k.shape[1], segment_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=segment_ids is None,
-                                        implementation="cudnn")
+    mask = None if segment_ids is None else attention_mask(q.shape[1], k.shape[1], segment_ids)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+    return out if segment_ids is None else jnp.where((segment_ids != 0)[:, :, None, None], out, 0)
+
+
+def cudnn_per_shard(q, k, v, segment_ids=None):
+    """`cudnn_attention` run per device shard under a mesh, as the Pallas kernels are
+    (`kernels.sharding`): each shard builds its own rows' mask, and no partitioning rule of jax's
+    custom call is relied on."""
+    from llama_jax.kernels.sharding import shard_over_mesh  # imported on first use, as the kernels are
+
+    return shard_over_mesh(cudnn_attention)(q, k, v, segment_ids)
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """What the choice of an implementation depends on: the platform the program is built for and the
+    shape and dtype of the attention inside it."""
+
+    platform: str  # "cpu" | "gpu" | "tpu" (`parallel.platform.platform_of` of the program's mesh)
+    dtype: str  # the model's compute dtype name ("bfloat16", "float16", "float32")
+    head_dim: int
+    seq_len: int  # the longest sequence the program attends over
+    segments: bool = True  # segment ids (packed documents, padding) come with the tokens
+    training: bool = True  # gradients are taken
+
+
+# cuDNN's limits as jax 0.11.2 checks them (`jax._src.cudnn.fused_attention_stablehlo`: `check_layout`,
+# `check_is_flash_attention`) for the shapes the model sends, plus one of ours.
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128  # jax allows 256 from Hopper on, 128 before; an abstract device does not say which
+# Ours: with segment ids jax hands cuDNN a dense [batch, 1, T, T] mask and bias (3·T² bytes per row: 192
+# MiB at 8,192, 48 GiB at 131,072); longer sequences go to a kernel that never builds one.
+CUDNN_MAX_MASKED_LEN = 8192
+
+
+def cudnn_refusal(case: AttentionCase) -> str | None:
+    """Why cuDNN's fused attention cannot run `case`, or None when it can."""
+    if case.platform != "gpu":
+        return f"runs only on an NVIDIA GPU, but this program targets {case.platform}"
+    if case.dtype not in CUDNN_DTYPES:
+        return f"needs dtype bfloat16 or float16, not {case.dtype}"
+    if case.head_dim % 8 or case.head_dim > CUDNN_MAX_HEAD_DIM:
+        return f"needs head_dim a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}, not {case.head_dim}"
+    if case.segments and case.training and case.seq_len % 2:
+        return f"with segment ids needs an even sequence length to train, not {case.seq_len}"
+    if case.segments and case.seq_len > CUDNN_MAX_MASKED_LEN:
+        return (f"with segment ids builds a dense T×T mask, so it is taken only up to {CUDNN_MAX_MASKED_LEN} "
+                f"positions, not {case.seq_len}")
+    return None
 
 
 @dataclass(frozen=True)
 class AttentionImpl:
-    """One implementation: where its function lives and what the memory planner must know of it."""
+    """One implementation: where its function lives, what the memory planner must know of it and, for
+    one that runs only on some programs, why it cannot run a given one."""
 
     name: str
     function: str  # "module:attribute", imported on first use (the kernels load Pallas)
     stores_scores: bool  # keeps the [q_len, kv_len] scores per head (the reference), else O(T) per row
-    platforms: tuple[str, ...] = ()  # the only platforms it runs on; () = any (a Pallas kernel interprets)
+    refusal: Callable[[AttentionCase], str | None] | None = None  # None: runs anywhere (a Pallas kernel interprets)
 
     def load(self) -> Callable:
         module, attribute = self.function.split(":")
         return getattr(importlib.import_module(module), attribute)
 
+    def refuses(self, case: AttentionCase) -> str | None:
+        return self.refusal(case) if self.refusal else None
+
 
 IMPLEMENTATIONS: dict[str, AttentionImpl] = {impl.name: impl for impl in (
     AttentionImpl("xla", "llama_jax.model.attention:xla_attention", stores_scores=True),
-    AttentionImpl("cudnn", "llama_jax.model.attention:cudnn_attention", stores_scores=False,
-                  platforms=("gpu", "cuda")),
+    AttentionImpl("cudnn", "llama_jax.model.attention:cudnn_per_shard", stores_scores=False, refusal=cudnn_refusal),
     AttentionImpl("pallas_gpu", "llama_jax.kernels:pallas_gpu", stores_scores=False),
     AttentionImpl("pallas_tpu", "llama_jax.kernels:pallas_tpu", stores_scores=False),
 )}
-BEST_FOR_PLATFORM = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}
 ATTENTION_IMPL_NAMES = ("auto", *IMPLEMENTATIONS)
 
+# What `auto` runs: per platform, the first of these that can run the program's case. Change a row only
+# with a measurement on that platform (bench/attention.py) that says so.
+AUTO: dict[str, tuple[str, ...]] = {
+    # bench/RESULTS.md "Attention", 2026-11-27 NVIDIA H200 (bf16, head_dim 128, 32/8 heads, causal, no
+    # segment ids): our Pallas kernel's forward+backward ran 0.65x cuDNN's speed at T = 4,096 with the
+    # default blocks, 0.79x in the best variant, and below cuDNN at every T from 1k to 16k. So cuDNN
+    # wherever it can run, ours where it cannot, until a GPU benchmark measures ours faster at that shape.
+    "gpu": ("cudnn", "pallas_gpu"),
+    "tpu": ("pallas_tpu",),  # the only flash attention for TPUs here (the reference keeps T×T scores)
+    "cpu": ("xla",),  # the Pallas kernels only interpret on a CPU, far slower than the reference
+}
 
-def resolve_impl(name: str, platform: str | None = None) -> str:
-    """Map `auto` to the platform's best implementation: a Pallas kernel on GPU/TPU, `xla` on CPU.
-    `platform` defaults to the target of the program being traced (`parallel.platform.target_platform`:
-    the mesh's devices, which may be abstract ones, else the host's backend). An implementation asked
-    for on a platform it cannot run on (`cudnn` off an NVIDIA GPU) is a ConfigError, one line, instead of
-    jax's "cuDNN is not detected" from deep inside the first compile."""
+
+def check_impl_name(name: str) -> None:
+    """A ConfigError unless `name` is an implementation or `auto` (the model config's own check)."""
     if name not in ATTENTION_IMPL_NAMES:
-        raise ValueError(f"attention_impl={name!r}; expected one of {ATTENTION_IMPL_NAMES}")
-    platform = platform or target_platform()
+        raise ConfigError(f"attention_impl={name!r}; expected one of {ATTENTION_IMPL_NAMES}")
+
+
+def choose_impl(name: str, case: AttentionCase) -> str:
+    """The implementation a program of `case` runs for `attention_impl: name`: `auto` by the `AUTO`
+    table; a named one as asked, unless it cannot run the case (`cudnn` off an NVIDIA GPU, in fp32, ...):
+    then one ConfigError line, instead of jax's error from deep inside the first compile."""
+    check_impl_name(name)
     if name == "auto":
-        return BEST_FOR_PLATFORM.get(platform, "xla")
-    supported = IMPLEMENTATIONS[name].platforms
-    if supported and platform not in supported:
-        raise ConfigError(f"attention_impl={name!r} runs only on an NVIDIA GPU, but this program targets "
-                          f"{platform}: use auto or xla")
+        return next(c for c in AUTO.get(case.platform, ("xla",)) if not IMPLEMENTATIONS[c].refuses(case))
+    reason = IMPLEMENTATIONS[name].refuses(case)
+    if reason:
+        raise ConfigError(f"attention_impl={name!r} {reason}: use auto or xla")
     return name
+
+
+def resolve_attention(cfg, platform: str, *, seq_len: int | None = None, segments: bool = True,
+                      training: bool = True):
+    """`cfg` (a ModelConfig) with `attention_impl` replaced by the implementation its program runs on
+    `platform` (`choose_impl`), for sequences up to `seq_len` (default: the config's max_seq_len). Called
+    once where a program is built; the model then only dispatches on the concrete name."""
+    case = AttentionCase(platform, cfg.dtype, cfg.head_dim, seq_len or cfg.max_seq_len, segments, training)
+    return cfg.replace(attention_impl=choose_impl(cfg.attention_impl, case))
 
 
 QUERY_BLOCK = 512  # queries per block of the reference on long sequences (`xla_in_query_blocks`)
@@ -138,7 +211,8 @@ def xla_in_query_blocks(q, k, v, segment_ids=None, *, q_offset=0):
 
 
 def attention(q, k, v, segment_ids=None, *, impl: str = "xla", q_offset: int = 0):
-    """Causal (grouped-query) attention by the named implementation; see the module docstring. Under
+    """Causal (grouped-query) attention by the named implementation (already resolved: `auto` never gets
+    here), except that q_len != kv_len (a KV cache) always runs the reference; see the module docstring. Under
     context parallelism (the sequence split over devices in the balanced layout) the reference runs on
     all-gathered keys and the others on whole sequences of a share of the heads
     (`llama_jax.model.context_attention`). Otherwise the reference runs in query blocks on sequences
@@ -148,7 +222,9 @@ def attention(q, k, v, segment_ids=None, *, impl: str = "xla", q_offset: int = 0
     if q_len != k.shape[1]:
         # Decoding with a KV cache: only the reference handles q_len != kv_len.
         return _reference(q, k, v, segment_ids, q_offset)
-    impl = resolve_impl(impl)
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={impl!r} reached the model unresolved; resolve it where the program "
+                         f"is built (model.attention.resolve_attention)")
     axes = context_axes()
     if axes:
         kernel = None if impl == "xla" else IMPLEMENTATIONS[impl].load()

@@ -22,10 +22,10 @@ from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.transformer import LoraPath
 from llama_jax.utils.config_io import ConfigError
+from llama_jax.utils.dtypes import canonical
 from llama_jax.utils.trees import flatten, unflatten
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-BASE_DTYPES = ("", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class LoraConfig:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise ConfigError(f"lora.targets: {unknown or 'none'}; expected some of {list(TARGETS)}")
-        if self.base_dtype not in BASE_DTYPES:
-            raise ConfigError(f"lora.base_dtype: {self.base_dtype!r} is not one of {list(BASE_DTYPES)}")
+        if self.base_dtype:  # any spelling of bfloat16 (utils.dtypes), stored canonical
+            object.__setattr__(self, "base_dtype", canonical(self.base_dtype, "lora.base_dtype", ("bfloat16",)))
 
     @property
     def enabled(self) -> bool:

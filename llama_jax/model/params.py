@@ -8,18 +8,20 @@ Hugging Face (`LlamaForCausalLM`): torch layout, q/k rows permuted to the half-s
 pairs with i + head_dim/2), which is ours, so HF needs only transposes.
 
 Every transform works on one tensor at a time, so converters can stream checkpoints of any size.
+The formats' config files (config.json, params.json) are `llama_jax.model.external_config`'s.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 
-from llama_jax.model.config import ModelConfig, RopeScaling
-from llama_jax.utils.config_io import json_type_problem
+from llama_jax.model import api
+from llama_jax.model.config import ModelConfig
 from llama_jax.utils.trees import set_path
+
+LLAMA3_VOCAB_SIZE = 128256  # LLaMA 3's tokenizer; its releases split the embedding by rows
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,16 @@ class TensorMap:
         return self.ours[0] == "layers"
 
 
-def tensor_maps(cfg: ModelConfig, *, meta_embedding_split_dim: int = 1) -> list[TensorMap]:
-    """The full table for `cfg`. Meta splits the embedding by columns in LLaMA 1/2, by rows in LLaMA 3."""
+def embedding_split_dim_for(cfg: ModelConfig) -> int:
+    """Meta's embedding split: by rows (dim 0) for LLaMA 3's vocabulary, by columns (dim 1) before."""
+    return 0 if cfg.vocab_size == LLAMA3_VOCAB_SIZE else 1
+
+
+def tensor_maps(cfg: ModelConfig, *, meta_embedding_split_dim: int | None = None) -> list[TensorMap]:
+    """The full table for `cfg`. Meta splits the embedding by columns in LLaMA 1/2, by rows in LLaMA 3
+    (`embedding_split_dim_for`, unless a checkpoint's own split is given)."""
+    if meta_embedding_split_dim is None:
+        meta_embedding_split_dim = embedding_split_dim_for(cfg)
     maps = [
         TensorMap(("tok_embeddings",), "model.embed_tokens.weight", "tok_embeddings.weight", False,
                   meta_split_dim=meta_embedding_split_dim),
@@ -66,6 +76,18 @@ def tensor_maps(cfg: ModelConfig, *, meta_embedding_split_dim: int = 1) -> list[
     if not cfg.tie_embeddings:
         maps.append(TensorMap(("output", "kernel"), "lm_head.weight", "output.weight", True, meta_split_dim=0))
     return maps
+
+
+def our_shape(tmap: TensorMap, cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of the full parameter in our tree (stacked over layers, [in, out] for matrices). A tied
+    model's export writes an explicit output matrix: its shape is the untied model's."""
+    return api.flat_param_shapes(cfg.replace(tie_embeddings=False))[tmap.ours]
+
+
+def torch_shape(tmap: TensorMap, cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of one (per-layer) tensor in torch layout ([out, in] for matrices), as Meta and HF store it."""
+    shape = our_shape(tmap, cfg)[1 if tmap.per_layer else 0:]
+    return shape[::-1] if tmap.transposed else shape
 
 
 def _rotary_heads(tmap: TensorMap, cfg: ModelConfig) -> int:
@@ -115,74 +137,3 @@ def params_from_torch(get: Callable[[str], np.ndarray], cfg: ModelConfig, fmt: s
             value = from_torch_layout(np.asarray(get(torch_name(tmap, fmt))), tmap, cfg, fmt)
         set_path(params, tmap.ours, value)
     return params
-
-
-def hf_config_dict(cfg: ModelConfig, token_ids: Mapping = MappingProxyType({})) -> dict:
-    """Hugging Face `config.json` contents for `cfg` (LlamaForCausalLM), with the `bos_token_id`,
-    `eos_token_id` and `pad_token_id` of `token_ids` (those it has: they belong to the tokenizer and
-    the checkpoint, not to the architecture)."""
-    rope_scaling = None
-    if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        rope_scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                        "high_freq_factor": s.high_freq_factor,
-                        "original_max_position_embeddings": s.original_max_position_embeddings}
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "initializer_range": cfg.init_std, **token_ids, "torch_dtype": "float32",
-    }
-
-
-# The JSON type of each config.json key we read (null where transformers writes it).
-HF_CONFIG_TYPES = {
-    "model_type": (str,), "vocab_size": (int,), "hidden_size": (int,), "num_hidden_layers": (int,),
-    "num_attention_heads": (int,), "num_key_value_heads": (int, None), "intermediate_size": (int,),
-    "head_dim": (int, None), "max_position_embeddings": (int,), "rms_norm_eps": (float,),
-    "rope_theta": (float, None), "rope_scaling": (dict, None), "rope_parameters": (dict, None),
-    "tie_word_embeddings": (bool,),
-}
-HF_ROPE_TYPES = {"rope_type": (str,), "type": (str,), "factor": (float,), "low_freq_factor": (float,),
-                 "high_freq_factor": (float,), "original_max_position_embeddings": (int,), "rope_theta": (float,)}
-
-
-def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
-    """Our ModelConfig from a Hugging Face LLaMA `config.json` mapping (plus field overrides); a value of
-    the wrong type is a ValueError naming the key."""
-    if not isinstance(hf, Mapping):
-        raise ValueError(f"config.json: expected a JSON object, got {type(hf).__name__}")
-    problem = json_type_problem(dict(hf), HF_CONFIG_TYPES, "config.json")
-    for key in ("rope_scaling", "rope_parameters"):
-        problem = problem or (json_type_problem(hf[key], HF_ROPE_TYPES, f"config.json: {key}")
-                              if isinstance(hf.get(key), dict) else None)
-    if problem:
-        raise ValueError(problem)
-    if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json: model_type={hf.get('model_type')!r}, expected 'llama'")
-    rope = hf.get("rope_scaling") or (hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else None)
-    rope_theta = hf.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
-    scaling = None
-    if rope and rope.get("rope_type", rope.get("type")) == "llama3":
-        scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                              high_freq_factor=float(rope["high_freq_factor"]),
-                              original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-    elif rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        raise ValueError(f"config.json: rope scaling type {rope.get('rope_type')!r} is not supported")
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise ValueError(f"config.json: head_dim={head_dim} × heads != hidden_size={hf['hidden_size']}")
-    fields = dict(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        ffn_hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta), rope_scaling=scaling,
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)

@@ -18,7 +18,7 @@ Modes:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 
@@ -30,11 +30,13 @@ MODES = ("auto", "on", "off")
 @dataclass(frozen=True)
 class DistributedConfig:
     # YAML 1.1 reads a bare on/off (`distributed.mode=on`, `mode: off`) as a boolean: taken as "on"/"off".
-    mode: str | bool = "auto"
-    coordinator_address: str | None = None  # host:port of process 0's coordinator service
-    num_processes: int | None = None
-    process_id: int | None = None
-    initialization_timeout_s: int = 300
+    mode: str | bool = field(default="auto", metadata={
+        "choices": MODES, "help": "join a multi-host job (auto: when the environment says so)"})
+    coordinator_address: str | None = field(default=None, metadata={
+        "help": "host:port of process 0's coordinator service"})
+    num_processes: int | None = field(default=None, metadata={"help": "processes in the job (default: detected)"})
+    process_id: int | None = field(default=None, metadata={"help": "this process's index (default: detected)"})
+    initialization_timeout_s: int = field(default=300, metadata={"help": "seconds to wait for every process"})
 
     def __post_init__(self):
         if isinstance(self.mode, bool):

@@ -1,9 +1,11 @@
 """Logical axis names: the model says what each dimension *is*; one rules table says where it lives.
 
 Parameters carry their names as `axes` metadata on the `nnx.Param`; activations are annotated with
-`constrain(x, names)` at block boundaries. Both are translated to mesh axes by the active rules
-(`set_rules`), so changing a parallelism strategy never touches the model. Without a mesh in context,
-`constrain` is the identity and the model runs as plain single-device code.
+`constrain(x, names)` at block boundaries. Both are translated to mesh axes by the active rules, so
+changing a parallelism strategy never touches the model. The rules are active only inside
+`use_rules(rules)` (a context variable, entered with the mesh by `parallel.mesh.activate` while a
+program traces), so nothing of one program's rules outlives it or reaches another thread or program.
+Without a mesh in context, `constrain` is the identity and the model runs as plain single-device code.
 
 Parameter names:  vocab, embed, heads (n_heads·head_dim, flattened), kv_heads (n_kv_heads·head_dim),
                   mlp, norm, layers.
@@ -12,24 +14,31 @@ Activation names: activation_batch, activation_length, activation_embed, activat
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
 
 import jax
 from jax.sharding import PartitionSpec
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-_active_rules: Rules = ()
+_ACTIVE_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("llama_jax_rules", default=())
 
 
-def set_rules(rules: Rules) -> None:
-    """Install the logical→mesh rules used by `constrain` (the sharding module calls this)."""
-    global _active_rules
-    _active_rules = tuple(rules)
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+    """The logical→mesh `rules` active for `constrain` (and the kernels' shard_map) inside the block."""
+    token = _ACTIVE_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
 
 
 def active_rules() -> Rules:
-    return _active_rules
+    """The rules of the innermost `use_rules` block, () outside any."""
+    return _ACTIVE_RULES.get()
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh_axes: Sequence[str] | None = None) -> PartitionSpec:
@@ -51,8 +60,8 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh_axes: Sequen
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names under the current mesh; identity when there is none."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not _active_rules:
+    mesh, rules = jax.sharding.get_abstract_mesh(), active_rules()
+    if mesh.empty or not rules:
         return x
-    spec = logical_to_spec(names, _active_rules, mesh.axis_names)
+    spec = logical_to_spec(names, rules, mesh.axis_names)
     return jax.lax.with_sharding_constraint(x, spec)

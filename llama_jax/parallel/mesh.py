@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
@@ -39,13 +39,14 @@ class MeshConfig:
     (or `dcn_fsdp`) has that many slices, each holding one whole data × fsdp × context × tensor grid.
     """
 
-    data: int = 1
-    fsdp: int = -1
-    context: int = 1
-    tensor: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    strategy: str = DEFAULT_STRATEGY
+    data: int = field(default=1, metadata={"help": "mesh 'data' axis size"})
+    fsdp: int = field(default=-1, metadata={"help": "mesh 'fsdp' axis size (-1: the remaining devices)"})
+    context: int = field(default=1, metadata={"help": "mesh 'context' axis size (sequence split across devices)"})
+    tensor: int = field(default=1, metadata={"help": "mesh 'tensor' axis size"})
+    dcn_data: int = field(default=1, metadata={"help": "slices along 'dcn_data' (over the data-centre network)"})
+    dcn_fsdp: int = field(default=1, metadata={"help": "slices along 'dcn_fsdp' (over the data-centre network)"})
+    strategy: str = field(default=DEFAULT_STRATEGY, metadata={"choices": tuple(RULE_PRESETS),
+                                                               "help": "sharding rules"})
 
     def __post_init__(self):
         sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
@@ -174,13 +175,9 @@ def activate(mesh: Mesh | AbstractMesh, rules: Rules):
     An `AbstractMesh` (devices that need not exist, `parallel.platform.abstract_mesh`) is for lowering
     only: programs traced under it can be exported for its platform, not run here.
     """
-    previous = logical.active_rules()
-    logical.set_rules(rules)
-    try:
-        with (jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else jax.set_mesh(mesh)):
-            yield
-    finally:
-        logical.set_rules(previous)
+    with logical.use_rules(rules), (jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh)
+                                    else jax.set_mesh(mesh)):
+        yield
 
 
 def under(mesh: Mesh, rules: Rules, fn: Callable) -> Callable:

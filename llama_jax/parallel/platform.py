@@ -1,10 +1,13 @@
-"""Which platform a program being traced is for, and abstract meshes to lower for hardware that is absent.
+"""Which platform a program is for, and abstract meshes to lower for hardware that is absent.
 
-Every choice that depends on the hardware (what `attention_impl: auto` means, whether a Pallas kernel
-is compiled or interpreted, whether the XLA:CPU fast paths are traced) asks `target_platform()`, never
-`jax.default_backend()` directly. Under a mesh whose devices are known (a real mesh, or an abstract one
-from `abstract_mesh`) the target is those devices' platform; with no mesh, the host's backend. So a
-program lowered on a CPU machine for a TPU (`jax.export.export(..., platforms=["tpu"])` inside
+A program's platform is that of the devices of the mesh it is built for (`platform_of`: a real mesh,
+or an abstract one from `abstract_mesh`), else the host's backend; never simply `jax.default_backend()`.
+Whoever builds a program decides with it once: which attention implementation runs
+(`model.attention.resolve_attention`, called by the train/eval step builders and `EvalModel`). Two
+choices made per operation while tracing ask `target_platform()`, the platform of the mesh in context:
+whether a Pallas kernel is compiled or interpreted (a kernel's own default, for callers that name none)
+and whether the XLA:CPU fast paths are traced (`model.cpu_fast_paths`, wrapped around single products).
+So a program lowered on a CPU machine for a TPU (`jax.export.export(..., platforms=["tpu"])` inside
 `jax.sharding.use_abstract_mesh(abstract_mesh(...))`) holds the TPU kernel, compiled by Mosaic, exactly
 as if it had been traced on the TPU itself.
 
@@ -15,7 +18,7 @@ its own rows) is never exercised by it.
 from __future__ import annotations
 
 import jax
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, Mesh
 
 from llama_jax.parallel.rules import mesh_axis_names
 
@@ -33,12 +36,21 @@ DEVICE_KINDS: dict[str, tuple[str, int]] = {
 _BACKEND_OF_PLATFORM = {"cuda": "gpu", "rocm": "gpu"}
 
 
-def target_platform() -> str:
-    """"cpu", "gpu" or "tpu": the platform of the mesh in context, else of the host's backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device
-    platform = device.platform if device is not None else jax.default_backend()
+def platform_of(mesh: Mesh | AbstractMesh | None) -> str:
+    """"cpu", "gpu" or "tpu": the platform of `mesh`'s devices (abstract ones included), else (no mesh,
+    or an empty one) of the host's backend."""
+    platform = None
+    if isinstance(mesh, Mesh):
+        platform = mesh.devices.flat[0].platform
+    elif mesh is not None and not mesh.empty and mesh.abstract_device is not None:
+        platform = mesh.abstract_device.platform
+    platform = platform or jax.default_backend()
     return _BACKEND_OF_PLATFORM.get(platform, platform)
+
+
+def target_platform() -> str:
+    """The platform of the mesh in context while tracing (`platform_of`), else of the host's backend."""
+    return platform_of(jax.sharding.get_abstract_mesh())
 
 
 def abstract_mesh(shape: dict[str, int], device_kind: str) -> AbstractMesh:

@@ -1,8 +1,8 @@
-"""The rules tables: which mesh axes each logical axis name lives on. The one place parallelism is decided.
+"""The rules table: which mesh axes each logical axis name lives on. The one place parallelism is decided.
 
 The mesh has the axes ("data", "fsdp", "tensor") always, "context" when it splits sequences (size > 1),
-and the outer "dcn_data" / "dcn_fsdp" when it spans several slices (`MESH_AXES`, `mesh_axis_names`); a
-strategy is a named preset of the table:
+and the outer "dcn_data" / "dcn_fsdp" when it spans several slices (`MESH_AXES`, `mesh_axis_names`). There
+is one table (`BASE_RULES`, dp's); a strategy is a named set of changes to it (`STRATEGY_CHANGES`):
 
     dp        parameters replicated; batch rows split over data × fsdp.
     fsdp      as dp, but every matrix is split along its `embed` dimension over fsdp (ZeRO-3 style:
@@ -17,8 +17,10 @@ layer and stay on the fast links inside a slice (`check_rules_use_mesh` refuses 
 does not). Parameters are also split over `context` (FSDP over the context devices too).
 Axes absent from a mesh drop out of every spec, so one table serves every mesh.
 
-Everything that needs a mesh axis (parameter and batch shardings, the kernels' shard_map) asks these
-tables through `logical_to_spec` instead of naming axes itself.
+Everything that needs a mesh axis (parameter and batch shardings, the kernels' shard_map) asks the
+rules through `logical_to_spec` instead of naming axes itself. Flax's own logical-axis rules
+(`flax.linen.logical_axis_rules`, `nnx` sharding metadata) are not used: they neither drop the axes a
+mesh lacks (which lets one table serve every mesh) nor check a rule against the mesh's slices.
 """
 from __future__ import annotations
 
@@ -44,29 +46,22 @@ def mesh_axis_names(sizes: dict[str, int]) -> tuple[str, ...]:
     return tuple(a for a in MESH_AXES if a in ALWAYS_PRESENT or sizes.get(a, 1) > 1)
 
 
-# The rules tables: (logical name, mesh axes). Parameter names first, then activation names.
+# The rules table, (logical name, mesh axes), parameter names first, then activation names: `dp`'s.
+# Every preset splits batch rows and sequences the same way; a strategy is its few changes to this table.
+BASE_RULES: Rules = (
+    ("vocab", None), ("embed", None), ("heads", None), ("kv_heads", None), ("mlp", None),
+    ("norm", None), ("layers", None),
+    ("activation_batch", BATCH_AXES), ("activation_length", "context"), ("activation_embed", None),
+    ("activation_heads", None), ("activation_kv_heads", None), ("activation_head_dim", None),
+    ("activation_mlp", None), ("activation_vocab", None),
+)
+_FSDP = {"embed": FSDP_AXES}
+_TENSOR = {name: "tensor" for name in ("vocab", "heads", "kv_heads", "mlp", "activation_heads",
+                                       "activation_kv_heads", "activation_mlp", "activation_vocab")}
+STRATEGY_CHANGES: dict[str, dict] = {"dp": {}, "fsdp": _FSDP, "fsdp+tp": {**_FSDP, **_TENSOR}}
 RULE_PRESETS: dict[str, Rules] = {
-    "dp": (
-        ("vocab", None), ("embed", None), ("heads", None), ("kv_heads", None), ("mlp", None),
-        ("norm", None), ("layers", None),
-        ("activation_batch", BATCH_AXES), ("activation_length", "context"), ("activation_embed", None),
-        ("activation_heads", None), ("activation_kv_heads", None), ("activation_head_dim", None),
-        ("activation_mlp", None), ("activation_vocab", None),
-    ),
-    "fsdp": (
-        ("vocab", None), ("embed", FSDP_AXES), ("heads", None), ("kv_heads", None), ("mlp", None),
-        ("norm", None), ("layers", None),
-        ("activation_batch", BATCH_AXES), ("activation_length", "context"), ("activation_embed", None),
-        ("activation_heads", None), ("activation_kv_heads", None), ("activation_head_dim", None),
-        ("activation_mlp", None), ("activation_vocab", None),
-    ),
-    "fsdp+tp": (
-        ("vocab", "tensor"), ("embed", FSDP_AXES), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
-        ("norm", None), ("layers", None),
-        ("activation_batch", BATCH_AXES), ("activation_length", "context"), ("activation_embed", None),
-        ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"), ("activation_head_dim", None),
-        ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
-    ),
+    strategy: tuple((name, changes.get(name, target)) for name, target in BASE_RULES)
+    for strategy, changes in STRATEGY_CHANGES.items()
 }
 
 

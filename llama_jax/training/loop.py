@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import yaml
 
+from llama_jax.model.config import EXECUTION_FIELDS
 from llama_jax.parallel.distributed import initialize
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.run_lock import RunLock
@@ -35,10 +36,6 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     except OSError as e:
         raise ConfigError(f"run_dir {run_dir} is not writable: {e.strerror or e}") from None
     return run_dir
-
-
-# Model fields that only change how the same model is computed; a run may resume with other values.
-EXECUTION_FIELDS = ("dtype", "attention_impl", "scan_layers", "remat", "max_seq_len")
 
 
 def check_same_model(run_dir: Path, cfg: TrainConfig) -> None:

@@ -1,18 +1,8 @@
 """What a training run reports: FLOPs and MFU, and where the numbers go (JSONL, TensorBoard, terminal).
 
-Model FLOPs per trained token (forward + backward, the PaLM paper's accounting, Chowdhery et al. 2022,
-appendix B):
-
-    6·N  +  12·n_layers·dim·seq_len
-
-N counts the parameters that take part in matrix multiplies: every parameter except the input
-embedding table (a lookup, no multiply) and the RMSNorm scales; with tied embeddings the table is
-counted once, as the output projection. The second term is attention's two matmuls (QKᵀ and AV, 2·2·T·d
-per token per layer forward, ×3 with the backward pass), counted over the full T×T square as is usual,
-not halved for the causal mask. Rematerialisation is not counted: MFU measures useful work.
-
-MFU = achieved model FLOP/s / (devices × peak FLOP/s per device); the peak and its caveats are in
-`llama_jax.training.peak`.
+Model FLOPs per trained token are the model's to say (`ModelConfig.flops_per_token`, the PaLM paper's
+6·N + 12·n_layers·dim·seq_len). MFU = achieved model FLOP/s / (devices × peak FLOP/s per device); the
+peak and its caveats are in `llama_jax.training.peak`.
 """
 from __future__ import annotations
 
@@ -25,18 +15,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llama_jax.model.config import ModelConfig
-from llama_jax.model.api import param_count
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.peak import job_peak
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6·N_matmul + 12·n_layers·dim·seq_len."""
-    matmul_params = param_count(cfg) - cfg.dim * (2 * cfg.n_layers + 1)  # minus the norm scales
-    if not cfg.tie_embeddings:
-        matmul_params -= cfg.vocab_size * cfg.dim  # the input embedding is a lookup
-    return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
+from llama_jax.training.tensorboard_events import ScalarEventWriter
 
 
 class Window:
@@ -48,7 +29,7 @@ class Window:
     def __init__(self, cfg: TrainConfig):
         self._tokens_per_step = cfg.global_batch_size * cfg.seq_len
         self._peak = job_peak(jax.devices()[0], jax.device_count(), cfg.model.dtype, cfg.peak_flops_per_device)
-        self._flops_per_token = flops_per_token(cfg.model, cfg.seq_len)
+        self._flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
         self._losses, self._start, self._steps = [], None, 0
 
     def add(self, loss: float) -> bool:
@@ -109,7 +90,7 @@ class MetricsLog:
             kept = [line for line, record in read_records(path, self._say) if record["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._file = path.open("a")
-        self._writer = _summary_writer_class()(str(self._run_dir / "tensorboard"), purge_step=resume_step + 1)
+        self._writer = ScalarEventWriter(self._run_dir / "tensorboard", purge_step=resume_step + 1)
 
     def rewind(self, step: int) -> None:
         """Forget the records after `step` (training was rolled back to it), as a resume from it would."""
@@ -169,23 +150,6 @@ def read_records(path: Path, say) -> list[tuple[str, dict]]:
         raise MetricsFileError(f"{path}:{number}: not a metrics record ({problem}; expected a JSON object with "
                                f"an integer step): fix or delete that line")
     return records
-
-
-def _summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without importing torch. tensorboardX imports torch whenever
-    it is installed, only to accept torch tensors (we pass floats): 2-3 s at every training start. A None
-    entry in sys.modules makes its `import torch` fail as if torch were absent, which it handles; the entry
-    is removed at once, so a later `import torch` works. Once torch is loaded (a Meta checkpoint was read),
-    nothing is saved and the plain import is used."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
 
 
 def format_values(values: dict) -> str:

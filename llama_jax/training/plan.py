@@ -27,7 +27,7 @@ from llama_jax.model.config import REMAT_POLICIES, ModelConfig
 from llama_jax.utils.config_io import ConfigError, from_dict, parse_override
 from llama_jax.parallel.logical import Rules, logical_to_spec
 from llama_jax.model import api
-from llama_jax.model.attention import IMPLEMENTATIONS, resolve_impl
+from llama_jax.model.attention import IMPLEMENTATIONS, resolve_attention
 from llama_jax.model.loss import chunk_count
 from llama_jax.parallel.rules import MESH_AXES, axis_product, check_rules_use_mesh, rules_for
 from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
@@ -144,7 +144,7 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
     layer_input = d * c
     matmul_outputs = ((d + 2 * kv_dim) / t_heads + 2 * d + 2 * f / t_mlp) * c
     heads = cfg.n_heads / t_heads
-    stores_scores = IMPLEMENTATIONS[resolve_impl(cfg.attention_impl, platform)].stores_scores
+    stores_scores = IMPLEMENTATIONS[resolve_attention(cfg, platform, seq_len=seq_len).attention_impl].stores_scores
     attention = 2 * heads * seq_len * FP32 if stores_scores else heads * FP32
     everything = (layer_input + matmul_outputs + 2 * d * FP32 + (d + kv_dim) / t_heads * FP32
                   + 2 * f / t_mlp * c + d / t_heads * c + attention)
@@ -198,7 +198,7 @@ def render_plan(cfg, options: PlanOptions) -> str:
         state["grads"] *= 2  # the accumulator plus the current micro-batch's gradients
     acts = {p: activation_bytes(model, rules, mesh_shape, rows, cfg.seq_len, p, options.platform)
             for p in REMAT_POLICIES}
-    impl = resolve_impl(model.attention_impl, options.platform)
+    impl = resolve_attention(model, options.platform, seq_len=cfg.seq_len).attention_impl
     gathered = gathered_weight_bytes(model, rules, mesh_shape)
     total = sum(state.values()) + gathered + acts[model.remat]
 

@@ -94,7 +94,7 @@ class SpikeDetector:
         return {"recent": [[l, g] for l, g in self._recent], "streak": list(self._streak)}
 
     def set_state(self, state: dict) -> None:
-        """Continue from `get_state`'s value (validated by `llama_jax.checkpoint.meta`)."""
+        """Continue from `get_state`'s value (validated by `llama_jax.checkpoint.run.read_meta`)."""
         self._recent = deque(((float(l), float(g)) for l, g in state["recent"]), maxlen=self.cfg.window)
         self._streak = [int(s) for s in state["streak"]]
 

@@ -5,8 +5,9 @@ warmup then cosine decay to 10% of the peak learning rate (`OptimizerConfig`, `m
 
 The steps are pure functions of (state, batch): the single-device run, every mesh, and the Trainer all
 jit these same functions (`jit_train_step`, `jit_eval_step`: explicit input and output shardings from
-the rules, the rules and mesh active while they trace), so there is never a second copy of the update
-rule. Optimizer-state shardings are derived from the parameters' (the moments mirror the parameter tree).
+the rules, the rules and mesh active while they trace, the attention implementation resolved for the
+mesh and the batch), so there is never a second copy of the update rule. Optimizer-state shardings are
+derived from the parameters' (the moments mirror the parameter tree).
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax.model import api
+from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import LoraConfig, adapter_axes, adapter_shapes, merge, unmerged
 from llama_jax.parallel.logical import Rules
 from llama_jax.parallel.mesh import batch_sharding, named, replicated, specs_for, under
+from llama_jax.parallel.platform import platform_of
 from llama_jax.utils.config_io import ConfigError
 
 
@@ -215,6 +218,15 @@ def create_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransfor
     return under(mesh, rules, init)()
 
 
+def _attention_for(model_cfg: ModelConfig, mesh: Mesh, *, training: bool) -> Callable[[dict], ModelConfig]:
+    """`batch -> model_cfg` with its attention implementation resolved for the program being traced
+    (`model.attention.resolve_attention`): the platform of `mesh`, the batch's sequence length and whether
+    it has segment ids. Called once per trace, i.e. once per program."""
+    platform = platform_of(mesh)
+    return lambda batch: resolve_attention(model_cfg, platform, seq_len=batch["inputs"].shape[1],
+                                           segments="segment_ids" in batch, training=training)
+
+
 def jit_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules,
                    *, schedule: optax.Schedule | None = None, micro_batches: int = 1,
                    donate: bool = True, lora: LoraConfig | None = None, seed: int = 0) -> Callable:
@@ -225,8 +237,12 @@ def jit_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformati
     new one (do not touch the input state after the call). Metrics come back replicated.
     """
     state_sh = train_state_shardings(model_cfg, optimizer, mesh, rules, lora)
-    step = functools.partial(train_step, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
-                             micro_batches=micro_batches, lora=lora, seed=seed)
+    resolved = _attention_for(model_cfg, mesh, training=True)
+
+    def step(state, batch, frozen=None):
+        return train_step(state, batch, frozen, model_cfg=resolved(batch), optimizer=optimizer, schedule=schedule,
+                          micro_batches=micro_batches, lora=lora, seed=seed)
+
     frozen_sh = () if lora is None else (api.param_shardings(model_cfg, mesh, rules),)
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh, rules), *frozen_sh),
                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,) if donate else ())
@@ -237,7 +253,11 @@ def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, rules: Rules,
                   lora: LoraConfig | None = None) -> Callable:
     """`eval_step` jitted for `mesh`: `(params, batch) -> {nll_sum, tokens}`; with LoRA
     `(adapters, batch, frozen_base)`."""
-    step = functools.partial(eval_step, model_cfg=model_cfg, lora=lora)
+    resolved = _attention_for(model_cfg, mesh, training=False)
+
+    def step(params, batch, frozen=None):
+        return eval_step(params, batch, frozen, model_cfg=resolved(batch), lora=lora)
+
     trained = named(mesh, trainable_specs(model_cfg, rules, dict(mesh.shape), lora))
     frozen_sh = () if lora is None else (api.param_shardings(model_cfg, mesh, rules),)
     jitted = jax.jit(step, in_shardings=(trained, batch_sharding(mesh, rules), *frozen_sh),

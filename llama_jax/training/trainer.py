@@ -32,8 +32,9 @@ from llama_jax.checkpoint.run import RunCheckpoints
 from llama_jax.convert import companions
 from llama_jax.data.tokenizer import Tokenizer, builtin_tokenizer, check_vocab_size, load_tokenizer
 from llama_jax.model import api
-from llama_jax.model.attention import resolve_impl
+from llama_jax.model.attention import resolve_attention
 from llama_jax.parallel.mesh import make_global_batch, make_mesh
+from llama_jax.parallel.platform import platform_of
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.config import TrainConfig
 from llama_jax.training.initial_state import initial_state, lora_base, restore_newest_intact
@@ -118,7 +119,8 @@ class Trainer:
         """What the state does not depend on, checked first: attention, tasks, tokenizer, data, then the
         mesh, optimizer and checkpoint manager."""
         cfg, say = self.cfg, self.say
-        resolve_impl(cfg.model.attention_impl)  # `cudnn` on a CPU fails here, before any data or compiling
+        # `cudnn` on a CPU fails here, before any data or compiling (the step builders resolve for their mesh)
+        resolve_attention(cfg.model, platform_of(None), seq_len=cfg.seq_len)
         self.task_eval = TaskEval.prepare(cfg)  # bad tasks fail here, before anything compiles
         clock = time.perf_counter()
         self.tokenizer = load_run_tokenizer(cfg)

@@ -111,7 +111,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, type-checking every field and rejecting unknown keys."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers or null too
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (valid keys: {', '.join(sorted(fields))})")
     kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
@@ -123,6 +123,15 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         if prefix and not str(e).startswith(prefix):
             raise ConfigError(f"{prefix[:-1]}: {e}") from None
         raise
+
+
+def check_choices(cfg: Any) -> None:
+    """Every field of dataclass `cfg` whose metadata lists `choices` holds one of them (None aside).
+    The list is the option's one definition: command-line flags generated from the field offer the same."""
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices is not None and value is not None and value not in choices:
+            raise ConfigError(f"{f.name}={value!r}; expected one of {', '.join(map(str, choices))}")
 
 
 def json_type_problem(data: dict, schema: dict[str, tuple], where: str) -> str | None:
@@ -187,7 +196,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
         return key.split("."), _parse_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date that does not exist (`2021-02-30`)
         raise ConfigError(f"override {text!r}: invalid YAML value: {yaml_problem(e)}") from None
     except RecursionError:
         raise ConfigError(f"override {text[:80]!r}...: invalid YAML value: nested too deeply") from None
