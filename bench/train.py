@@ -48,11 +48,11 @@ import numpy as np  # noqa: E402
 
 from llama_jax.parallel.mesh import MeshConfig, make_global_batch, make_mesh  # noqa: E402
 from llama_jax.parallel.rules import rules_for  # noqa: E402
-from llama_jax.training.step import create_train_state, jit_train_step  # noqa: E402
+from llama_jax.training.step import (OptimizerConfig, create_train_state, jit_train_step,  # noqa: E402
+                                     lr_schedule, make_optimizer)
 from llama_jax.model.config import ModelConfig  # noqa: E402
 from llama_jax.utils.host_memory import tune_host_allocator, wanted_tunables  # noqa: E402
 from llama_jax.training.peak import Peak, job_peak  # noqa: E402
-from llama_jax.training.optimizer import OptimizerConfig, lr_schedule, make_optimizer  # noqa: E402
 from quiet import monitor  # noqa: E402
 
 CONFIGS = {  # vocab, dim, layers, heads, ffn, seq, batch

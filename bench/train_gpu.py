@@ -31,7 +31,7 @@ import numpy as np
 from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import load_model_config
 from llama_jax.parallel.rules import rules_for
-from llama_jax.training.optimizer import make_optimizer
+from llama_jax.training.step import make_optimizer
 from llama_jax.training.peak import job_peak
 from llama_jax.training.plan import activation_bytes, state_bytes_per_device
 from quiet import monitor  # noqa: E402

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from llama_jax.checkpoint.run import meta_path
-from llama_jax.training.loop import CheckpointsDamaged
+from llama_jax.training.initial_state import CheckpointsDamaged
 from test_train import compilation_cache, corpus, losses_from_jsonl, run_in_process  # noqa: F401  (fixtures)
 
 

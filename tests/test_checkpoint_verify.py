@@ -192,10 +192,10 @@ def test_nan_restored_from_a_recorded_step_is_damage_not_divergence(
         corpus, reference, tmp_path, monkeypatch, capsys):  # noqa: F811
     """A step whose parameters went NaN in memory while the loss stayed finite is saved with a valid record;
     resuming sets it aside as damaged and continues from the step before, with the uninterrupted losses."""
-    from llama_jax.training import loop
+    from llama_jax.training import trainer
 
     root, want = reference
-    real = loop.jit_train_step
+    real = trainer.jit_train_step
 
     def poisoning(*args, **kwargs):
         step_fn = real(*args, **kwargs)
@@ -209,7 +209,7 @@ def test_nan_restored_from_a_recorded_step_is_damage_not_divergence(
 
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "jit_train_step", poisoning)
+        patch.setattr(trainer, "jit_train_step", poisoning)
         run_in_process(corpus, run, steps=6, checkpoint_every=2, stop_at_step=4)
     assert step_record(run, 4).is_file()
     capsys.readouterr()

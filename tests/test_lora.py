@@ -14,8 +14,7 @@ import pytest
 from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import LoraConfig, adapter_count, init_adapters, merge
-from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
-from llama_jax.training.step import init_train_state, train_step
+from llama_jax.training.step import OptimizerConfig, make_optimizer, init_train_state, train_step
 from llama_jax.utils.config_io import ConfigError
 from llama_jax.utils.trees import flatten, unflatten
 

@@ -16,8 +16,7 @@ from llama_jax.model import api
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import LoraConfig, adapter_shapes, merge, unmerged
 from llama_jax.model.transformer import Adapter, Linear, dropout_keys
-from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
-from llama_jax.training.step import eval_step, init_train_state, train_step
+from llama_jax.training.step import OptimizerConfig, make_optimizer, eval_step, init_train_state, train_step
 from llama_jax.utils.config_io import ConfigError
 from llama_jax.utils.trees import flatten, unflatten
 

@@ -237,8 +237,7 @@ def model_cases() -> list:
 
 
 def lowered_train_step(kind: str, mesh_name: str, model: ModelConfig | None = None) -> str:
-    from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
-    from llama_jax.training.step import init_train_state, jit_train_step
+    from llama_jax.training.step import OptimizerConfig, make_optimizer, init_train_state, jit_train_step
 
     shape, strategy = {**MESHES, **CONTEXT_MESHES}[mesh_name]
     model = model or KERNEL_MODEL[PLATFORM[kind]]
@@ -370,8 +369,7 @@ def partition_worker() -> dict:
     """8 CPU devices: each mesh's train step (fast paths off: the program a GPU/TPU gets) partitioned."""
     jax.config.update("jax_num_cpu_devices", 8)
     from llama_jax.parallel.mesh import MeshConfig, make_mesh
-    from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
-    from llama_jax.training.step import init_train_state, jit_train_step
+    from llama_jax.training.step import OptimizerConfig, make_optimizer, init_train_state, jit_train_step
 
     model = MODEL.replace(attention_impl="xla")
     optimizer = make_optimizer(OptimizerConfig(), total_steps=10)

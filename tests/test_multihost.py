@@ -36,9 +36,8 @@ def worker(process_id: int, num_processes: int, port: int) -> dict:
     from llama_jax.model.config import ModelConfig
     from llama_jax.parallel.distributed import DistributedConfig, initialize, is_main_process
     from llama_jax.parallel.mesh import MeshConfig, make_global_batch, make_mesh, process_rows
-    from llama_jax.training.step import create_train_state, jit_train_step
+    from llama_jax.training.step import create_train_state, jit_train_step, OptimizerConfig, make_optimizer
     from llama_jax.parallel.rules import rules_for
-    from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
 
     mode = "on" if num_processes > 1 else "off"
     joined = initialize(DistributedConfig(mode=mode, coordinator_address=f"127.0.0.1:{port}" if port else None,

@@ -22,8 +22,8 @@ from llama_jax.model.params import params_from_torch, tensor_maps, to_torch_layo
 from llama_jax.parallel.mesh import make_mesh
 from llama_jax.parallel.rules import rules_for
 from llama_jax.training.config import DEFAULT_TRAIN_CONFIG, load_train_config
-from llama_jax.training.optimizer import OptimizerConfig, lr_schedule, make_optimizer
-from llama_jax.training.step import batch_nll, init_train_state, jit_train_step, train_state_shardings
+from llama_jax.training.step import (OptimizerConfig, lr_schedule, make_optimizer, batch_nll, init_train_state,
+                                     jit_train_step, train_state_shardings)
 from llama_jax.utils.trees import get_path
 from oracle import hf_model
 
@@ -163,7 +163,7 @@ def test_training_steps_equal_torch_adamw(train_cfg):
                                   lr=PEAK_LR, betas=BETAS, eps=EPS, foreach=False)
     torch_sched = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda t: paper_lr(t, 1.0, WARMUP, STEPS))
 
-    # Ours, built exactly as training.loop builds it from the run config.
+    # Ours, built exactly as the Trainer builds it from the run config.
     optimizer = make_optimizer(train_cfg.optimizer, train_cfg.steps)
     mesh, rules = make_mesh(train_cfg.mesh), rules_for(train_cfg.mesh.strategy)
     step_fn = jit_train_step(cfg, optimizer, mesh, rules,

@@ -36,7 +36,7 @@ ROWS, LENGTH = 8, 16
 
 
 def _optimizer_config():
-    from llama_jax.training.optimizer import OptimizerConfig
+    from llama_jax.training.step import OptimizerConfig
     return OptimizerConfig(peak_lr=1e-3, warmup_steps=1)
 
 
@@ -80,12 +80,11 @@ def worker() -> dict:
 
     from llama_jax.model.config import ModelConfig
     from llama_jax.parallel.mesh import MeshConfig, activate, make_global_batch, make_mesh
-    from llama_jax.training.step import create_train_state, jit_eval_step, jit_train_step, train_state_shardings
+    from llama_jax.training.step import (create_train_state, jit_eval_step, jit_train_step, train_state_shardings,
+                                         eval_step, init_train_state, train_step, make_optimizer)
     from llama_jax.model.api import param_shardings
     from llama_jax.parallel.rules import rules_for
-    from llama_jax.training.step import eval_step, init_train_state, train_step
     from llama_jax.model.api import init_params
-    from llama_jax.training.optimizer import make_optimizer
 
     assert jax.device_count() == 8
     cfg = ModelConfig(**MODEL)
@@ -249,7 +248,7 @@ def test_plan_matches_measured_bytes(results):
     from llama_jax.model.config import ModelConfig
     from llama_jax.training.plan import state_bytes_per_device
     from llama_jax.parallel.rules import rules_for
-    from llama_jax.training.optimizer import make_optimizer
+    from llama_jax.training.step import make_optimizer
 
     optimizer = make_optimizer(_optimizer_config(), total_steps=4)
     for name, mesh_kw in MESHES.items():

@@ -14,8 +14,7 @@ from llama_jax.model.config import ModelConfig, load_model_config
 from llama_jax.training.plan import GIB, activation_bytes, plan_cli, state_bytes_per_device
 from llama_jax.parallel.rules import RULE_PRESETS, rules_for
 from llama_jax.training.config import load_train_config
-from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
-from llama_jax.training.step import batch_nll
+from llama_jax.training.step import OptimizerConfig, make_optimizer, batch_nll
 from llama_jax.model.api import init_params
 
 ROOT = Path(__file__).resolve().parent.parent

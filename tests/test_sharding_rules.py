@@ -16,10 +16,9 @@ from llama_jax.utils.config_io import ConfigError
 from llama_jax.parallel.logical import active_rules
 from llama_jax.parallel.mesh import MeshConfig, activate, device_grid, make_global_batch, make_mesh, process_rows
 from llama_jax.parallel.rules import check_rules_use_mesh, rules_for
-from llama_jax.training.step import create_train_state, train_state_specs
-from llama_jax.training.optimizer import opt_state_specs
+from llama_jax.training.step import (create_train_state, train_state_specs, opt_state_specs, OptimizerConfig,
+                                     make_optimizer)
 from llama_jax.model.api import param_specs
-from llama_jax.training.optimizer import OptimizerConfig, make_optimizer
 from llama_jax.model.api import init_params
 
 CFG = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=64, dtype="float32",

@@ -414,13 +414,13 @@ def test_init_from_reads_meta_and_hugging_face_directories(corpus, tmp_path, fmt
 
 def _no_compile(monkeypatch):
     """Make any attempt to build the train step fail: errors must come before compilation."""
-    from llama_jax.training import loop
+    from llama_jax.training import initial_state, trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("the train step was built before the error was reported")
 
-    monkeypatch.setattr(loop, "jit_train_step", refuse)
-    monkeypatch.setattr(loop, "create_train_state", refuse)
+    monkeypatch.setattr(trainer, "jit_train_step", refuse)
+    monkeypatch.setattr(initial_state, "create_train_state", refuse)
 
 
 @pytest.mark.parametrize("override, message", [

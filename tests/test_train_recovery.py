@@ -51,9 +51,9 @@ sys.exit(train.main(sys.argv[1:]))
 HANG_BEFORE_SAVE = r"""
 import os, sys, time
 from pathlib import Path
-from llama_jax.training import loop
+from llama_jax.checkpoint.run import RunCheckpoints
 
-save = loop.RunCheckpoints.save
+save = RunCheckpoints.save
 
 def hanging(self, step, *args):
     if step == int(os.environ["HANG_AT_STEP"]):
@@ -61,7 +61,7 @@ def hanging(self, step, *args):
         time.sleep(600)
     return save(self, step, *args)
 
-loop.RunCheckpoints.save = hanging
+RunCheckpoints.save = hanging
 sys.argv = ["train.py", *sys.argv[1:]]
 import train
 sys.exit(train.main(sys.argv[1:]))

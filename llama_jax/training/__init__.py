@@ -1,1 +1,1 @@
-"""Training: the run config, optimizer, the one train step, checkpoints, metrics, the loop and `plan`."""
+"""Training: the run config, the update rule (AdamW, the train step), metrics, the Trainer and `plan`."""

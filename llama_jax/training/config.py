@@ -22,7 +22,7 @@ from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, l
 from llama_jax.data import DataConfig
 from llama_jax.parallel.mesh import MeshConfig
 from llama_jax.parallel.distributed import DistributedConfig
-from llama_jax.training.optimizer import OptimizerConfig
+from llama_jax.training.step import OptimizerConfig
 from llama_jax.training.spikes import SpikeConfig
 
 DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "train" / "default.yaml"

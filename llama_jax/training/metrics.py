@@ -12,7 +12,55 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from llama_jax.training.config import TrainConfig
+from llama_jax.training.peak import job_peak
 from llama_jax.training.tensorboard_events import ScalarEventWriter
+
+
+class Window:
+    """Losses and timing since the last log line: mean loss, tokens/s, step time and MFU.
+
+    The first step of an invocation includes compilation, so timing starts when it ends.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self._tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        self._peak = job_peak(jax.devices()[0], jax.device_count(), cfg.model.dtype, cfg.peak_flops_per_device)
+        self._flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
+        self._losses, self._start, self._steps = [], None, 0
+
+    def add(self, loss: float) -> bool:
+        """Record a finished step; True for the invocation's first (compiling) step."""
+        self._losses.append(loss)
+        if self._start is None:
+            self._start = time.perf_counter()
+            return True
+        self._steps += 1
+        return False
+
+    def mean_loss(self) -> float:
+        return float(np.mean(self._losses))
+
+    def throughput(self) -> dict:
+        if not self._steps:
+            return {}
+        elapsed = time.perf_counter() - self._start
+        tokens_per_s = self._steps * self._tokens_per_step / elapsed
+        values = {"tokens_per_s": tokens_per_s, "step_time_s": elapsed / self._steps}
+        if self._peak is not None:
+            values[self._peak.key] = self._peak.mfu(self._flops_per_token * tokens_per_s)
+        return values
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else (evaluation) out of the throughput."""
+        if self._start is not None:
+            self._start += seconds
+
+    def reset(self) -> None:
+        self._losses, self._start, self._steps = [], time.perf_counter(), 0
 
 
 class MetricsFileError(ValueError):

@@ -31,9 +31,8 @@ from llama_jax.model.attention import IMPLEMENTATIONS, resolve_attention
 from llama_jax.model.loss import chunk_count
 from llama_jax.parallel.rules import MESH_AXES, axis_product, check_rules_use_mesh, rules_for
 from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
-from llama_jax.training.optimizer import make_optimizer, opt_state_specs
+from llama_jax.training.step import make_optimizer, opt_state_specs, trainable_specs
 from llama_jax.training.plan_traffic import rule_axes, traffic_bytes
-from llama_jax.training.step import trainable_specs
 from llama_jax.utils.trees import flatten
 
 GIB = 1024 ** 3
