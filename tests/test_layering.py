@@ -6,6 +6,7 @@ Read from the source with `ast` (imports inside functions included), so a lazy u
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import llama_jax
@@ -125,3 +126,10 @@ def test_the_check_sees_a_planted_orbax_import(tmp_path):
     assert checkpoint_library_importers({"llama_jax.convert.ours": planted}) == [
         "llama_jax.convert.ours -> orbax.checkpoint", "llama_jax.convert.ours -> tensorstore"]
     assert checkpoint_library_importers({"llama_jax.checkpoint.orbax_io": planted}) == []
+
+
+def test_the_architecture_doc_describes_every_layer_package_in_order():
+    """docs/architecture.md's layer table has one row per package of LAYERS, bottom to top (a package
+    added, or left out of the table as `curate` once was, fails here)."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert re.findall(r"^\| `(\w+)/` \| ", doc, re.M) == list(LAYERS)
