@@ -24,7 +24,7 @@ import typing
 from typing import Any, Iterator
 
 from llama_jax.cli.flags import add_flag
-from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict
+from llama_jax.utils.config_io import ConfigError, apply_overrides, from_dict, set_path
 
 # Flags of nested sections whose name is not the field's own (`--distributed off` sets distributed.mode).
 SECTION_FLAGS = {"mesh.data": "--data-parallel", "mesh.context": "--context-parallel",
@@ -106,11 +106,7 @@ def options_from(cls: type, given: dict[str, Any], overrides: list[str]):
     """Dataclass `cls` from flag values keyed by dotted key, then the `key=value` overrides."""
     data: dict[str, Any] = {}
     for key, value in given.items():
-        *sections, leaf = key.split(".")
-        node = data
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
+        set_path(data, key.split("."), value, key)
     data = apply_overrides(data, overrides)
     for key, f, _ in option_fields(cls):
         if _required(f) and key not in data:

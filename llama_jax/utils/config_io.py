@@ -209,13 +209,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a mapping")
-            node = child
-        node[path[-1]] = value
+        set_path(data, path, value, f"override {text!r}")
     return data
+
+
+def set_path(data: dict, path: list[str], value: Any, what: str) -> None:
+    """data[path[0]][path[1]]...[path[-1]] = value, creating the sections on the way; a section that is
+    not a mapping is a ConfigError naming `what`."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {part} is not a mapping")
+        node = child
+    node[path[-1]] = value
