@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from llama_jax.checkpoint import integrity, orbax_io
 from llama_jax.checkpoint.integrity import CheckpointDamaged
-from llama_jax.checkpoint.layout import RUN_CHECKPOINT_DIR, RUN_INTEGRITY_DIR
+from llama_jax.checkpoint.layout import RUN_CHECKPOINT_DIR, RUN_INTEGRITY_DIR, step_record
 from llama_jax.utils.trees import flatten
 
 
@@ -69,8 +69,9 @@ class RunCheckpoints:
     """Save and restore (params, opt_state, meta) of a run; keeps the last `keep` steps plus milestones."""
 
     def __init__(self, run_dir: str | Path, *, keep: int, keep_period: int = 0, async_save: bool = True):
-        self.directory = Path(run_dir).absolute() / RUN_CHECKPOINT_DIR
-        self.integrity_dir = Path(run_dir).absolute() / RUN_INTEGRITY_DIR
+        self.run_dir = Path(run_dir).absolute()
+        self.directory = self.run_dir / RUN_CHECKPOINT_DIR
+        self.integrity_dir = self.run_dir / RUN_INTEGRITY_DIR
         self._options = dict(keep=keep, keep_period=keep_period, async_save=async_save)
         self._manager = self._open()
         self._saving: int | None = None  # the step whose save may still be in flight
@@ -121,8 +122,8 @@ class RunCheckpoints:
         self._forget_records_of_pruned_steps()
 
     def record(self, step: int) -> Path:
-        """Where the integrity record of `step` is."""
-        return self.integrity_dir / f"{step}.json"
+        """Where the integrity record of `step` is (`layout.step_record`)."""
+        return step_record(self.run_dir, step)
 
     def _forget_records_of_pruned_steps(self) -> None:
         """Delete the records of steps orbax pruned (keep_checkpoints): a step number saved again later
