@@ -28,7 +28,7 @@ from llama_jax.training.config import load_train_config
 from llama_jax.utils.config_io import to_dict
 from llama_jax.utils.trees import flatten
 from test_checkpoint_fallback import largest_file, reference  # noqa: F401  (fixture)
-from test_train import compilation_cache, corpus, losses_from_jsonl, overrides, run_in_process  # noqa: F401
+from test_train import compilation_cache, corpus, overrides, run_in_process  # noqa: F401
 
 
 def flip_bits(path):
