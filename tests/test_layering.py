@@ -133,3 +133,37 @@ def test_the_architecture_doc_describes_every_layer_package_in_order():
     added, or left out of the table as `curate` once was, fails here)."""
     doc = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
     assert re.findall(r"^\| `(\w+)/` \| ", doc, re.M) == list(LAYERS)
+
+
+def route_blocks(doc: str) -> dict[str, str]:
+    """{route title: its text} of architecture.md's routes section: a bold title, then its steps."""
+    section = doc.split("## Three routes through the code", 1)[1].split("\n## ", 1)[0]
+    parts = re.split(r"^\*\*(.+?)\*\* \((.+?)\):$", section, flags=re.M)
+    return {f"{title} ({count})": body for title, count, body in zip(parts[1::3], parts[2::3], parts[3::3])}
+
+
+def files_named(text: str) -> dict[str, Path]:
+    """{file name: path} of every `package/file.py` the text names (a later bare `file.py` is the same one)."""
+    return {Path(p).name: PACKAGE / p for p in re.findall(r"`(\w+/\w+\.py)`", text)}
+
+
+def test_the_documented_routes_name_real_code_in_at_most_four_files():
+    """Each route (a training step, the attention choice, a checkpoint's write and read) names files that
+    exist and functions or classes that those files define, and a reader opens at most 4 files, as
+    many as its title says (the largest count it gives). Renaming or moving a step of a route without the doc fails here."""
+    blocks = route_blocks((PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    assert len(blocks) == 3, list(blocks)
+    for title, body in blocks.items():
+        files = files_named(body)
+        for name, path in files.items():
+            assert path.is_file(), f"{title}: {path} does not exist"
+        # `file.py` `Name.attr` or `file.py` `name`: the file defines Name (the first component)
+        for file, symbol in re.findall(r"`(?:\w+/)?(\w+\.py)` `(\w+)", body):
+            source = files[file].read_text(encoding="utf-8")
+            assert re.search(rf"^\s*(?:def|class) {symbol}\b", source, re.M), f"{title}: {file} has no {symbol}"
+        items = re.split(r"^(?:\d+\.|-) ", body, flags=re.M)[1:]
+        counts = [len({Path(f).name for f in re.findall(r"`(?:\w+/)?(\w+\.py)`", item)}) for item in items]
+        opened = len(files) if title.startswith(("A training step", "The attention choice")) else max(counts)
+        assert opened <= 4, f"{title}: {opened} files"
+        said = max(int(n) for n in re.findall(r"(\d+) files", title))  # "3 files; 4 for evaluation": 4
+        assert said == opened, f"{title}: the route opens {opened} files"

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.model import api
+from llama_jax.model import api, transformer
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import LoraConfig, adapter_count, init_adapters, merge
 from llama_jax.training.step import OptimizerConfig, make_optimizer, init_train_state, train_step
@@ -54,7 +54,7 @@ def test_at_step_zero_the_adapted_model_is_the_base_model():
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(base)):
         np.testing.assert_array_equal(a, b)
     tokens = np.arange(16).reshape(2, 8) % CFG.vocab_size
-    np.testing.assert_array_equal(api.apply(CFG, merged, tokens)[0], api.apply(CFG, base, tokens)[0])
+    np.testing.assert_array_equal(transformer.apply(CFG, merged, tokens)[0], transformer.apply(CFG, base, tokens)[0])
 
 
 def test_a_train_step_changes_only_the_adapters_and_keeps_moments_only_for_them():
@@ -149,5 +149,5 @@ def test_train_py_lora_run_saves_adapters_resumes_and_exports_merged_to_transfor
     tokens = np.arange(24).reshape(2, 12) % model_cfg.vocab_size
     with torch.no_grad():
         hf_logits = hf(torch.as_tensor(tokens)).logits.numpy()
-    ours = np.asarray(api.apply(model_cfg, unflatten(expected), tokens)[0])
+    ours = np.asarray(transformer.apply(model_cfg, unflatten(expected), tokens)[0])
     np.testing.assert_allclose(hf_logits, ours, atol=1e-4, rtol=0)

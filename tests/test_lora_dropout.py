@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.model import api
+from llama_jax.model import api, transformer
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import LoraConfig, adapter_shapes, merge, unmerged
 from llama_jax.model.transformer import Adapter, Linear, dropout_keys
@@ -106,10 +106,10 @@ def test_model_with_dropped_out_adapters_equals_transformers_with_the_same_masks
             block.get_submodule(name).register_forward_hook(hook(layer, target))
     with torch.no_grad():
         expected = hf(torch.as_tensor(tokens)).logits.numpy()
-    ours = np.asarray(jax.jit(lambda p, t, a: api.apply(CFG, p, t, lora=unmerged(a, LORA, key))[0])(
+    ours = np.asarray(jax.jit(lambda p, t, a: transformer.apply(CFG, p, t, lora=unmerged(a, LORA, key))[0])(
         base, tokens, adapters))
     np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=0)
-    without_dropout = np.asarray(api.apply(CFG, merge(base, adapters, LORA), tokens)[0])
+    without_dropout = np.asarray(transformer.apply(CFG, merge(base, adapters, LORA), tokens)[0])
     assert np.abs(without_dropout - expected).max() > 1e-2  # the masks matter at this tolerance
 
 
@@ -130,7 +130,7 @@ def test_training_drops_out_evaluation_does_not(steps):
     the train step's loss (with dropout) is another."""
     state, base, batch = steps["state"], steps["base"], batch_of(0, rows=4)
     evaluated = jax.jit(lambda p, b, f: eval_step(p, b, f, model_cfg=CFG, lora=LORA))(state.params, batch, base)
-    logits = np.asarray(jax.jit(lambda w, t: api.apply(CFG, w, t)[0])(merge(base, state.params, LORA), batch["inputs"]),
+    logits = np.asarray(jax.jit(lambda w, t: transformer.apply(CFG, w, t)[0])(merge(base, state.params, LORA), batch["inputs"]),
                         np.float64)
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     model_loss = -np.take_along_axis(log_probs, batch["targets"][..., None], -1).mean()

@@ -1,4 +1,4 @@
-"""The chunked loss (`model.loss.target_log_probs`) against the whole-logits one (`token_nll`).
+"""The chunked loss (`transformer.log_probs_in_chunks`) against the whole-logits one (`token_nll`).
 
 Oracles: `token_nll` of the whole logits hidden @ head, and `jnp.argmax` of them, for the values; jax's
 gradients of that whole-logits loss for the gradients (fp32, highest matmul precision: conftest). For
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.model import api
+from llama_jax.model import api, transformer
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.loss import chunk_count, target_log_probs, token_nll
+from llama_jax.model.transformer import chunk_count, log_probs_in_chunks, token_nll
 from llama_jax.training.step import batch_nll
 
 TOL = 1e-6  # fp32: the chunked and whole forms add the same terms, in another order at most
@@ -38,18 +38,18 @@ def test_chunked_log_probs_and_gradients_equal_whole_logits(chunk_size):
     targets = jnp.asarray(rng.integers(0, 40, (2, 24)), jnp.int32)
     weights = jnp.asarray(rng.random((2, 24)), jnp.float32)
 
-    log_probs, is_argmax = target_log_probs(hidden, head, targets, chunk_size)
+    log_probs, is_argmax = log_probs_in_chunks(hidden, head, targets, chunk_size)
     want_log_probs, want_argmax = _whole_log_probs(hidden, head, targets)
     np.testing.assert_allclose(log_probs, want_log_probs, rtol=TOL, atol=TOL)
     np.testing.assert_array_equal(is_argmax, want_argmax)
     # some targets are the argmax: the flag is exercised both ways
     hits = targets.at[0, :3].set(jnp.argmax(hidden[0, :3] @ head, axis=-1))
-    assert target_log_probs(hidden, head, hits, chunk_size)[1][0, :3].all()
+    assert log_probs_in_chunks(hidden, head, hits, chunk_size)[1][0, :3].all()
 
     def loss(fn):
         return lambda h, w: jnp.sum(fn(h, w, targets)[0] * weights)
 
-    got = jax.grad(loss(lambda h, w, t: target_log_probs(h, w, t, chunk_size)), argnums=(0, 1))(hidden, head)
+    got = jax.grad(loss(lambda h, w, t: log_probs_in_chunks(h, w, t, chunk_size)), argnums=(0, 1))(hidden, head)
     want = jax.grad(loss(_whole_log_probs), argnums=(0, 1))(hidden, head)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
@@ -57,7 +57,7 @@ def test_chunked_log_probs_and_gradients_equal_whole_logits(chunk_size):
 
 def _whole_logits_nll(cfg, params, batch):
     """The training loss as it was computed before chunking: whole logits, then `token_nll`."""
-    logits, _ = api.apply(cfg, params, batch["inputs"], positions=batch["positions"],
+    logits, _ = transformer.apply(cfg, params, batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"])
     mask = batch["loss_mask"]
     return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import transformers
 
-from llama_jax.model import api
+from llama_jax.model import api, transformer
 from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import EXECUTION_FIELDS, SHAPE_FIELDS, ModelConfig, RopeScaling
 from llama_jax.model.external_config import hf_config_dict
@@ -87,7 +87,7 @@ TOKENS = np.random.default_rng(0).integers(0, BASE.vocab_size, (2, 12)).astype(n
 
 def log_probs(cfg: ModelConfig, params) -> np.ndarray:
     cfg = resolve_attention(cfg, "cpu")  # as a program built for this machine does
-    return np.asarray(api.target_log_probs(cfg, params, TOKENS[:, :-1], TOKENS[:, 1:])[0])
+    return np.asarray(transformer.target_log_probs(cfg, params, TOKENS[:, :-1], TOKENS[:, 1:])[0])
 
 
 @functools.cache

@@ -50,7 +50,7 @@ def worker(port: int, process_id: int, processes: int, path: str, out: str) -> N
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=processes,
                                    process_id=process_id)
     from llama_jax.convert.sharded_read import read_sharded
-    from llama_jax.model import api
+    from llama_jax.model import api, transformer
     from llama_jax.model.attention import resolve_attention
     from llama_jax.parallel.mesh import MeshConfig, activate, make_mesh, replicated
     from llama_jax.parallel.platform import platform_of
@@ -65,7 +65,7 @@ def worker(port: int, process_id: int, processes: int, path: str, out: str) -> N
     growth = rss_bytes("VmHWM") - before
     cfg = resolve_attention(cfg, platform_of(mesh))  # as a program built for this mesh does
     with activate(mesh, rules):
-        logits = jax.jit(lambda p, t: api.apply(cfg, p, t)[0], out_shardings=replicated(mesh))(params, TOKENS)
+        logits = jax.jit(lambda p, t: transformer.apply(cfg, p, t)[0], out_shardings=replicated(mesh))(params, TOKENS)
     if process_id == 0:
         np.save(out, np.asarray(logits))
     print(json.dumps({"growth": growth}), flush=True)
@@ -130,12 +130,12 @@ def two_host_load(request, checkpoints, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("two_host_load", FORMATS, indirect=True)
 def test_logits_equal_a_single_process_load(two_host_load):
     from llama_jax.convert import read_checkpoint
-    from llama_jax.model import api
+    from llama_jax.model import transformer
     from llama_jax.model.attention import resolve_attention
 
     cfg, params, _ = read_checkpoint(two_host_load["path"])  # one process, the whole model in memory
     cfg = resolve_attention(cfg.replace(dtype="float32"), "cpu")
-    want = np.asarray(api.apply(cfg, params, TOKENS)[0])  # as the workers compute
+    want = np.asarray(transformer.apply(cfg, params, TOKENS)[0])  # as the workers compute
     assert np.max(np.abs(two_host_load["logits"] - want)) <= TOL * np.max(np.abs(want))
 
 

@@ -9,7 +9,7 @@ from llama_jax.model.config import ModelConfig
 from llama_jax.training.step import (OptimizerConfig, decay_mask, lr_schedule, make_optimizer, init_train_state,
                                      train_step)
 from llama_jax.model.api import init_params
-from llama_jax.model.loss import token_nll
+from llama_jax.model.transformer import token_nll
 
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=64,
                   dtype="float32", attention_impl="xla", max_seq_len=32)

@@ -29,7 +29,7 @@ import numpy as np
 from llama_jax.utils.config_io import ConfigError
 from llama_jax.evaluation.loading import EvalModel
 from llama_jax.evaluation.scoring import length_bucket
-from llama_jax.model import api
+from llama_jax.model import transformer
 from llama_jax.model.transformer import KVCache, unstack_layers
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _model(cfg, params):
     Its attention is the `xla` reference: queries attend over the KV cache (q_len != kv_len), which only
     the reference supports (`Generator` says so when the config names another)."""
     cfg = cfg.replace(scan_layers=False, attention_impl="xla")
-    return cfg, functools.partial(api.apply, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
+    return cfg, functools.partial(transformer.apply, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
 
 
 def _prefill(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int, greedy: bool, top_k: int,

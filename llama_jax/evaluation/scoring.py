@@ -8,7 +8,7 @@ submitted (one 3,000-token document is one row of 3,072 positions, not `batch_si
 `max_seq_len`), and a whole evaluation still compiles a handful of programs. Padding has segment id 0:
 the model's attention ignores it and its scores are dropped. The result for a sequence of n tokens is
 log p(token t | tokens < t) and whether token t is the argmax, for t = 1 .. n-1, from logits computed
-`loss_chunk_size` positions at a time (`api.target_log_probs`): [tokens, vocab] never exists whole.
+`loss_chunk_size` positions at a time (`transformer.target_log_probs`): [tokens, vocab] never exists whole.
 
 The model reads only tokens 0 .. n-2 (the last token is a target, never an input), so a sequence may
 hold `max_len + 1` tokens for a `max_len`-token model input: lm-evaluation-harness's convention, under
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.evaluation.loading import EvalModel
-from llama_jax.model import api
+from llama_jax.model import transformer
 from llama_jax.model.transformer import KVCache
 
 MIN_BUCKET = 16
@@ -44,9 +44,9 @@ PIECES_PER_ROW = 2  # continuations packed into one row (each adds its context's
 def _sequence_scores(cfg, params, tokens, segment_ids, read=None):
     """tokens [rows, width + 1]: the model reads the first `width`, each predicting the next; `read`
     [rows, n]: the input positions whose predictions are wanted (default all). (log p(target), target is
-    the argmax), the logits `cfg.loss_chunk_size` positions at a time, never whole (`model.loss`)."""
+    the argmax), the logits `cfg.loss_chunk_size` positions at a time, never whole (`transformer.log_probs_in_chunks`)."""
     targets = tokens[:, 1:] if read is None else jnp.take_along_axis(tokens, read + 1, axis=1)
-    return api.target_log_probs(cfg, params, tokens[:, :-1], targets, segment_ids=segment_ids[:, :-1],
+    return transformer.target_log_probs(cfg, params, tokens[:, :-1], targets, segment_ids=segment_ids[:, :-1],
                                 logits_at=read)
 
 
@@ -65,7 +65,7 @@ def _continuation_scores(cfg, params, prefix, prefix_segments, owner, slot_segme
     cache = KVCache.create(cfg, n_prefix, prefix_width)
     prefix_positions = jnp.maximum(jnp.cumsum(prefix_segments, axis=1) - 1, 0)
     no_logits = jnp.zeros((n_prefix, 1), jnp.int32)  # the prefix pass needs only its cache
-    _, cache = api.apply(cfg, params, prefix, positions=prefix_positions, segment_ids=prefix_segments,
+    _, cache = transformer.apply(cfg, params, prefix, positions=prefix_positions, segment_ids=prefix_segments,
                          cache=cache, logits_at=no_logits)
 
     def side_by_side(c):  # [layers, P, heads, Wp, d] -> [layers, C, heads, S * Wp + W, d]
@@ -76,7 +76,7 @@ def _continuation_scores(cfg, params, prefix, prefix_segments, owner, slot_segme
     cached_segments = (prefix_segments[owner] * slot_segments[:, :, None]).reshape(rows, slots * prefix_width)
     cache = KVCache(side_by_side(cache.k), side_by_side(cache.v), jnp.pad(cached_segments, ((0, 0), (0, width))),
                     jnp.int32(slots * prefix_width))
-    return api.target_log_probs(cfg, params, inputs, targets, positions=positions, segment_ids=segment_ids,
+    return transformer.target_log_probs(cfg, params, inputs, targets, positions=positions, segment_ids=segment_ids,
                                 cache=cache)
 
 

@@ -1,4 +1,4 @@
-"""The one way into the model for training, evaluation, conversion and planning.
+"""The model's weights as a plain tree, for training, evaluation, conversion and planning.
 
 Weights travel as the model's pure dict (`nnx.to_pure_dict` of its parameters: nested dicts of arrays,
 matrices [in, out], per-layer tensors stacked on a leading `layers` axis): optax, orbax, the converters
@@ -6,23 +6,23 @@ and the sharding rules all see that plain tree. Everything about its shapes is d
 config (cached: configs are frozen dataclasses), from the model definition itself:
 
     build(cfg, seed)        the NNX module with random weights      abstract(cfg)  shapes only
-    init_params(cfg, seed)  random weights as a pure dict           apply(...)     run on a pure dict
-    target_log_probs(...)   per-token log p(target), chunked logits
+    init_params(cfg, seed)  random weights as a pure dict           load_into      a dict into a module
     param_shapes(cfg)       ShapeDtypeStruct tree                   param_axes     logical-name tree
     flat_param_shapes(cfg)  {path: shape}                           param_count    exact count
     check_param_shapes      names and shapes against the config     param_specs / param_shardings
+
+Running the model on such a dict (`apply`, `target_log_probs`) is in `transformer`, beside the model.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax.model import loss
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.transformer import Transformer
 from llama_jax.parallel.logical import Rules
@@ -38,27 +38,6 @@ def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
 def abstract(cfg: ModelConfig) -> Transformer:
     """The model with shapes and dtypes only: no weights are allocated."""
     return nnx.eval_shape(lambda: build(cfg))
-
-
-@functools.lru_cache(maxsize=None)
-def graphdef(cfg: ModelConfig) -> nnx.GraphDef:
-    return nnx.split(abstract(cfg))[0]
-
-
-def apply(cfg: ModelConfig, params: Any, tokens: jax.Array, **kwargs):
-    """Run the model whose weights are the pure dict `params` (inside or outside jit); see
-    `Transformer.__call__` for the keyword arguments. Returns (logits fp32, cache)."""
-    return nnx.merge(graphdef(cfg), params)(tokens, **kwargs)
-
-
-def target_log_probs(cfg: ModelConfig, params: Any, tokens: jax.Array, targets: jax.Array,
-                     **kwargs) -> tuple[jax.Array, jax.Array]:
-    """Per-token (log p(target) fp32, target == argmax) [batch, length] of the model on `tokens`, its
-    logits computed `cfg.loss_chunk_size` positions at a time and never whole (`model.loss`); keyword
-    arguments as for `apply`. The training loss is -log p."""
-    model = nnx.merge(graphdef(cfg), params)
-    hidden, _ = model(tokens, head=False, **kwargs)
-    return loss.target_log_probs(hidden, model.head_kernel(), targets, cfg.loss_chunk_size)
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:

@@ -85,7 +85,7 @@ class ModelConfig:
     attention_impl: str = _execution("auto")
     scan_layers: bool = _execution(True)
     remat: str = _execution("none")
-    # Positions per row whose [vocab] logits the loss holds at once (`model.loss.target_log_probs`):
+    # Positions per row whose [vocab] logits the loss holds at once (`transformer.log_probs_in_chunks`):
     # longer sequences are scored in chunks, each chunk's logits recomputed in the backward pass.
     loss_chunk_size: int = _execution(2048)
 

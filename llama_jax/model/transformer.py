@@ -14,13 +14,18 @@ stacked parameters, so both modes share checkpoints and produce identical output
 
 Projections multiply 2-D activations, `(batch·length, features) @ W`. The products, attention's inner
 products and the loss's target gather go through `cpu_fast_paths`, which lowers them in their plain form
-everywhere but on XLA:CPU. Build, apply and inspect the model through `llama_jax.model.api`.
+everywhere but on XLA:CPU.
+
+The file ends with the loss (the output layer applied a chunk of positions at a time, so whole logits
+never exist) and the two entry points that run the model on a pure dict of weights: `apply` and
+`target_log_probs`. The weights' shapes, axes and shardings come from `llama_jax.model.api`.
 
 LoRA training with dropout passes its adapters unmerged (`lora=`, a `LoraPath`): each target projection
 then adds its `Adapter`'s term, scale · dropout(x) A B. Everything else sees plain (or merged) weights.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -33,11 +38,12 @@ from llama_jax.model.attention import attention
 from llama_jax.model.config import ModelConfig
 from llama_jax.parallel.context import context_shards, from_balanced, to_balanced
 from llama_jax.parallel.logical import constrain
-from llama_jax.model.cpu_fast_paths import matmul
+from llama_jax.model.cpu_fast_paths import matmul, target_logit
 from llama_jax.utils.trees import flatten, unflatten
 
 MATMUL_CHECKPOINT_NAME = "linear_out"
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, stack: tuple[int, ...], init) -> nnx.Param:
@@ -286,7 +292,7 @@ class Transformer(nnx.Module):
         then runs on those only).
         lora: LoRA adapters applied unmerged, with dropout on their inputs (training; see `LoraPath`).
         head=False: return the final normed hidden states [batch, length, dim] in the compute dtype
-        instead of the logits, for a loss that applies `head_kernel` chunk by chunk (`model.loss`).
+        instead of the logits, for a loss that applies `head_kernel` chunk by chunk (`target_log_probs`).
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -342,19 +348,14 @@ class Transformer(nnx.Module):
 
         if shards > 1:
             x = constrain(from_balanced(x, shards), BATCH_LENGTH_EMBED)
-        read = length
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-            read = logits_at.shape[1]
         x = self.norm(x)
         if cache is not None:
             cache = KVCache(kv[0], kv[1], segment_ids, start + length)
         if not head:
             return x, cache
-        logits = matmul(x.reshape(batch * read, cfg.dim), self.head_kernel())
-        logits = logits.astype(jnp.float32).reshape(batch, read, cfg.vocab_size)
-        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return logits, cache
+        return _logits(x, self.head_kernel()), cache
 
     def head_kernel(self) -> jax.Array:
         """The output projection [dim, vocab] in the compute dtype (the embedding's transpose when tied)."""
@@ -362,7 +363,104 @@ class Transformer(nnx.Module):
             return self.tok_embeddings[...].astype(self.cfg.compute_dtype).T
         return self.output.kernel[...].astype(self.cfg.compute_dtype)
 
+    def target_log_probs(self, tokens: jax.Array, targets: jax.Array, **kwargs) -> tuple[jax.Array, jax.Array]:
+        """Per-token (log p(target) fp32, target == argmax) [batch, length] on `tokens`, the logits computed
+        `cfg.loss_chunk_size` positions at a time and never whole (`log_probs_in_chunks`); keyword
+        arguments as for `__call__`. The training loss is -log p."""
+        hidden, _ = self(tokens, head=False, **kwargs)
+        return log_probs_in_chunks(hidden, self.head_kernel(), targets, self.cfg.loss_chunk_size)
+
 
 def unstack_layers(layers, n_layers: int) -> list:
     """The stacked `layers` parameters as one tree per layer."""
     return [jax.tree.map(lambda a: a[i], layers) for i in range(n_layers)]
+
+
+# The loss. At 128K tokens and LLaMA 3's vocabulary, whole fp32 logits of one sequence are 67 GB, so the
+# loss applies the output layer in sequence chunks: at most one chunk's [batch, chunk, vocab] logits
+# exist at a time, forward and backward (the backward pass recomputes each chunk's logits:
+# `jax.checkpoint` on the scanned chunk).
+#
+# Chunks are strided, not contiguous: chunk j holds positions j, j + n, j + 2n, ... (n chunks). A length
+# split over devices (context parallelism: `activation_length` on the `context` mesh axis) then stays
+# split inside every chunk, each device computing its own positions' share; contiguous chunks would put
+# each chunk on one device. The loss is a sum over positions, so their order is irrelevant.
+
+def _logits(x: jax.Array, head: jax.Array) -> jax.Array:
+    """fp32 logits [batch, length, vocab] of hidden states x [batch, length, dim] under `head` [dim, vocab]."""
+    batch, length, dim = x.shape
+    logits = matmul(x.reshape(batch * length, dim).astype(head.dtype), head).astype(jnp.float32)
+    return constrain(logits.reshape(batch, length, head.shape[1]), LOGITS_AXES)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per token in fp32: [batch, length, vocab], [batch, length] -> [batch, length]
+    (the loss of a caller that already holds whole logits)."""
+    logits = logits.astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit(logits, targets)
+
+
+def chunk_count(length: int, chunk_size: int) -> int:
+    """The fewest chunks, each at most `chunk_size` positions, that split `length` evenly (a divisor)."""
+    if chunk_size <= 0:
+        raise ValueError(f"loss chunk size must be > 0, got {chunk_size}")
+    n = -(-length // chunk_size)
+    while length % n:
+        n += 1
+    return n
+
+
+def _chunk_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log p(target) and target == argmax for one chunk: hidden [b, c, d], head [d, vocab], targets [b, c]."""
+    logits = _logits(hidden, head)
+    log_probs = target_logit(logits, targets) - jax.nn.logsumexp(logits, axis=-1)
+    return log_probs, jnp.argmax(logits, axis=-1) == targets
+
+
+def log_probs_in_chunks(hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                        chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probability of each target and whether the target is the model's argmax.
+
+    hidden [batch, length, dim]: the final normed hidden states (`Transformer(..., head=False)`); head
+    [dim, vocab] in the compute dtype (`Transformer.head_kernel`); targets [batch, length] int.
+    Returns (log p(target) [batch, length] fp32, target == argmax [batch, length] bool); -log p is
+    `token_nll` of the logits hidden @ head, and the argmax is jnp.argmax's (the first of equal maxima).
+
+    At most `chunk_size` positions' logits per row are live at once (see above); with one chunk nothing
+    is recomputed, so short sequences run exactly as whole logits would.
+    """
+    batch, length, dim = hidden.shape
+    n = chunk_count(length, chunk_size)
+    if n == 1:
+        return _chunk_log_probs(hidden, head, targets)
+    size = length // n
+    # position i*n + j -> chunk j, row i of it: [batch, size, n] -> [n, batch, size]
+    hidden_chunks = hidden.reshape(batch, size, n, dim).transpose(2, 0, 1, 3)
+    target_chunks = targets.reshape(batch, size, n).transpose(2, 0, 1)
+    body = jax.checkpoint(lambda h, t: _chunk_log_probs(h, head, t),
+                          policy=jax.checkpoint_policies.nothing_saveable)
+    _, (log_probs, is_argmax) = jax.lax.scan(lambda carry, xs: (carry, body(*xs)), None,
+                                             (hidden_chunks, target_chunks))
+    unchunk = lambda x: x.transpose(1, 2, 0).reshape(batch, length)  # noqa: E731
+    return unchunk(log_probs), unchunk(is_argmax)
+
+
+# The model on a pure dict of weights (`nnx.to_pure_dict` of its parameters, what optax, orbax and the
+# converters hold; `api` derives their shapes, axes and shardings): training, evaluation and decoding
+# run it through these two functions, inside or outside jit.
+
+@functools.lru_cache(maxsize=None)
+def graphdef(cfg: ModelConfig) -> nnx.GraphDef:
+    """The model's structure without weights (cached: configs are frozen dataclasses)."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0))))[0]
+
+
+def apply(cfg: ModelConfig, params, tokens: jax.Array, **kwargs):
+    """`Transformer.__call__` of the model whose weights are `params`: (logits fp32, cache)."""
+    return nnx.merge(graphdef(cfg), params)(tokens, **kwargs)
+
+
+def target_log_probs(cfg: ModelConfig, params, tokens: jax.Array, targets: jax.Array,
+                     **kwargs) -> tuple[jax.Array, jax.Array]:
+    """`Transformer.target_log_probs` of the model whose weights are `params`."""
+    return nnx.merge(graphdef(cfg), params).target_log_probs(tokens, targets, **kwargs)

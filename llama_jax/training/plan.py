@@ -28,7 +28,7 @@ from llama_jax.utils.config_io import ConfigError, from_dict, parse_override
 from llama_jax.parallel.logical import Rules, logical_to_spec
 from llama_jax.model import api
 from llama_jax.model.attention import IMPLEMENTATIONS, resolve_attention
-from llama_jax.model.loss import chunk_count
+from llama_jax.model.transformer import chunk_count
 from llama_jax.parallel.rules import MESH_AXES, axis_product, check_rules_use_mesh, rules_for
 from llama_jax.model.lora import LoraConfig, adapter_count, adapter_shapes, target_paths
 from llama_jax.training.step import make_optimizer, opt_state_specs, trainable_specs
@@ -129,8 +129,9 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
                     Which one `attention_impl` is comes from the attention registry (`auto` resolved
                     for `platform`).
     Under `full` and `save_matmuls` the layer being differentiated recomputes its `none` set; once per
-    step come the embedding output and, for one loss chunk's positions (`model.loss`: at most
-    `loss_chunk_size` per row), the fp32 logits, their softmax and its gradient (3·V/t·4).
+    step come the embedding output and, for one loss chunk's positions
+    (`transformer.log_probs_in_chunks`: at most `loss_chunk_size` per row), the fp32 logits, their
+    softmax and its gradient (3·V/t·4).
     Within ~35% of XLA:CPU's own buffer assignment on small models (tests/test_sharding_plan.py).
     """
     # rows per device (rounded up) × positions per device (context parallelism splits them)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from llama_jax.model import api
+from llama_jax.model import api, transformer
 from llama_jax.model.attention import resolve_attention
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.lora import LoraConfig, adapter_axes, adapter_shapes, merge, unmerged
@@ -104,7 +104,7 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> Tr
 def batch_nll(cfg: ModelConfig, params: Any, batch: dict, lora_path=None) -> tuple[jax.Array, jax.Array]:
     """(sum of masked NLL, number of loss tokens) of a packed batch (see `llama_jax.data`); `lora_path`:
     unmerged adapters on `params` (`lora.unmerged`)."""
-    log_probs, _ = api.target_log_probs(cfg, params, batch["inputs"], batch["targets"],
+    log_probs, _ = transformer.target_log_probs(cfg, params, batch["inputs"], batch["targets"],
                                         positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                                         lora=lora_path)
     mask = batch["loss_mask"].astype(jnp.float32)
