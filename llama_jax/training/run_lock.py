@@ -7,9 +7,9 @@ with the job's identity (a random id, host, PID, start time) and refreshes its `
 lock (they wait for its verdict, so a refused job exits 2 on every host). A job finding the file held
 is refused with a message naming the holder, unless the holder is gone: a process of this host that no
 longer runs (killed, out of memory), or a heartbeat older than `stale_after_s` (a crashed job
-elsewhere); then the lock is taken over with a warning. A lock file without a readable record (the
-moment between the exclusive create and the write of the record, or a job that died in it) counts as
-held until its modification time is `stale_after_s` old. The lock is removed when the job ends, however
+elsewhere); then the lock is taken over with a warning, by one job only (`RunLock._take_over`). A lock
+file without a readable record (the moment between the exclusive create and the write of the record, or
+a job that died in it) counts as held until its modification time is `stale_after_s` old. The lock is removed when the job ends, however
 it ends, short of a crash (which leaves a heartbeat that goes stale).
 
 Guarantees: on a local disk and on POSIX shared file systems whose exclusive create is atomic (NFSv3+,
@@ -85,19 +85,28 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
+    def _snapshot(self) -> tuple | None:
+        """What identifies the lock file now (its record, inode and modification time), None if absent."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return self._holder(), stat.st_ino, stat.st_mtime_ns
+
     def _acquire(self) -> str:
         """"" once the lock is ours, else the message refusing this job."""
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._holder()
+                seen = self._snapshot()
+                if seen is None:  # released in the meantime
+                    continue
+                holder, _, mtime_ns = seen
                 heartbeat = holder.get("heartbeat")
                 recorded = type(heartbeat) in (int, float) and math.isfinite(heartbeat)
-                try:  # no record (yet): the job is between its create and its write, or died there
-                    age = time.time() - (heartbeat if recorded else self.path.stat().st_mtime)
-                except FileNotFoundError:  # released in the meantime
-                    continue
+                # no record (yet): the job is between its create and its write, or died there
+                age = time.time() - (heartbeat if recorded else mtime_ns / 1e9)
                 pid = holder.get("pid")
                 dead = (holder.get("host") == self.identity["host"] and isinstance(pid, int)
                         and not isinstance(pid, bool) and pid > 0 and not process_alive(pid))
@@ -109,14 +118,45 @@ class RunLock:
                             f"{age:.0f} s ago, holds no record yet): use another run_dir, or wait for it to finish")
                 why = ("is no longer running" if dead else
                        f"sent no heartbeat for {age:.0f} s (stale after {self.stale_after_s:g} s)")
-                self.say(f"warning: taking over {self.path}: its holder (host {holder.get('host', '?')}, PID "
-                         f"{holder.get('pid', '?')}) {why}")
-                self.path.unlink(missing_ok=True)
+                refusal = self._take_over(seen, f"warning: taking over {self.path}: its holder (host "
+                                                f"{holder.get('host', '?')}, PID {holder.get('pid', '?')}) {why}")
+                if refusal:
+                    return refusal
                 continue
             with os.fdopen(fd, "wb") as f:
                 f.write(self._record())
             return ""
         return f"run_dir {self.path.parent}: another job took the lock while this one took over a stale one"
+
+    def _take_over(self, stale: tuple, warning: str) -> str:
+        """Remove the lock file judged stale (`stale`, its `_snapshot`), then "" to create ours; or the
+        message refusing this job.
+
+        Two jobs that find the same stale lock must not both take it: the second would delete the lock the
+        first has just created. So the removal happens under a second exclusive file, `.lock.json.takeover`,
+        and only if the lock file is still the one judged stale (not already a new holder's). A takeover
+        file left by a job that died in these few lines is removed once `stale_after_s` old.
+        """
+        guard = self.path.with_name(f".{LOCK_FILE}.takeover")
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:
+                age = time.time() - guard.stat().st_mtime
+            except FileNotFoundError:  # that takeover ended in the meantime: look again
+                return ""
+            if age > self.stale_after_s:
+                guard.unlink(missing_ok=True)
+                return ""
+            return (f"run_dir {self.path.parent}: another job is taking over its stale lock ({guard}, "
+                    f"{age:.0f} s ago): use another run_dir, or wait for it to finish")
+        try:
+            if self._snapshot() == stale:
+                self.say(warning)
+                self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
+        return ""
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
