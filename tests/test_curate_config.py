@@ -180,7 +180,8 @@ def _reader_over(tmp_path: Path, payload: bytes, compress: bool):
 _LINE = st.one_of(st.binary(max_size=40),
                   st.builds(lambda t: json.dumps({"text": t}).encode(), st.text(max_size=20)),
                   st.builds(lambda v: json.dumps(v).encode(), st.integers() | st.lists(st.integers(), max_size=2)),
-                  st.just(b'{"text": "caf\xe9"}'), st.just(b'{"text": ""}'), st.just(b'{"id": 1}'))
+                  st.just(b'{"text": "caf\xe9"}'), st.just(b'{"text": ""}'), st.just(b'{"id": 1}'),
+                  st.just(b'{"text": "a\\ud800b"}'), st.just(b'{"text": "\\udcff"}'), st.just(b'{"text": "\\ud83d\\ude00"}'))
 
 
 @FUZZ
@@ -196,16 +197,17 @@ def test_fuzz_jsonl_shard_reader(tmp_path_factory, lines, compress):
     skipped = read_tally(tmp_path / "skipped")
     nonblank = [line for line in payload.split(b"\n") if line.strip()]
     assert len(docs) + sum(skipped.values()) == len(nonblank)
-    assert all(isinstance(d.text, str) and d.text for d in docs)
+    assert all(isinstance(d.text, str) and d.text and d.text.encode("utf-8") for d in docs)  # Unicode text
 
 
 def test_reader_counts_non_utf8_and_names_a_corrupt_shard(tmp_path):
     from llama_jax.curate.blocks.tally import read_tally
 
-    payload = b'{"text": "good"}\n{"text": "caf\xe9"}\n{not json\n{"body": "x"}\n'
+    payload = (b'{"text": "good"}\n{"text": "caf\xe9"}\n{not json\n{"body": "x"}\n'
+               b'{"text": "lone \\udcff here"}\n{"text": "pair \\ud83d\\ude00"}\n')
     docs = list(_reader_over(tmp_path, payload, compress=False).run())
-    assert [d.text for d in docs] == ["good"]
-    assert read_tally(tmp_path / "skipped") == {"not_utf8": 1, "bad_json": 1, "no_text": 1}
+    assert [d.text for d in docs] == ["good", "pair \U0001F600"]  # an escaped pair is one character
+    assert read_tally(tmp_path / "skipped") == {"not_utf8": 2, "bad_json": 1, "no_text": 1}
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])

@@ -49,7 +49,7 @@ class MixtureWriter(PipelineStep):
         for i, shard in enumerate(shards):
             name = f"shard-{i:05d}.jsonl"
             lines = "".join(json.dumps(provenance(d), ensure_ascii=False) + "\n" for d in shard)
-            write_atomically(out / name, lines.encode("utf-8", "surrogatepass"))
+            write_atomically(out / name, lines.encode("utf-8"))
             entries.append({"file": name, "documents": len(shard), "tokens": sum(d.tokens for d in shard)})
         total = sum(e["tokens"] for e in entries)
         report = {}

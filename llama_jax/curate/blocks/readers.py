@@ -16,6 +16,7 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 
 from llama_jax.curate.blocks.tally import write_tally
 from llama_jax.curate.errors import CurateError
+from llama_jax.utils.text import lone_surrogate
 
 
 @contextlib.contextmanager
@@ -58,6 +59,8 @@ class SafeJsonlReader(BaseDiskReader):
             return self._skip("bad_json")
         if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str) or not record[self.text_key]:
             return self._skip("no_text")
+        if lone_surrogate(record[self.text_key]) is not None:  # valid JSON (an escaped lone surrogate), not text
+            return self._skip("not_utf8")
         return self.get_document_from_dict(record, filepath, number)
 
     def _skip(self, reason: str) -> None:
