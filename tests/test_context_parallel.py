@@ -96,7 +96,7 @@ def worker() -> dict:
                 "mesh_shape": dict(mesh.shape),
             }
     # Decoding with a KV cache under a context-split mesh: a clear error, not a wrong layout.
-    from llama_jax.model.api import apply
+    from llama_jax.model.transformer import apply
     from llama_jax.model.transformer import KVCache
     mesh_cfg = MeshConfig(**MESHES["context=4"])
     mesh, rules = make_mesh(mesh_cfg), rules_for(mesh_cfg.strategy)

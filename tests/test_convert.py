@@ -18,7 +18,7 @@ from llama_jax.convert import convert, read_checkpoint
 from llama_jax.cli.convert import main
 from llama_jax.utils.trees import flatten
 from llama_jax.model.params import our_shape, params_from_torch, tensor_maps
-from llama_jax.model.api import apply
+from llama_jax.model.transformer import apply
 from oracle import hf_logits, hf_model
 
 BASE = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=96, norm_eps=1e-5, max_seq_len=64,
