@@ -215,8 +215,8 @@ class TokenScorer:
             tails = [min(len(pairs[i][1]), len(s) - 1) for i, s in zip(too_long, cut)]
             for i, scored in zip(too_long, self.score(cut, tails=tails)):
                 results[i] = scored
-        for contexts, members in self._plan_shared(by_context, pairs):
-            self._score_shared(contexts, members, pairs, results)
+        for contexts, members, packed in self._plan_shared(by_context, pairs):
+            self._score_shared(contexts, members, packed, pairs, results)
         return results
 
     def _continuation_width(self, lengths: Sequence[int]) -> int:
@@ -231,32 +231,34 @@ class TokenScorer:
         rows = pack_pieces(lengths, self._continuation_width(lengths), PIECES_PER_ROW)
         return [[flat[j] for j in row] for row in rows]
 
-    def _plan_shared(self, by_context: dict, pairs) -> list[tuple[list[tuple], list[list[int]]]]:
-        """Batches of (contexts, each one's pair indices): longest context first, at most `rows`
-        contexts and `rows` packed continuation rows per batch; a context's continuations stay in one
-        batch unless they alone do not fit in one."""
+    def _plan_shared(self, by_context: dict, pairs) -> list[tuple[list[tuple], list[list[int]], list[list[int]]]]:
+        """Batches of (contexts, each one's pair indices, the packed continuation rows): longest context
+        first, at most `rows` contexts and `rows` packed continuation rows per batch; a context's
+        continuations stay in one batch unless they alone do not fit in one."""
         order = sorted(by_context, key=lambda c: (-len(c), c))
-        batches, contexts, members = [], [], []
+        batches, contexts, members, packed = [], [], [], []
         for ctx in order:
             pending = by_context[ctx]
             while pending:
                 take = pending[:self.rows * PIECES_PER_ROW]
-                if not contexts:
-                    while len(self._packed_rows([take], pairs)) > self.rows:
-                        take = take[:-1]
-                elif len(contexts) == self.rows or len(self._packed_rows(members + [take], pairs)) > self.rows:
-                    batches.append((contexts, members))
-                    contexts, members = [], []
+                rows = None if len(contexts) == self.rows else self._packed_rows(members + [take], pairs)
+                if contexts and (rows is None or len(rows) > self.rows):
+                    batches.append((contexts, members, packed))
+                    contexts, members, packed = [], [], []
                     continue
+                while len(rows) > self.rows:  # a first context whose continuations alone overflow a batch
+                    take = take[:-1]
+                    rows = self._packed_rows([take], pairs)
                 pending = pending[len(take):]
                 contexts.append(ctx)
                 members.append(take)
+                packed = rows
         if contexts:
-            batches.append((contexts, members))
+            batches.append((contexts, members, packed))
         return batches
 
-    def _score_shared(self, contexts: list[tuple], members: list[list[int]], pairs, results: list) -> None:
-        packed = self._packed_rows(members, pairs)
+    def _score_shared(self, contexts: list[tuple], members: list[list[int]], packed: list[list[int]], pairs,
+                      results: list) -> None:
         owner_of = {i: p for p, member in enumerate(members) for i in member}
         prefix_rows = row_count(len(contexts), self.rows, self.model.row_multiple)
         cont_rows = row_count(len(packed), self.rows, self.model.row_multiple)
