@@ -87,3 +87,21 @@ def test_bad_eval_tasks_fail_before_compiling(corpus, tmp_path, monkeypatch, sec
     section = section.replace("TASKS", str(tmp_path / "tasks")).replace("MISSING", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=message):
         run_in_process(corpus, tmp_path / "run", eval_tasks=section, task_eval_every=2)
+
+
+def test_code_tasks_in_training_run_unsandboxed_only_with_consent(monkeypatch):
+    """Where bubblewrap cannot run, a code task in `eval_tasks` is refused before anything compiles, with
+    the training key that consents; given it, the task's programs run with the audit hook alone."""
+    from llama_jax.evaluation import sandbox
+    from llama_jax.training.config import load_train_config
+    from llama_jax.training.task_eval import TaskEval
+    from llama_jax.utils.config_io import ConfigError
+
+    monkeypatch.setattr(sandbox, "find_isolation", lambda: "bwrap is not installed")
+    section = "eval_tasks={tasks: [humaneval], limit: 1}"
+    with pytest.raises(ConfigError, match=r"^eval_tasks: code tasks run generated programs only in a container, "
+                                          r"and bwrap is not installed: .*eval_tasks.unsafe_run_generated_code=true"):
+        TaskEval.prepare(load_train_config(None, [section]))
+    consented = TaskEval.prepare(load_train_config(None, [section, "eval_tasks.unsafe_run_generated_code=true"]))
+    assert consented._options.allow_unsafe_code
+    assert sandbox.choose_isolation(consented._options.allow_unsafe_code) == sandbox.Isolation(bwrap=False)

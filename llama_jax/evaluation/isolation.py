@@ -28,8 +28,8 @@ import sys
 from dataclasses import dataclass
 
 INSTALL_HINT = ("install bubblewrap >= 0.8 (Debian/Ubuntu: apt-get install bubblewrap; as a non-root user it also "
-                "needs unprivileged user namespaces), or pass --unsafe-run-generated-code to run generated code "
-                "with only the in-process audit hook")
+                "needs unprivileged user namespaces), or pass --unsafe-run-generated-code (in training: "
+                "eval_tasks.unsafe_run_generated_code=true) to run generated code with only the in-process audit hook")
 _SYSTEM = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 
 

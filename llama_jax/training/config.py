@@ -42,6 +42,9 @@ class TaskEvalConfig:
     num_fewshot: int | None = None  # null: each task's own default
     batch_size: int = 16
     data_dir: str | None = None  # TFDS data_dir of catalog tasks
+    # consent to running code tasks' generated programs with the audit hook and limits alone where
+    # bubblewrap cannot run (evaluation's --unsafe-run-generated-code); otherwise such a run is refused
+    unsafe_run_generated_code: bool = False
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:

@@ -30,7 +30,8 @@ class TaskEval:
         section = cfg.eval_tasks
         if not section.tasks:
             return None
-        options = RunOptions(num_fewshot=section.num_fewshot, limit=section.limit, batch_size=section.batch_size)
+        options = RunOptions(num_fewshot=section.num_fewshot, limit=section.limit, batch_size=section.batch_size,
+                             allow_unsafe_code=section.unsafe_run_generated_code)
         try:
             prepared = [prepare(t, options) for t in load_tasks(section.tasks, data_dir=section.data_dir)]
         except (ValueError, FileNotFoundError) as e:
