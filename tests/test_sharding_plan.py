@@ -99,6 +99,22 @@ def test_activation_estimate_scales_with_mesh():
     assert tp < est["save_matmuls"]
 
 
+def test_cudnn_counts_its_dense_mask_per_layer_and_row(capsys):
+    """With segment ids jax hands cuDNN a boolean [T, T] mask per row and its bf16 bias: 3·T bytes per token
+    of every layer kept for the backward pass (remat none), of the one layer recomputed otherwise; the flash
+    kernel keeps none. Counted by hand against the `pallas_gpu` plan of the same model."""
+    cfg = load_model_config("llama1-7b").replace(dtype="bfloat16")
+    assert cfg.attention_impl == "auto"  # on a GPU: cudnn, up to 8,192 positions with segment ids
+    one, rows, length = {"data": 1, "fsdp": 1, "tensor": 1}, 4, 2048
+    for policy, layers_kept in (("none", cfg.n_layers), ("save_matmuls", 1), ("full", 1)):
+        cudnn = activation_bytes(cfg, rules_for("fsdp"), one, rows, length, policy, "gpu")
+        flash = activation_bytes(cfg.replace(attention_impl="pallas_gpu"), rules_for("fsdp"), one, rows, length,
+                                 policy, "gpu")
+        assert cudnn - flash == pytest.approx(rows * length * layers_kept * 3 * length, abs=1), policy
+    assert plan_cli(["model=llama1-7b", "model.dtype=bfloat16", "platform=gpu", "devices=8"]) == 0
+    assert "attention auto on gpu: cudnn (O(T) memory per row, a T×T mask with segment ids)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("policy", ["save_matmuls", "full"])  # `none` too, but 8 s more
 def test_activation_estimate_close_to_xla_buffer_assignment(policy):
     """XLA:CPU's temporary bytes for the gradient of a small model: the estimate within 35%."""

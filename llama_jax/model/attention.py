@@ -138,6 +138,15 @@ class AttentionImpl:
     function: str  # "module:attribute", imported on first use (the kernels load Pallas)
     stores_scores: bool  # keeps the [q_len, kv_len] scores per head (the reference), else O(T) per row
     refusal: Callable[[AttentionCase], str | None] | None = None  # None: runs anywhere (a Pallas kernel interprets)
+    # with segment ids, builds a dense [q_len, kv_len] boolean mask per row (all heads share it), which
+    # jax turns into an additive bias in the compute dtype: (1 + c)·T² bytes per row (cuDNN)
+    dense_mask: bool = False
+
+    def memory(self) -> str:
+        """What the planner says of its memory per row."""
+        if self.stores_scores:
+            return "keeps T×T scores"
+        return "O(T) memory per row" + (", a T×T mask with segment ids" if self.dense_mask else "")
 
     def load(self) -> Callable:
         module, attribute = self.function.split(":")
@@ -149,7 +158,8 @@ class AttentionImpl:
 
 IMPLEMENTATIONS: dict[str, AttentionImpl] = {impl.name: impl for impl in (
     AttentionImpl("xla", "llama_jax.model.attention:xla_attention", stores_scores=True),
-    AttentionImpl("cudnn", "llama_jax.model.attention:cudnn_per_shard", stores_scores=False, refusal=cudnn_refusal),
+    AttentionImpl("cudnn", "llama_jax.model.attention:cudnn_per_shard", stores_scores=False, refusal=cudnn_refusal,
+                  dense_mask=True),
     AttentionImpl("pallas_gpu", "llama_jax.kernels:pallas_gpu", stores_scores=False),
     AttentionImpl("pallas_tpu", "llama_jax.kernels:pallas_tpu", stores_scores=False),
 )}

@@ -125,7 +125,8 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
       save_matmuls  the layer input and every projection output: ((D + 2·kv·hd)/t + 2·D + 2·F/t)·c.
       none          all of the above, the fp32 norm inputs (2·D·4), rotary q/k in fp32, the SwiGLU gate
                     and product (2·F/t·c), the attention output, and for the `xla` attention its fp32
-                    scores and probabilities (2·H/t·T·4; a flash kernel keeps one row statistic instead).
+                    scores and probabilities (2·H/t·T·4; a flash kernel keeps one row statistic instead);
+                    cuDNN's dense mask from segment ids, a boolean and its bias ((1 + c)·T, all heads).
                     Which one `attention_impl` is comes from the attention registry (`auto` resolved
                     for `platform`).
     Under `full` and `save_matmuls` the layer being differentiated recomputes its `none` set; once per
@@ -145,8 +146,10 @@ def activation_bytes(cfg: ModelConfig, rules: Rules, mesh_shape: dict[str, int],
     layer_input = d * c
     matmul_outputs = ((d + 2 * kv_dim) / t_heads + 2 * d + 2 * f / t_mlp) * c
     heads = cfg.n_heads / t_heads
-    stores_scores = IMPLEMENTATIONS[resolve_attention(cfg, platform, seq_len=seq_len).attention_impl].stores_scores
-    attention = 2 * heads * seq_len * FP32 if stores_scores else heads * FP32
+    impl = IMPLEMENTATIONS[resolve_attention(cfg, platform, seq_len=seq_len).attention_impl]
+    attention = 2 * heads * seq_len * FP32 if impl.stores_scores else heads * FP32
+    if impl.dense_mask:  # training batches carry segment ids
+        attention += (1 + c) * seq_len
     everything = (layer_input + matmul_outputs + 2 * d * FP32 + (d + kv_dim) / t_heads * FP32
                   + 2 * f / t_mlp * c + d / t_heads * c + attention)
     per_layer = {"none": everything, "save_matmuls": layer_input + matmul_outputs, "full": layer_input}[policy]
@@ -212,7 +215,7 @@ def render_plan(cfg, options: PlanOptions) -> str:
              f"mesh: {mesh_text} ({n_devices} devices), strategy {cfg.mesh.strategy}",
              f"batch: {cfg.global_batch_size} rows × {cfg.seq_len} tokens in {cfg.micro_batches} micro-batch(es); "
              f"attention {model.attention_impl} on {options.platform}: {impl} "
-             f"({'keeps T×T scores' if IMPLEMENTATIONS[impl].stores_scores else 'O(T) memory per row'})",
+             f"({IMPLEMENTATIONS[impl].memory()})",
              "", "rules (logical axis -> mesh axes):"]
     lines += [f"  {name:22s} {target if target else '-'}" for name, target in rules]
     rows_out = [("parameters", state["params"]), ("gradients", state["grads"]),
