@@ -127,7 +127,8 @@ def test_a_stale_lock_taken_over_meanwhile_by_another_job_is_left_to_it(tmp_path
     job's takeover ran in between), leaves that lock alone and is refused."""
     path = tmp_path / LOCK_FILE
     _stale_lock(path)
-    first, second, said = _lock(tmp_path), _lock(tmp_path), []
+    said = []
+    first, second = _lock(tmp_path, said), _lock(tmp_path)
     take_over = RunLock._take_over
 
     def other_job_first(self, stale, warning):
@@ -139,6 +140,7 @@ def test_a_stale_lock_taken_over_meanwhile_by_another_job_is_left_to_it(tmp_path
     with pytest.raises(RunDirectoryLocked, match=rf"^run_dir {tmp_path} is in use by job {second.identity['job']}"):
         first.__enter__()
     assert json.loads(path.read_text())["job"] == second.identity["job"]
+    assert said == []  # the first job announced no takeover: it removed nothing
     second.__exit__(None, None, None)
 
 
