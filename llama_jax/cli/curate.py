@@ -6,8 +6,11 @@ prints one `error: ...` line and exits 2. datatrove and the models load only whe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from pathlib import Path
 
 from llama_jax.utils.config_io import ConfigError
 
@@ -69,6 +72,28 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send this process's stderr to `path` for the duration, then put it back: datatrove's per-task
+    console logs (also kept per task in each phase's logs/), so the terminal shows only the progress
+    lines. Both the file descriptor (worker processes) and `sys.stderr` (tasks run in this process,
+    whose logger writes to it) are redirected. Only the command line does this; `execute` leaves stderr
+    to its caller."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved_fd, saved_stream = os.dup(2), sys.stderr
+    with path.open("a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 2)
+        sys.stderr = log
+        try:
+            yield
+        finally:
+            log.flush()
+            sys.stderr = saved_stream
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+
+
 def _curate(argv: list[str]) -> int:
     from llama_jax.curate.config import load_config
 
@@ -79,9 +104,11 @@ def _curate(argv: list[str]) -> int:
     cfg = load_config(config, overrides)
 
     from llama_jax.curate.funnel import FUNNEL_FILE, format_funnel
-    from llama_jax.curate.run import MIXTURE_DIR, execute
+    from llama_jax.curate.run import MIXTURE_DIR, WORKER_LOG, execute
 
-    execute(cfg, report=print if cfg.progress else (lambda line: None))
+    submits = cfg.executor.kind == "slurm"  # its jobs log under logs/ themselves
+    with contextlib.nullcontext() if submits else _stderr_to(cfg.root / WORKER_LOG):
+        execute(cfg, report=print if cfg.progress else (lambda line: None))
     if cfg.executor.kind != "slurm":
         rows = json.loads((cfg.root / FUNNEL_FILE).read_text())
         print(format_funnel(rows))

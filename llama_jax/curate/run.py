@@ -6,9 +6,6 @@ where datatrove records completed tasks: a relaunched run skips them, so a kille
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -134,26 +131,6 @@ def make_executor(cfg: CurateConfig, phase: Phase, depends=None):
         depends=depends, venv_path=s.venv_path or None, sbatch_args=sbatch_args or None)
 
 
-@contextlib.contextmanager
-def _worker_logs_to(path: Path):
-    """Send stderr to a file for the duration: datatrove's per-task console logs (also kept per task in
-    each phase's logs/), so the terminal shows only our progress lines. Both the file descriptor (worker
-    processes) and `sys.stderr` (tasks run in this process, whose logger writes to it) are redirected."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stderr.flush()
-    saved_fd, saved_stream = os.dup(2), sys.stderr
-    with path.open("a", encoding="utf-8") as log:
-        os.dup2(log.fileno(), 2)
-        sys.stderr = log
-        try:
-            yield
-        finally:
-            log.flush()
-            sys.stderr = saved_stream
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-
-
 def _source_input(cfg: CurateConfig, name: str) -> str:
     src = next(s for s in cfg.sources if s.name == name)
     return f"sources ({name}).path: {Path(src.path).expanduser()}"
@@ -188,8 +165,12 @@ def _ensure_ray(cfg: CurateConfig) -> None:
         ray.init(address=cfg.executor.ray.address or None, include_dashboard=False, log_to_driver=False)
 
 
+WORKER_LOG = Path("logs") / "workers.log"  # under the output directory: where the command line sends stderr
+
+
 def execute(cfg: CurateConfig, report: Callable[[str], None] = print) -> list[Phase]:
-    """Run (local, Ray) or submit (Slurm) every phase; returns the phases."""
+    """Run (local, Ray) or submit (Slurm) every phase; returns the phases. datatrove's task logs go to
+    stderr as the caller has it (the command line sends them to `WORKER_LOG`)."""
     phases = plan(cfg, report)
     if cfg.executor.kind == "slurm":
         previous = None
@@ -200,24 +181,22 @@ def execute(cfg: CurateConfig, report: Callable[[str], None] = print) -> list[Ph
         return phases
     if cfg.executor.kind == "ray":
         _ensure_ray(cfg)
-    log_file = cfg.root / "logs" / "workers.log"
     for number, phase in enumerate(phases, start=1):
         report(f"[{number:>2}/{len(phases)}] {phase.source:<14} {phase.stage:<12} {phase.step:<10} "
                f"({phase.tasks} task{'s' if phase.tasks > 1 else ''})")
-        with _worker_logs_to(log_file):
-            try:
-                make_executor(cfg, phase).run()
-            except CurateError:
-                raise
-            except Exception as e:  # a worker's failure: keep the one line, point at the full log
-                cause = e
-                while cause.__cause__ is not None and not isinstance(cause, CurateError):
-                    cause = cause.__cause__
-                if isinstance(cause, CurateError):
-                    raise cause from None
-                where = (f"{_source_input(cfg, phase.source)}: unreadable input" if phase.stage == "read"
-                         else f"{phase.source}/{phase.stage}/{phase.step} failed")
-                raise CurateError(f"{where}: {e} (task logs: {phase.logging_dir}/logs)") from e
+        try:
+            make_executor(cfg, phase).run()
+        except CurateError:
+            raise
+        except Exception as e:  # a worker's failure: keep the one line, point at the full log
+            cause = e
+            while cause.__cause__ is not None and not isinstance(cause, CurateError):
+                cause = cause.__cause__
+            if isinstance(cause, CurateError):
+                raise cause from None
+            where = (f"{_source_input(cfg, phase.source)}: unreadable input" if phase.stage == "read"
+                     else f"{phase.source}/{phase.stage}/{phase.step} failed")
+            raise CurateError(f"{where}: {e} (task logs: {phase.logging_dir}/logs)") from e
         if phase.stage == "read" and phase.source in {s.name for s in cfg.sources if s.format != "sample"}:
             _require_documents(cfg, phase.source)
     return phases
