@@ -66,6 +66,28 @@ def _write_run(run, cfg, steps):
     ckpts.close()
 
 
+def test_reads_mute_their_own_absl_warnings_only(caplog):
+    """While a thread reads, its absl warnings (orbax's expected ones) are dropped; its errors and
+    every other thread's warnings (a training run's background saves) still show; afterwards nothing
+    is dropped."""
+    import threading
+
+    from llama_jax.checkpoint.orbax_io import without_orbax_warnings
+
+    absl = logging.getLogger("absl")
+    filters = list(absl.filters)
+    with caplog.at_level(logging.WARNING), without_orbax_warnings():
+        absl.warning("this thread's warning")
+        absl.error("this thread's error")
+        other = threading.Thread(target=lambda: absl.warning("another thread's warning"))
+        other.start()
+        other.join()
+    absl.warning("after the read")
+    assert [r.getMessage() for r in caplog.records] == ["this thread's error", "another thread's warning",
+                                                        "after the read"]
+    assert absl.filters == filters
+
+
 def test_run_dir_loads_the_latest_complete_step(tmp_path, monkeypatch, caplog):
     cfg = CONFIGS["mha"]
     latest = random_params(cfg, seed=2)

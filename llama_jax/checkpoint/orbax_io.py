@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -21,18 +22,30 @@ import orbax.checkpoint as ocp
 
 from llama_jax.utils.trees import flatten, unflatten
 
+
+class _BelowErrorOnThisThread(logging.Filter):
+    """Drops the records below ERROR logged by the thread that made it."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.thread != self.thread
+
+
 @contextlib.contextmanager
 def without_orbax_warnings():
-    """Silence absl's WARNING lines while reading: orbax logs four for every read-only look at a run
-    directory (read-only options it adjusts, an item directory without step-level metadata), all
-    expected here and alarming in `eval.py`'s output. Errors still show."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence absl's WARNING lines of this thread while it reads: orbax logs four for every read-only
+    look at a run directory (read-only options it adjusts, an item directory without step-level
+    metadata), all expected here and alarming in `eval.py`'s output. Errors still show, and so does
+    whatever other threads log meanwhile (a training run's checkpoint saves)."""
+    logger, mute = logging.getLogger("absl"), _BelowErrorOnThisThread()
+    logger.addFilter(mute)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(mute)
 
 
 class RunManager:
