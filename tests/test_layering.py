@@ -150,7 +150,8 @@ def files_named(text: str) -> dict[str, Path]:
 def test_the_documented_routes_name_real_code_in_at_most_four_files():
     """Each route (a training step, the attention choice, a checkpoint's write and read) names files that
     exist and functions or classes that those files define, and a reader opens at most 4 files, as
-    many as its title says (the largest count it gives). Renaming or moving a step of a route without the doc fails here."""
+    many as its title says (the largest count it gives). Renaming or moving a step of a route without the
+    doc fails here."""
     blocks = route_blocks((PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8"))
     assert len(blocks) == 3, list(blocks)
     for title, body in blocks.items():

@@ -130,8 +130,8 @@ def test_training_drops_out_evaluation_does_not(steps):
     the train step's loss (with dropout) is another."""
     state, base, batch = steps["state"], steps["base"], batch_of(0, rows=4)
     evaluated = jax.jit(lambda p, b, f: eval_step(p, b, f, model_cfg=CFG, lora=LORA))(state.params, batch, base)
-    logits = np.asarray(jax.jit(lambda w, t: transformer.apply(CFG, w, t)[0])(merge(base, state.params, LORA), batch["inputs"]),
-                        np.float64)
+    merged = merge(base, state.params, LORA)
+    logits = np.asarray(jax.jit(lambda w, t: transformer.apply(CFG, w, t)[0])(merged, batch["inputs"]), np.float64)
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     model_loss = -np.take_along_axis(log_probs, batch["targets"][..., None], -1).mean()
     np.testing.assert_allclose(float(evaluated["nll_sum"] / evaluated["tokens"]), model_loss, rtol=1e-5)

@@ -58,7 +58,7 @@ def test_chunked_log_probs_and_gradients_equal_whole_logits(chunk_size):
 def _whole_logits_nll(cfg, params, batch):
     """The training loss as it was computed before chunking: whole logits, then `token_nll`."""
     logits, _ = transformer.apply(cfg, params, batch["inputs"], positions=batch["positions"],
-                          segment_ids=batch["segment_ids"])
+                                  segment_ids=batch["segment_ids"])
     mask = batch["loss_mask"]
     return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
 

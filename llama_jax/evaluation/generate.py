@@ -90,7 +90,8 @@ def _model(cfg, params):
     Its attention is the `xla` reference: queries attend over the KV cache (q_len != kv_len), which only
     the reference supports (`Generator` says so when the config names another)."""
     cfg = cfg.replace(scan_layers=False, attention_impl="xla")
-    return cfg, functools.partial(transformer.apply, cfg, params, layer_params=unstack_layers(params["layers"], cfg.n_layers))
+    layer_params = unstack_layers(params["layers"], cfg.n_layers)
+    return cfg, functools.partial(transformer.apply, cfg, params, layer_params=layer_params)
 
 
 def _prefill(cfg, params, tokens, segment_ids, temperature, key, *, max_new: int, greedy: bool, top_k: int,

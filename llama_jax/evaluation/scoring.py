@@ -44,10 +44,11 @@ PIECES_PER_ROW = 2  # continuations packed into one row (each adds its context's
 def _sequence_scores(cfg, params, tokens, segment_ids, read=None):
     """tokens [rows, width + 1]: the model reads the first `width`, each predicting the next; `read`
     [rows, n]: the input positions whose predictions are wanted (default all). (log p(target), target is
-    the argmax), the logits `cfg.loss_chunk_size` positions at a time, never whole (`transformer.log_probs_in_chunks`)."""
+    the argmax), the logits `cfg.loss_chunk_size` positions at a time, never whole
+    (`transformer.log_probs_in_chunks`)."""
     targets = tokens[:, 1:] if read is None else jnp.take_along_axis(tokens, read + 1, axis=1)
     return transformer.target_log_probs(cfg, params, tokens[:, :-1], targets, segment_ids=segment_ids[:, :-1],
-                                logits_at=read)
+                                        logits_at=read)
 
 
 def _continuation_scores(cfg, params, prefix, prefix_segments, owner, slot_segments, inputs, targets, positions,
@@ -66,7 +67,7 @@ def _continuation_scores(cfg, params, prefix, prefix_segments, owner, slot_segme
     prefix_positions = jnp.maximum(jnp.cumsum(prefix_segments, axis=1) - 1, 0)
     no_logits = jnp.zeros((n_prefix, 1), jnp.int32)  # the prefix pass needs only its cache
     _, cache = transformer.apply(cfg, params, prefix, positions=prefix_positions, segment_ids=prefix_segments,
-                         cache=cache, logits_at=no_logits)
+                                 cache=cache, logits_at=no_logits)
 
     def side_by_side(c):  # [layers, P, heads, Wp, d] -> [layers, C, heads, S * Wp + W, d]
         layers, _, heads, _, head_dim = c.shape
@@ -77,7 +78,7 @@ def _continuation_scores(cfg, params, prefix, prefix_segments, owner, slot_segme
     cache = KVCache(side_by_side(cache.k), side_by_side(cache.v), jnp.pad(cached_segments, ((0, 0), (0, width))),
                     jnp.int32(slots * prefix_width))
     return transformer.target_log_probs(cfg, params, inputs, targets, positions=positions, segment_ids=segment_ids,
-                                cache=cache)
+                                        cache=cache)
 
 
 def pack_pieces(lengths: Sequence[int], width: int, slots: int) -> list[list[int]]:

@@ -124,6 +124,6 @@ def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
 
 
 def unmerged(adapters: dict, lora: LoraConfig, key: jax.Array) -> LoraPath:
-    """The adapters for a training forward pass with dropout on their inputs (`transformer.apply(..., lora=)` on
-    the frozen base weights); `key` seeds the pass's masks."""
+    """The adapters for a training forward pass with dropout on their inputs (`transformer.apply(...,
+    lora=)` on the frozen base weights); `key` seeds the pass's masks."""
     return LoraPath(adapters, key, lora.scale, lora.dropout)

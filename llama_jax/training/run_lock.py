@@ -9,8 +9,8 @@ is refused with a message naming the holder, unless the holder is gone: a proces
 longer runs (killed, out of memory), or a heartbeat older than `stale_after_s` (a crashed job
 elsewhere); then the lock is taken over with a warning, by one job only (`RunLock._take_over`). A lock
 file without a readable record (the moment between the exclusive create and the write of the record, or
-a job that died in it) counts as held until its modification time is `stale_after_s` old. The lock is removed when the job ends, however
-it ends, short of a crash (which leaves a heartbeat that goes stale).
+a job that died in it) counts as held until its modification time is `stale_after_s` old. The lock is
+removed when the job ends, however it ends, short of a crash (which leaves a heartbeat that goes stale).
 
 Guarantees: on a local disk and on POSIX shared file systems whose exclusive create is atomic (NFSv3+,
 Lustre, GPFS), at most one job trains in a directory, except that a job whose heartbeat stalls for

@@ -105,8 +105,8 @@ def batch_nll(cfg: ModelConfig, params: Any, batch: dict, lora_path=None) -> tup
     """(sum of masked NLL, number of loss tokens) of a packed batch (see `llama_jax.data`); `lora_path`:
     unmerged adapters on `params` (`lora.unmerged`)."""
     log_probs, _ = transformer.target_log_probs(cfg, params, batch["inputs"], batch["targets"],
-                                        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                                        lora=lora_path)
+                                                positions=batch.get("positions"),
+                                                segment_ids=batch.get("segment_ids"), lora=lora_path)
     mask = batch["loss_mask"].astype(jnp.float32)
     return -jnp.sum(log_probs * mask), jnp.sum(mask)
 
