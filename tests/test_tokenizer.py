@@ -6,6 +6,7 @@ proto), transformers' own SentencePiece -> tokenizer.json converter run by the R
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -163,6 +164,11 @@ def test_bad_tokenizer_files(tmp_path, sp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="junk.model: not a SentencePiece model"):
         load_tokenizer(tmp_path / "junk.model")
+    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))  # tiktoken's layout
+    (tmp_path / "tokenizer.model").write_text(ranks)
+    with pytest.raises(ValueError, match=r"tokenizer.model: a tiktoken BPE file \(Meta's LLaMA 3 release\), which "
+                                         r"llama_jax does not read: use the Hugging Face release's tokenizer.json"):
+        load_tokenizer(tmp_path / "tokenizer.model")
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(ValueError, match="junk.json: not a Hugging Face tokenizer.json"):
         load_tokenizer(tmp_path / "junk.json")

@@ -179,6 +179,20 @@ class Tokenizer(abc.ABC):
         return self._token_end_offsets(text)
 
 
+# A line of a tiktoken BPE file: a token's bytes in base64, a space, its rank.
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
+
+
+def _is_tiktoken(path: str) -> bool:
+    """Whether `path` starts like a tiktoken BPE file (LLaMA 3's Meta `tokenizer.model`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return _TIKTOKEN_LINE.match(head) is not None
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece `.model` file (LLaMA 1/2's own, or one made by `train_sentencepiece`)."""
 
@@ -188,6 +202,10 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:
+            if _is_tiktoken(path):
+                raise TokenizerError(f"{path}: a tiktoken BPE file (Meta's LLaMA 3 release), which llama_jax does not "
+                                     f"read: use the Hugging Face release's tokenizer.json (with its "
+                                     f"tokenizer_config.json) instead") from None
             raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from e
         super().__init__(path, bos_id=self._sp.bos_id(), eos_id=self._sp.eos_id(), pad_id=self._sp.pad_id(),
                          vocab_size=self._sp.vocab_size())
