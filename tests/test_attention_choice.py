@@ -67,6 +67,19 @@ def test_auto_is_pallas_tpu_on_tpus_and_xla_on_cpus():
     assert chosen(BF16_D128.replace(dtype="float32"), "cpu") == "xla"
 
 
+def test_auto_is_xla_on_amd_gpus_and_the_nvidia_kernels_say_why_not():
+    """jax names both GPU vendors "gpu"; an AMD device kind (here an abstract MI300X) is told apart, and
+    neither cuDNN nor our Triton kernel is chosen for it."""
+    amd = platform_of(abstract_mesh({"fsdp": 2}, "AMD Instinct MI300X"))
+    assert amd == "rocm" and platform_of(abstract_mesh({"fsdp": 2}, "NVIDIA H100 80GB HBM3")) == "gpu"
+    assert chosen(BF16_D128, amd) == "xla"
+    for name, reason in (("cudnn", "runs only on an NVIDIA GPU, but this program targets rocm"),
+                         ("pallas_gpu", "is built for NVIDIA GPUs and would only interpret on an AMD one")):
+        with pytest.raises(ConfigError) as err:
+            chosen(BF16_D128.replace(attention_impl=name), amd)
+        assert str(err.value) == f"attention_impl={name!r} {reason}: use auto or xla"
+
+
 def test_one_error_type_for_a_bad_name_and_an_impossible_choice():
     """The config's check and the choice raise the same ConfigError, one line each."""
     with pytest.raises(ConfigError, match=r"^attention_impl='flash'; expected one of \('auto', 'xla', "):

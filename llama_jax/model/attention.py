@@ -96,7 +96,7 @@ class AttentionCase:
     """What the choice of an implementation depends on: the platform the program is built for and the
     shape and dtype of the attention inside it."""
 
-    platform: str  # "cpu" | "gpu" | "tpu" (`parallel.platform.platform_of` of the program's mesh)
+    platform: str  # "cpu" | "gpu" | "rocm" | "tpu" (`parallel.platform.platform_of` of the program's mesh)
     dtype: str  # the model's compute dtype name ("bfloat16", "float16", "float32")
     head_dim: int
     seq_len: int  # the longest sequence the program attends over
@@ -127,6 +127,12 @@ def cudnn_refusal(case: AttentionCase) -> str | None:
         return (f"with segment ids builds a dense T×T mask, so it is taken only up to {CUDNN_MAX_MASKED_LEN} "
                 f"positions, not {case.seq_len}")
     return None
+
+
+def pallas_gpu_refusal(case: AttentionCase) -> str | None:
+    """Our GPU kernel lowers through Triton for NVIDIA GPUs; elsewhere it interprets (CPU tests), which
+    on an AMD GPU would be a silent, large slowdown."""
+    return "is built for NVIDIA GPUs and would only interpret on an AMD one" if case.platform == "rocm" else None
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,7 @@ IMPLEMENTATIONS: dict[str, AttentionImpl] = {impl.name: impl for impl in (
     AttentionImpl("xla", "llama_jax.model.attention:xla_attention", stores_scores=True),
     AttentionImpl("cudnn", "llama_jax.model.attention:cudnn_per_shard", stores_scores=False, refusal=cudnn_refusal,
                   dense_mask=True),
-    AttentionImpl("pallas_gpu", "llama_jax.kernels:pallas_gpu", stores_scores=False),
+    AttentionImpl("pallas_gpu", "llama_jax.kernels:pallas_gpu", stores_scores=False, refusal=pallas_gpu_refusal),
     AttentionImpl("pallas_tpu", "llama_jax.kernels:pallas_tpu", stores_scores=False),
 )}
 ATTENTION_IMPL_NAMES = ("auto", *IMPLEMENTATIONS)
@@ -173,6 +179,8 @@ AUTO: dict[str, tuple[str, ...]] = {
     # default blocks, 0.79x in the best variant, and below cuDNN at every T from 1k to 16k. So cuDNN
     # wherever it can run, ours where it cannot, until a GPU benchmark measures ours faster at that shape.
     "gpu": ("cudnn", "pallas_gpu"),
+    # AMD GPUs: neither cuDNN nor our Triton kernel is built or measured for them (none was at hand)
+    "rocm": ("xla",),
     "tpu": ("pallas_tpu",),  # the only flash attention for TPUs here (the reference keeps T×T scores)
     "cpu": ("xla",),  # the Pallas kernels only interpret on a CPU, far slower than the reference
 }

@@ -30,22 +30,29 @@ DEVICE_KINDS: dict[str, tuple[str, int]] = {
     "TPU v5": ("tpu", 2),  # v5p
     "TPU v6 lite": ("tpu", 1),  # v6e (Trillium)
     "NVIDIA H100 80GB HBM3": ("cuda", 132),
+    "AMD Instinct MI300X": ("rocm", 304),  # compute units
 }
 
-# jax.default_backend() says "gpu" for CUDA and ROCm; the registry and the kernels know "gpu".
-_BACKEND_OF_PLATFORM = {"cuda": "gpu", "rocm": "gpu"}
+# An AMD GPU's device kind holds one of these (the test jax's own export code makes to tell ROCm from CUDA).
+AMD_DEVICE_KIND_MARKS = ("amd", "instinct", "radeon")
 
 
 def platform_of(mesh: Mesh | AbstractMesh | None) -> str:
-    """"cpu", "gpu" or "tpu": the platform of `mesh`'s devices (abstract ones included), else (no mesh,
-    or an empty one) of the host's backend."""
-    platform = None
+    """"cpu", "gpu" (NVIDIA), "rocm" (AMD) or "tpu": the platform of `mesh`'s devices (abstract ones
+    included), else (no mesh, or an empty one) of the host's backend. jax names both GPU vendors "gpu";
+    the device kind tells AMD's apart, which cuDNN and our Triton kernel are not built for."""
     if isinstance(mesh, Mesh):
-        platform = mesh.devices.flat[0].platform
+        device = mesh.devices.flat[0]
+        platform, kind = device.platform, device.device_kind
     elif mesh is not None and not mesh.empty and mesh.abstract_device is not None:
-        platform = mesh.abstract_device.platform
-    platform = platform or jax.default_backend()
-    return _BACKEND_OF_PLATFORM.get(platform, platform)
+        platform, kind = mesh.abstract_device.platform, mesh.abstract_device.device_kind
+    else:
+        platform = jax.default_backend()
+        kind = jax.devices()[0].device_kind if platform in ("gpu", "cuda", "rocm") else ""
+    if platform not in ("gpu", "cuda", "rocm"):
+        return platform
+    amd = platform == "rocm" or any(mark in kind.lower() for mark in AMD_DEVICE_KIND_MARKS)
+    return "rocm" if amd else "gpu"
 
 
 def target_platform() -> str:

@@ -1,6 +1,6 @@
 """`plan`: will this model fit on that slice? Per-device memory from shapes alone, before asking for chips.
 
-    python train.py plan [CONFIG.yaml] key=value ... [devices=N] [device_memory_gib=80] [platform=gpu|tpu|cpu]
+    python train.py plan [CONFIG.yaml] key=value ... [devices=N] [device_memory_gib=80] [platform=gpu|rocm|tpu|cpu]
     python -m llama_jax.training.plan configs/train/llama1-65b.yaml mesh.fsdp=256 devices=256
 
 Reads the same training config as `train.py` (model, mesh, optimizer, batch), builds the parameter and
@@ -36,7 +36,7 @@ from llama_jax.training.plan_traffic import rule_axes, traffic_bytes
 from llama_jax.utils.trees import flatten
 
 GIB = 1024 ** 3
-PLATFORMS = ("gpu", "tpu", "cpu")
+PLATFORMS = ("gpu", "rocm", "tpu", "cpu")
 FP32 = 4
 
 
