@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.api import build
+from llama_jax.model.transformer import build
 from llama_jax.model.api import load_into
 from llama_jax.model.external_config import hf_config_dict
 from llama_jax.model.params import params_from_torch

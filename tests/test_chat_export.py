@@ -109,7 +109,7 @@ def test_sft_from_a_chat_model_exports_the_same_chat_model(tmp_path):
     from llama_jax.cli.convert import main as convert_main
     from llama_jax.cli.train import main as train_main
     from llama_jax.convert import read_checkpoint
-    from llama_jax.model import api
+    from llama_jax.model import api, transformer
     from test_sft_batches import conversation
 
     source = make_chat_model(tmp_path / "source")
@@ -126,7 +126,7 @@ def test_sft_from_a_chat_model_exports_the_same_chat_model(tmp_path):
     assert train_main([f"{k}={v}" for k, v in overrides.items()]) == 0
     assert convert_main(["--to", "hf", str(run), str(tmp_path / "hf"), "--no-progress"]) == 0
     cfg, params, _ = read_checkpoint(run)
-    model = api.build(cfg.replace(dtype="float32", attention_impl="xla"))
+    model = transformer.build(cfg.replace(dtype="float32", attention_impl="xla"))
     api.load_into(model, jax.tree.map(np.asarray, params), source=str(run))
     logits = lambda ids: np.asarray(model(jax.numpy.asarray(ids))[0])  # (logits, cache)
     assert_same_chat_model(source, tmp_path / "hf", same_weights=False, logits_of=logits)

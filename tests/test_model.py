@@ -9,7 +9,7 @@ from flax import nnx
 
 from llama_jax.model.config import ModelConfig, RopeScaling
 from llama_jax.model.transformer import KVCache
-from llama_jax.model.api import build
+from llama_jax.model.transformer import build
 from oracle import hf_logits, hf_model, ours_from_hf
 
 BASE = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=96, dtype="float32",

@@ -5,13 +5,13 @@ matrices [in, out], per-layer tensors stacked on a leading `layers` axis): optax
 and the sharding rules all see that plain tree. Everything about its shapes is derived here, once per
 config (cached: configs are frozen dataclasses), from the model definition itself:
 
-    build(cfg, seed)        the NNX module with random weights      abstract(cfg)  shapes only
     init_params(cfg, seed)  random weights as a pure dict           load_into      a dict into a module
     param_shapes(cfg)       ShapeDtypeStruct tree                   param_axes     logical-name tree
     flat_param_shapes(cfg)  {path: shape}                           param_count    exact count
     check_param_shapes      names and shapes against the config     param_specs / param_shardings
 
-Running the model on such a dict (`apply`, `target_log_probs`) is in `transformer`, beside the model.
+Building the model (`build`, `abstract`) and running it on such a dict (`apply`, `target_log_probs`) are
+in `transformer`, beside the model.
 """
 from __future__ import annotations
 
@@ -24,20 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.transformer import Transformer
+from llama_jax.model.transformer import Transformer, abstract, build
 from llama_jax.parallel.logical import Rules
 from llama_jax.parallel.mesh import named, specs_for
 from llama_jax.utils.trees import Path, dotted, flatten
-
-
-def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A randomly initialised model (normal(0, init_std) matrices, unit norm scales)."""
-    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
-
-
-def abstract(cfg: ModelConfig) -> Transformer:
-    """The model with shapes and dtypes only: no weights are allocated."""
-    return nnx.eval_shape(lambda: build(cfg))
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:

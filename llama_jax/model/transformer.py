@@ -445,14 +445,24 @@ def log_probs_in_chunks(hidden: jax.Array, head: jax.Array, targets: jax.Array,
     return unchunk(log_probs), unchunk(is_argmax)
 
 
-# The model on a pure dict of weights (`nnx.to_pure_dict` of its parameters, what optax, orbax and the
-# converters hold; `api` derives their shapes, axes and shardings): training, evaluation and decoding
-# run it through these two functions, inside or outside jit.
+# Building the model, and running it on a pure dict of weights (`nnx.to_pure_dict` of its parameters,
+# what optax, orbax and the converters hold; `api` derives their shapes, axes and shardings): training,
+# evaluation and decoding run it through `apply` and `target_log_probs`, inside or outside jit.
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model (normal(0, init_std) matrices, unit norm scales)."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(cfg: ModelConfig) -> Transformer:
+    """The model with shapes and dtypes only: no weights are allocated."""
+    return nnx.eval_shape(lambda: build(cfg))
+
 
 @functools.lru_cache(maxsize=None)
 def graphdef(cfg: ModelConfig) -> nnx.GraphDef:
     """The model's structure without weights (cached: configs are frozen dataclasses)."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0))))[0]
+    return nnx.split(abstract(cfg))[0]
 
 
 def apply(cfg: ModelConfig, params, tokens: jax.Array, **kwargs):
